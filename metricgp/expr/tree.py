@@ -1,0 +1,65 @@
+"""The metric expression tree: an immutable node of an operator, a leaf or a constant.
+
+Everything else in `metricgp.expr` (parser, printers, compiler, simplifier) and the GP search
+works on this one type, so a formula has a single in-memory form whatever produced it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+CONST = "const"
+
+
+@dataclass(frozen=True)
+class Node:
+    """One node of a metric expression.
+
+    `op` is an operator name from `metricgp.expr.ops.OPERATORS`, a leaf name from
+    `metricgp.expr.ops.LEAVES`, or `CONST` (then `value` holds the number).
+    """
+
+    op: str
+    children: tuple[Node, ...] = ()
+    value: float | None = None
+
+    @property
+    def is_const(self) -> bool:
+        return self.op == CONST
+
+    @property
+    def is_leaf(self) -> bool:
+        return not self.children and not self.is_const
+
+    def size(self) -> int:
+        return 1 + sum(c.size() for c in self.children)
+
+    def depth(self) -> int:
+        return 1 + max((c.depth() for c in self.children), default=0)
+
+    def walk(self) -> Iterator[Node]:
+        """Pre-order traversal (the order DEAP's PrimitiveTree uses)."""
+        yield self
+        for c in self.children:
+            yield from c.walk()
+
+    def leaves_used(self) -> frozenset[str]:
+        return frozenset(n.op for n in self.walk() if n.is_leaf)
+
+    def __str__(self) -> str:  # functional form; imported lazily to keep this module dependency-free
+        from metricgp.expr.printing import to_functional
+
+        return to_functional(self)
+
+
+def leaf(name: str) -> Node:
+    return Node(name)
+
+
+def const(value: float) -> Node:
+    return Node(CONST, (), float(value))
+
+
+def call(op: str, *children: Node) -> Node:
+    return Node(op, tuple(children))
