@@ -1,0 +1,63 @@
+"""What every result records about how it was made: command, versions, git commit, time."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+
+def git_sha() -> str | None:
+    here = Path(__file__).resolve().parent.parent
+    try:
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=5)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
+                               capture_output=True, text=True, timeout=5)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    if sha.returncode != 0:
+        return None
+    return sha.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
+
+
+def versions() -> dict[str, str]:
+    import torch
+
+    out = {"python": platform.python_version(), "torch": torch.__version__, "platform": platform.platform()}
+    for pkg in ("transformers", "deap", "sympy", "metricgp"):
+        try:
+            from importlib.metadata import version
+
+            out[pkg] = version(pkg)
+        except Exception:  # noqa: BLE001 - a missing package is recorded as absent
+            out[pkg] = "absent"
+    return out
+
+
+def command_line() -> str:
+    prog = Path(sys.argv[0])
+    head = f"python -m metricgp.{prog.stem}" if prog.parent.name == "metricgp" else shlex.quote(sys.argv[0])
+    if prog.name == "__main__.py":
+        head = f"python -m metricgp.{prog.parent.name}"
+    return " ".join([head, *map(shlex.quote, sys.argv[1:])])
+
+
+def provenance() -> dict:
+    return {
+        "command": command_line(),
+        "git": git_sha(),
+        "versions": versions(),
+        "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "host_cpus": os.cpu_count(),
+    }
+
+
+def write_json_atomic(path: Path, payload: dict) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(payload, indent=2, default=str) + "\n")
+    os.replace(tmp, path)
