@@ -1,0 +1,152 @@
+"""Applying a metric to a model: one mechanism for every linear layer of every architecture.
+
+`DenseWeights` keeps the dense weights in memory so a candidate metric is applied and undone
+without reloading the model. `prune_oneshot` scores every layer from cached statistics of the
+dense model (what the search uses); `prune_sequential` prunes block by block and recomputes each
+block's calibration inputs after the earlier blocks were pruned (Wanda / Pruner-Zero style).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from metricgp.errors import MetricGPError
+from metricgp.models import block_linears, find_blocks
+from metricgp.prune.patterns import Pattern
+from metricgp.stats import collect_activation_stats
+
+MetricFn = Callable[[Mapping[str, torch.Tensor]], torch.Tensor]
+
+
+class DegenerateMetric(Exception):
+    """The metric cannot rank weights (constant or non-finite scores); carries the reason."""
+
+
+@dataclass
+class PruneReport:
+    layer_sparsity: dict[str, float] = field(default_factory=dict)
+    pruned: int = 0
+    total: int = 0
+
+    @property
+    def sparsity(self) -> float:
+        return self.pruned / max(self.total, 1)
+
+    def add(self, name: str, keep: torch.Tensor) -> None:
+        zeros = int((~keep).sum())
+        self.layer_sparsity[name] = zeros / keep.numel()
+        self.pruned += zeros
+        self.total += keep.numel()
+
+
+class DenseWeights:
+    """A copy of the dense weights of the prunable layers, to restore between candidates."""
+
+    def __init__(self, layers: dict[str, nn.Linear]):
+        self.layers = layers
+        self.weights = {n: m.weight.detach().clone() for n, m in layers.items()}
+
+    def restore(self) -> None:
+        with torch.no_grad():
+            for n, m in self.layers.items():
+                m.weight.copy_(self.weights[n])
+
+
+def layer_scores(metric: MetricFn, weight: torch.Tensor, stats: Mapping[str, torch.Tensor], name: str = "") -> torch.Tensor:
+    """Scores of one layer in float32, checked for degeneracy."""
+    leaves = {"W": weight.float(), **{k: v.to(weight.device) for k, v in stats.items()}}
+    try:
+        scores = metric(leaves)
+    except KeyError as err:
+        raise MetricGPError(f"metric needs statistic {err} which was not computed for {name}") from err
+    if not torch.isfinite(scores).all():
+        raise DegenerateMetric(f"non-finite scores in {name}")
+    if (scores.amax(dim=-1) == scores.amin(dim=-1)).all():
+        raise DegenerateMetric(f"constant scores in every row of {name}")
+    return scores
+
+
+def mask_layer(module: nn.Linear, dense: torch.Tensor, keep: torch.Tensor) -> None:
+    with torch.no_grad():
+        module.weight.copy_(dense * keep.to(dense.dtype))
+
+
+def prune_oneshot(
+    dense: DenseWeights, stats: Mapping[str, Mapping[str, torch.Tensor]], metric: MetricFn, pattern: Pattern
+) -> PruneReport:
+    """Score every layer from the dense model's statistics and mask it. Raises DegenerateMetric."""
+    report = PruneReport()
+    for name, module in dense.layers.items():
+        w = dense.weights[name]
+        keep = pattern.mask(layer_scores(metric, w, stats[name], name))
+        mask_layer(module, w, keep)
+        report.add(name, keep)
+    return report
+
+
+class _StopForward(Exception):
+    pass
+
+
+def capture_block_inputs(model: nn.Module, block: nn.Module, windows: torch.Tensor) -> list[tuple[tuple, dict]]:
+    """The positional and keyword inputs the first block receives for each window."""
+    captured: list[tuple[tuple, dict]] = []
+
+    def hook(_module, args, kwargs):
+        captured.append((args, kwargs))
+        raise _StopForward
+
+    handle = block.register_forward_pre_hook(hook, with_kwargs=True)
+    device = next(model.parameters()).device
+    try:
+        with torch.no_grad():
+            for window in windows:
+                try:
+                    model(input_ids=window.unsqueeze(0).to(device), use_cache=False)
+                except _StopForward:
+                    pass
+    finally:
+        handle.remove()
+    return captured
+
+
+def _run_block(block: nn.Module, args: tuple, kwargs: dict) -> torch.Tensor:
+    out = block(*args, **kwargs)
+    return out[0] if isinstance(out, tuple) else out
+
+
+def _with_hidden(args: tuple, kwargs: dict, hidden: torch.Tensor) -> tuple[tuple, dict]:
+    if args:
+        return (hidden, *args[1:]), kwargs
+    return args, {**kwargs, "hidden_states": hidden}
+
+
+def prune_sequential(
+    model: nn.Module,
+    calib: torch.Tensor,
+    grad_stats: Mapping[str, Mapping[str, torch.Tensor]] | None,
+    metric: MetricFn,
+    pattern: Pattern,
+) -> PruneReport:
+    """Block-by-block pruning: X is recomputed on the already-pruned prefix; G stays the dense one."""
+    prefix, blocks = find_blocks(model)
+    inputs = capture_block_inputs(model, blocks[0], calib)
+    report = PruneReport()
+    with torch.no_grad():
+        for i, block in enumerate(tqdm(blocks, desc="sequential", unit="block", leave=False)):
+            linears = block_linears(block)
+            x_stats = collect_activation_stats(linears, (_run_block(block, a, k) for a, k in inputs))
+            for rel, module in linears.items():
+                name = f"{prefix}.{i}.{rel}"
+                stats = {"X": x_stats[rel], **{k: v for k, v in (grad_stats or {}).get(name, {}).items() if k != "X"}}
+                w = module.weight.detach().clone()
+                keep = pattern.mask(layer_scores(metric, w, stats, name))
+                mask_layer(module, w, keep)
+                report.add(name, keep)
+            inputs = [_with_hidden(a, k, _run_block(block, a, k)) for a, k in inputs]
+    return report
