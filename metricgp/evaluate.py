@@ -1,0 +1,210 @@
+"""Perplexity, KL to the dense model, and the metric evaluator the search calls.
+
+`MetricEvaluator.evaluate(tree, n_windows)` is the one fitness entry point: prune the model
+one-shot with cached statistics, measure validation perplexity (or KL to dense) on the first
+`n_windows` validation windows, restore the dense weights, return a `FitnessResult`. It never
+raises for a bad candidate: degenerate metrics get `inf` and a reason.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections import defaultdict
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from metricgp.errors import MetricGPError
+
+KL_TOPK = 256  # dense distribution kept as top-k log-probs + the tail mass (memory: EvoPress users)
+
+
+@torch.no_grad()
+def _logits(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    device = next(model.parameters()).device
+    return model(input_ids=ids.to(device), use_cache=False).logits.float()
+
+
+@torch.no_grad()
+def perplexity(model: nn.Module, windows: torch.Tensor, batch_size: int = 4, progress: bool = False) -> float:
+    """exp(mean next-token NLL) over all predicted tokens of the windows."""
+    from tqdm.auto import tqdm
+
+    nll, count = 0.0, 0
+    batches = range(0, len(windows), batch_size)
+    for start in tqdm(batches, desc="perplexity", unit="batch", leave=False, disable=not progress):
+        ids = windows[start : start + batch_size]
+        logits = _logits(model, ids)
+        target = ids[:, 1:].to(logits.device)
+        nll += F.cross_entropy(logits[:, :-1].flatten(0, 1), target.flatten(), reduction="sum").item()
+        count += target.numel()
+    return math.exp(nll / count) if math.isfinite(nll) else math.inf
+
+
+@dataclass
+class DenseReference:
+    """Top-k next-token log-probs of the dense model, computed once, for KL fitness."""
+
+    top_logp: torch.Tensor  # (n, seqlen, k)
+    top_idx: torch.Tensor  # (n, seqlen, k)
+
+    @classmethod
+    @torch.no_grad()
+    def build(cls, model: nn.Module, windows: torch.Tensor, k: int = KL_TOPK) -> DenseReference:
+        logps, idxs = [], []
+        for window in windows:
+            logp = _logits(model, window.unsqueeze(0)).log_softmax(-1)[0]
+            top = logp.topk(k, dim=-1)
+            logps.append(top.values.cpu())
+            idxs.append(top.indices.cpu())
+        return cls(torch.stack(logps), torch.stack(idxs))
+
+
+@torch.no_grad()
+def kl_to_dense(model: nn.Module, windows: torch.Tensor, ref: DenseReference) -> float:
+    """Mean per-token KL(dense || pruned) over the top-k support plus one bucket for the tail."""
+    total, count = 0.0, 0
+    for i, window in enumerate(windows):
+        q_logp = _logits(model, window.unsqueeze(0)).log_softmax(-1)[0]
+        p_logp = ref.top_logp[i].to(q_logp.device)
+        q_top = q_logp.gather(-1, ref.top_idx[i].to(q_logp.device))
+        p = p_logp.exp()
+        kl = (p * (p_logp - q_top)).sum(-1)
+        p_tail = (1 - p.sum(-1)).clamp_min(1e-12)
+        q_tail = (1 - q_top.exp().sum(-1)).clamp_min(1e-12)
+        kl = kl + p_tail * (p_tail.log() - q_tail.log())
+        total += kl.sum().item()
+        count += kl.numel()
+    return total / count
+
+
+@dataclass(frozen=True)
+class FitnessResult:
+    fitness: float  # lower is better; math.inf when degenerate
+    n_windows: int
+    reason: str | None
+    seconds: float
+    sparsity: float
+
+
+@dataclass(frozen=True)
+class EvaluatorSpec:
+    """Everything that defines a fitness function; picklable, so Ray actors can rebuild it."""
+
+    model: str = "default"
+    dtype: str = "auto"
+    device: str = "auto"
+    calib: str = "c4"
+    n_calib: int = 32
+    valid: str = "wikitext2"
+    seqlen: int = 512
+    seed: int = 0
+    sparsity: float = 0.5
+    pattern: str = "unstructured"
+    fitness: str = "ppl"  # "ppl" | "kl"
+    fidelities: tuple[int, ...] = (2, 8, 32)
+    batch_size: int = 4
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+FITNESSES = ("ppl", "kl")
+
+
+class MetricEvaluator:
+    """Model, cached statistics and validation windows loaded once; many metrics evaluated."""
+
+    def __init__(self, spec: EvaluatorSpec, setup: PruningSetup | None = None):
+        from metricgp.prune.patterns import parse_pattern
+
+        if spec.fitness not in FITNESSES:
+            raise MetricGPError(f"unknown fitness '{spec.fitness}' (choose from {', '.join(FITNESSES)})")
+        if list(spec.fidelities) != sorted(set(spec.fidelities)) or min(spec.fidelities) < 1:
+            raise MetricGPError(f"fidelities must be increasing positive window counts, got {spec.fidelities}")
+        self.spec = spec
+        self.pattern = parse_pattern(spec.pattern, None if ":" in spec.pattern else spec.sparsity)
+        self.setup = setup or PruningSetup.from_spec(spec)
+        self.fidelities = tuple(spec.fidelities)
+        self.valid = self.setup.fitness_windows(max(self.fidelities))
+        self.fidelities = tuple(min(f, len(self.valid)) for f in self.fidelities)
+        self.reference = (
+            DenseReference.build(self.setup.model, self.valid) if spec.fitness == "kl" else None
+        )
+        self.timings: dict[str, float] = defaultdict(float)
+
+    def evaluate(self, tree, n_windows: int) -> FitnessResult:
+        from metricgp.expr import compile_metric
+        from metricgp.prune.engine import DegenerateMetric, prune_oneshot
+
+        t0 = time.perf_counter()
+        windows = self.valid[:n_windows]
+        try:
+            report = prune_oneshot(self.setup.dense, self.setup.stats, compile_metric(tree), self.pattern)
+        except DegenerateMetric as err:
+            self.setup.dense.restore()
+            return FitnessResult(math.inf, len(windows), str(err), time.perf_counter() - t0, 0.0)
+        t1 = time.perf_counter()
+        self.timings["score_mask"] += t1 - t0
+        if self.reference is None:
+            value = perplexity(self.setup.model, windows, self.spec.batch_size)
+        else:
+            value = kl_to_dense(self.setup.model, windows, self.reference)
+        self.timings["forward"] += time.perf_counter() - t1
+        self.setup.dense.restore()
+        reason = None if math.isfinite(value) else "non-finite fitness"
+        fitness = value if math.isfinite(value) else math.inf
+        return FitnessResult(fitness, len(windows), reason, time.perf_counter() - t0, report.sparsity)
+
+
+@dataclass
+class PruningSetup:
+    """A loaded model with its prunable layers, dense weights and cached calibration statistics."""
+
+    model: nn.Module
+    tokenizer: object
+    layers: dict
+    dense: object
+    stats: dict
+    spec: EvaluatorSpec
+    fingerprint: str
+    stats_cached: bool
+    timings: dict = field(default_factory=dict)
+    calib: torch.Tensor | None = None
+
+    @classmethod
+    def from_spec(cls, spec: EvaluatorSpec, grads: bool = True) -> PruningSetup:
+        from metricgp.data import parse_data_ref, windows
+        from metricgp.models import load_model, prunable_layers
+        from metricgp.prune.engine import DenseWeights
+        from metricgp.stats import cached_stats, stats_key
+
+        t0 = time.perf_counter()
+        calib_ref = parse_data_ref(spec.calib, "calibration")
+        parse_data_ref(spec.valid, "fitness")  # fail early, before the model loads
+        loaded = load_model(spec.model, spec.dtype, spec.device)
+        t1 = time.perf_counter()
+        layers = prunable_layers(loaded.model)
+        calib = windows(calib_ref, loaded.tokenizer, "calibration", spec.seqlen, spec.n_calib, spec.seed)
+        key = stats_key(loaded.fingerprint, str(calib_ref), spec.n_calib, spec.seqlen, spec.seed, grads)
+        stats, was_cached = cached_stats(loaded.model, layers, calib, key, grads=grads)
+        t2 = time.perf_counter()
+        return cls(loaded.model, loaded.tokenizer, layers, DenseWeights(layers), stats, spec,
+                   loaded.fingerprint, was_cached, {"load_model": t1 - t0, "stats": t2 - t1}, calib)
+
+    def fitness_windows(self, n: int | None) -> torch.Tensor:
+        from metricgp.data import parse_data_ref, windows
+
+        ref = parse_data_ref(self.spec.valid, "fitness")
+        return windows(ref, self.tokenizer, "fitness", self.spec.seqlen, n)
+
+
+def build_evaluator(spec: EvaluatorSpec) -> MetricEvaluator:
+    return MetricEvaluator(spec)
+
+
+EvaluatorFactory = Callable[[], MetricEvaluator]
