@@ -1,0 +1,16 @@
+"""Metric expressions: tree, operator table, parser, printers, compiler, simplifier, built-ins."""
+
+from metricgp.expr.builtins import BUILTIN_METRICS, resolve_metric
+from metricgp.expr.compile import compile_metric
+from metricgp.expr.ops import LEAVES, OPERATORS
+from metricgp.expr.parse import FormulaError, parse
+from metricgp.expr.printing import describe, to_functional, to_infix, to_latex, to_sympy
+from metricgp.expr.randomtree import random_tree
+from metricgp.expr.simplify import RANK_RULES, RULES, canonical_key, simplify
+from metricgp.expr.tree import CONST, Node, call, const, leaf
+
+__all__ = [
+    "BUILTIN_METRICS", "CONST", "LEAVES", "OPERATORS", "RANK_RULES", "RULES", "FormulaError", "Node",
+    "call", "canonical_key", "compile_metric", "const", "describe", "leaf", "parse", "random_tree",
+    "resolve_metric", "simplify", "to_functional", "to_infix", "to_latex", "to_sympy",
+]

@@ -1,0 +1,35 @@
+"""Published pruning metrics as formulas, and `resolve_metric` (a built-in name or a formula).
+
+X is the mean squared input activation per feature, so sqrt(X) is Wanda's ||X_j||_2 up to the
+constant sqrt(#tokens), which no per-row or N:M ranking can see.
+"""
+
+from __future__ import annotations
+
+from metricgp.expr.parse import FormulaError, parse
+from metricgp.expr.tree import Node
+
+BUILTIN_METRICS: dict[str, str] = {
+    # Han et al. 2015: weight magnitude.
+    "magnitude": "abs(W)",
+    # Wanda (Sun et al. 2023): |W_ij| * ||X_j||_2.
+    "wanda": "mul(abs(W), sqrt(X))",
+    # GBLM-Pruner (Das et al. 2023): |W| * (||X_j||_2 + alpha * ||G_ij||_2). alpha = 100 is the
+    # `scale` default of the authors' released pruner; the relative weight of the two terms also
+    # depends on how X and G are normalised, so treat it as a reasonable, not a tuned, value.
+    "gblm": "mul(abs(W), add(sqrt(X), mul(100.0, G)))",
+    # RIA (Zhang et al. 2024): (|W_ij| / sum_row |W| + |W_ij| / sum_col |W|) * ||X_j||_2^0.5.
+    "ria": "mul(add(rownorm(abs(W)), colnorm(abs(W))), sqrt(sqrt(X)))",
+    # Pruner-Zero (Dong et al. 2024): the searched metric as released.
+    "pruner-zero": "mul(abs(mul(W, W)), mms(G))",
+}
+
+
+def resolve_metric(text: str) -> Node:
+    """A built-in metric name (case-insensitive, '_' or '-') or a formula, as a tree."""
+    if not isinstance(text, str) or not text.strip():
+        raise FormulaError(f"empty metric; give a formula or one of: {', '.join(BUILTIN_METRICS)}")
+    name = text.strip().lower().replace("_", "-")
+    if name in BUILTIN_METRICS:
+        return parse(BUILTIN_METRICS[name])
+    return parse(text)
