@@ -1,0 +1,136 @@
+"""`python -m metricgp.search`: evolve a pruning metric, or resume a run.
+
+    python -m metricgp.search --space search_spaces/pruner_zero.yaml --sparsity 0.5 \\
+        --pattern unstructured --population 50 --generations 40 --seed 0 --out results/pz-s0
+    python -m metricgp.search --resume results/pz-s0
+    python -m metricgp.search --evaluator synthetic --space search_spaces/tiny.yaml --out results/demo
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+from metricgp.errors import MetricGPError, cli_entry
+from metricgp.search.backends import BACKENDS
+from metricgp.search.run import EVALUATORS, RunConfig, resume, start
+from metricgp.search.space import ALGORITHMS, load_space, with_overrides
+
+DEFAULT_SPACE = "search_spaces/pruner_zero.yaml"
+
+
+def _fidelities(text: str) -> tuple[int, ...]:
+    try:
+        values = tuple(int(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated window counts, got {text!r}") from None
+    if not values:
+        raise argparse.ArgumentTypeError("expected at least one window count")
+    return values
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m metricgp.search", description=__doc__.split("\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--space", default=DEFAULT_SPACE, help=f"search space YAML (default {DEFAULT_SPACE})")
+    p.add_argument("--out", type=Path, help="run directory (default results/<space name>-s<seed>)")
+    p.add_argument("--resume", type=Path, metavar="DIR", help="continue the run in DIR from its checkpoint")
+    g = p.add_argument_group("search (override the space's gp/fidelity sections)")
+    g.add_argument("--population", type=int)
+    g.add_argument("--generations", type=int)
+    g.add_argument("--offspring", type=int, help="children per generation")
+    g.add_argument("--algorithm", choices=ALGORITHMS)
+    g.add_argument("--seed", type=int)
+    g.add_argument("--fidelities", type=_fidelities, help="validation windows per stage, e.g. 2,8,32")
+    g.add_argument("--eta", type=int, help="successive halving: promote the top 1/eta")
+    g.add_argument("--time-budget", type=float, metavar="MIN",
+                   help="stop after the generation that exceeds this many minutes")
+    e = p.add_argument_group("evaluator")
+    e.add_argument("--evaluator", choices=EVALUATORS, default="model",
+                   help="model: prune a language model (default); synthetic: model-free demo")
+    e.add_argument("--model", default="default")
+    e.add_argument("--calib", default="c4")
+    e.add_argument("--n-calib", type=int, default=32)
+    e.add_argument("--valid", default="wikitext2", help="fitness data (keep it apart from the test split)")
+    e.add_argument("--seqlen", type=int, default=512)
+    e.add_argument("--sparsity", type=float, default=0.5)
+    e.add_argument("--pattern", default="unstructured", help="unstructured or N:M, e.g. 2:4")
+    e.add_argument("--fitness", choices=("ppl", "kl"), default="ppl")
+    e.add_argument("--data-seed", type=int, default=0,
+                   help="seed of the calibration sample (kept apart from --seed, so that runs with "
+                        "different search seeds optimise the same fitness)")
+    e.add_argument("--dtype", default="auto")
+    e.add_argument("--device", default="auto")
+    e.add_argument("--synthetic-delay", type=float, default=0.0, help=argparse.SUPPRESS)
+    b = p.add_argument_group("backend")
+    b.add_argument("--backend", choices=BACKENDS, default=None, help="serial (default) or ray")
+    b.add_argument("--workers", type=int, default=None, help="Ray actors (one evaluator each)")
+    b.add_argument("--gpus-per-worker", type=float, default=None)
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return p
+
+
+def evaluator_spec(args: argparse.Namespace, fidelities: tuple[int, ...]) -> dict[str, Any]:
+    """The evaluator's spec fields from the command line (model wiring lives here and in
+    `run.evaluator_factory`)."""
+    if args.evaluator == "synthetic":
+        return {"seed": args.data_seed, "sparsity": args.sparsity, "fidelities": fidelities,
+                "delay": args.synthetic_delay}
+    return {"model": args.model, "calib": args.calib, "n_calib": args.n_calib, "valid": args.valid,
+            "seqlen": args.seqlen, "sparsity": args.sparsity, "pattern": args.pattern,
+            "fitness": args.fitness, "dtype": args.dtype, "device": args.device,
+            "fidelities": fidelities, "seed": args.data_seed}
+
+
+def _fresh(args: argparse.Namespace) -> RunConfig:
+    space = load_space(args.space)
+    space = with_overrides(
+        space,
+        gp={"population": args.population, "generations": args.generations, "offspring": args.offspring,
+            "algorithm": args.algorithm, "seed": args.seed},
+        fidelity={"windows": args.fidelities, "eta": args.eta},
+    )
+    if args.workers is not None and args.workers < 1:
+        raise MetricGPError(f"--workers must be >= 1, got {args.workers}")
+    if not 0.0 < args.sparsity < 1.0:
+        raise MetricGPError(f"--sparsity must be in (0, 1), got {args.sparsity}")
+    name = (args.out.name if args.out else f"{space.name}-s{space.gp.seed}")
+    return RunConfig(space=space, evaluator=args.evaluator,
+                     evaluator_spec=evaluator_spec(args, tuple(space.fidelity.windows)),
+                     backend=args.backend or "serial", workers=1 if args.workers is None else args.workers,
+                     gpus_per_worker=args.gpus_per_worker or 0.0, time_budget_min=args.time_budget, name=name)
+
+
+@cli_entry
+def main(argv: list[str] | None = None) -> int:
+    from metricgp.provenance import provenance
+
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    progress = not args.no_progress
+    if args.resume is not None:
+        fixed = [f"--{k}" for k in ("population", "offspring", "algorithm", "seed", "fidelities", "eta")
+                 if getattr(args, k) is not None]
+        if fixed:
+            raise MetricGPError(f"--resume continues the run as configured; drop {', '.join(fixed)} "
+                                "(only --generations, --time-budget, --backend, --workers may change)")
+        search = resume(args.resume, {"generations": args.generations, "backend": args.backend,
+                                      "workers": args.workers, "gpus_per_worker": args.gpus_per_worker,
+                                      "time_budget_min": args.time_budget}, progress=progress)
+        run_dir = args.resume
+    else:
+        config = _fresh(args)
+        run_dir = args.out or Path("results") / config.name
+        search = start(config, run_dir, provenance(), progress=progress)
+    best = search.hof[0] if len(search.hof) else None
+    if best is not None:
+        print(f"best: {best.node}  fitness {best.fitness.values[1]:.6g} "
+              f"on {search.fidelities[int(best.fitness.values[0])]} windows  ->  {run_dir}/best.json")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

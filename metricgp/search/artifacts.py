@@ -1,0 +1,174 @@
+"""What a run writes to its directory besides the checkpoint.
+
+- config.json: resolved configuration, seed, command line, git SHA, versions;
+- log.jsonl: one JSON record per generation (append-only; rewritten from the checkpoint's records
+  on resume, so a generation interrupted between log and checkpoint is not logged twice);
+- hall_of_fame.json: the best distinct formulas in every printed form, fitness per fidelity;
+- best.json: the best formula (`formula` is what `apply --metric-file` reads);
+- fitness.png, size_diversity.png, fitness_vs_size.png; README.md: a short summary.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from metricgp.expr.parse import parse
+from metricgp.expr.printing import describe
+from metricgp.search.staged import FitnessCache
+
+LOG = "log.jsonl"
+
+
+def _clean(obj: Any) -> Any:
+    """JSON-safe copy: inf/nan -> None, tuples -> lists, dict keys -> str."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {str(k): _clean(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_clean(v) for v in obj]
+    return obj
+
+
+def write_json(path: Path, payload: Any) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(_clean(payload), indent=2, allow_nan=False) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def append_log(run_dir: Path, record: dict[str, Any]) -> None:
+    with open(Path(run_dir) / LOG, "a", encoding="utf-8") as fh:
+        fh.write(json.dumps(_clean(record), allow_nan=False) + "\n")
+
+
+def rewrite_log(run_dir: Path, records: Sequence[dict[str, Any]]) -> None:
+    path = Path(run_dir) / LOG
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(json.dumps(_clean(r), allow_nan=False) + "\n" for r in records), encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def read_log(run_dir: Path) -> list[dict[str, Any]]:
+    path = Path(run_dir) / LOG
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def hall_of_fame_entries(hof: Sequence[Any], cache: FitnessCache, fidelities: Sequence[int]) -> list[dict]:
+    out = []
+    for rank, ind in enumerate(hof, 1):
+        stage, value = ind.fitness.values
+        per = cache.results.get(ind.key, {})
+        out.append({
+            "rank": rank,
+            **describe(ind.node),
+            "fitness": value,
+            "fidelity": fidelities[int(stage)] if stage >= 0 else None,
+            "fitness_by_fidelity": {str(n): per[n][0] for n in fidelities if n in per},
+            "canonical_key": ind.key,
+        })
+    return out
+
+
+def write_results(run_dir: Path, run_name: str, hof: Sequence[Any], cache: FitnessCache,
+                  fidelities: Sequence[int], gen: int) -> None:
+    entries = hall_of_fame_entries(hof, cache, fidelities)
+    write_json(Path(run_dir) / "hall_of_fame.json", {"run": run_name, "generation": gen,
+                                                     "fidelities": list(fidelities), "entries": entries})
+    if entries:
+        best = entries[0]
+        write_json(Path(run_dir) / "best.json", {
+            "formula": best["functional"], "infix": best["infix"], "latex": best["latex"],
+            "sympy": best["sympy"], "fitness": best["fitness"], "fidelity": best["fidelity"],
+            "fitness_by_fidelity": best["fitness_by_fidelity"], "size": best["size"],
+            "run": run_name, "generation": gen,
+        })
+
+
+def write_plots(run_dir: Path, records: Sequence[dict[str, Any]], cache: FitnessCache,
+                fidelities: Sequence[int]) -> list[Path]:
+    """Three PNGs (matplotlib, Agg backend)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    run_dir = Path(run_dir)
+    gens = [r["gen"] for r in records]
+    written = []
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    curves = (("best_fitness", "best (highest fidelity)"), ("median_fitness", "median, top fidelity"),
+              ("median_fitness_f0", f"median, {fidelities[0]} windows"))
+    for key, label in curves:
+        ys = [r.get(key) for r in records]
+        ax.plot(gens, [math.nan if y is None else y for y in ys], marker=".", label=label)
+    ax.set(xlabel="generation", ylabel="fitness (lower is better)", title="Fitness over generations")
+    ax.legend()
+    fig.tight_layout()
+    written.append(run_dir / "fitness.png")
+    fig.savefig(written[-1], dpi=110)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot(gens, [r["size_mean"] for r in records], label="mean size")
+    ax.fill_between(gens, [r["size_min"] for r in records], [r["size_max"] for r in records], alpha=0.2)
+    ax.set(xlabel="generation", ylabel="tree size (nodes)")
+    ax2 = ax.twinx()
+    ax2.plot(gens, [r["diversity"] for r in records], color="tab:orange", label="diversity")
+    ax2.set(ylabel="unique canonical forms / population", ylim=(0, 1.05))
+    ax.set_title("Tree size and diversity")
+    handles = ax.get_legend_handles_labels()[0] + ax2.get_legend_handles_labels()[0]
+    ax.legend(handles=handles, loc="lower left")
+    fig.tight_layout()
+    written.append(run_dir / "size_diversity.png")
+    fig.savefig(written[-1], dpi=110)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for n in fidelities:
+        pts = [(size, per[n][0]) for key, (_, size) in cache.forms.items()
+               if (per := cache.results.get(key, {})) and n in per and math.isfinite(per[n][0])
+               and max(per) == n]
+        if pts:
+            ax.scatter(*zip(*pts, strict=True), s=10, alpha=0.6, label=f"stopped at {n} windows")
+    ax.set(xlabel="tree size (nodes)", ylabel="fitness at the fidelity reached", yscale="log",
+           title="Fitness vs size, every evaluated formula")
+    ax.legend()
+    fig.tight_layout()
+    written.append(run_dir / "fitness_vs_size.png")
+    fig.savefig(written[-1], dpi=110)
+    plt.close(fig)
+    return written
+
+
+def write_summary(run_dir: Path, run_name: str, records: Sequence[dict[str, Any]], hof_entries: list[dict],
+                  counters: dict[str, int], stopped: str) -> None:
+    last = records[-1] if records else {}
+    lines = [f"# Metric search `{run_name}`", "",
+             f"Stopped: {stopped}. Generations: {last.get('gen', 0)}. "
+             f"Evaluations: {counters.get('evaluations', 0)} ({counters.get('windows', 0)} windows). "
+             f"Saved by OOS/cache: {counters.get('cache_hits', 0)} cache hits, "
+             f"{counters.get('oos_regenerated', 0)} children regenerated, "
+             f"{counters.get('degenerate', 0)} degenerate.", "",
+             "| rank | formula | fitness | windows | size |", "|---|---|---|---|---|"]
+    for e in hof_entries[:10]:
+        fit = "inf" if e["fitness"] is None or not math.isfinite(e["fitness"]) else f"{e['fitness']:.6g}"
+        lines.append(f"| {e['rank']} | `{e['infix']}` | {fit} | {e['fidelity']} | {e['size']} |")
+    lines += ["", "Plots: fitness.png, size_diversity.png, fitness_vs_size.png. "
+              "Per-generation log: log.jsonl. Best formula: best.json.", ""]
+    (Path(run_dir) / "README.md").write_text("\n".join(lines), encoding="utf-8")
+
+
+def load_best(path: Path):
+    """The best formula of a run directory (or a best.json path) as a `Node`."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "best.json"
+    return parse(json.loads(path.read_text(encoding="utf-8"))["formula"])

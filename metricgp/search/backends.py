@@ -1,0 +1,126 @@
+"""Where evaluations run: in this process (serial) or on Ray actors, one evaluator per actor.
+
+A backend takes an evaluator *factory* (a picklable zero-argument callable, e.g.
+`functools.partial(build_evaluator, spec)`) and maps `(tree, n_windows)` jobs to `FitnessResult`s
+in job order. An exception raised by `evaluate` never escapes: it becomes a degenerate result
+whose reason names it, so one broken candidate cannot end a long search.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+import traceback
+from collections.abc import Callable, Sequence
+from typing import Any, Protocol
+
+from metricgp.errors import MetricGPError
+from metricgp.evaluate import FitnessResult
+from metricgp.expr.tree import Node
+
+Job = tuple[Node, int]
+EvaluatorFactory = Callable[[], Any]
+BACKENDS = ("serial", "ray")
+
+
+def safe_evaluate(evaluator: Any, tree: Node, n_windows: int) -> FitnessResult:
+    """`evaluator.evaluate`, with exceptions and non-finite values turned into degenerate results."""
+    t0 = time.perf_counter()
+    try:
+        res = evaluator.evaluate(tree, n_windows)
+    except Exception as err:  # noqa: BLE001 - any failure of one candidate is that candidate's fault
+        last = traceback.extract_tb(err.__traceback__)[-1:]
+        where = f" at {last[0].filename.rsplit('/', 1)[-1]}:{last[0].lineno}" if last else ""
+        return FitnessResult(math.inf, n_windows, f"evaluate raised {type(err).__name__}: {err}{where}",
+                             time.perf_counter() - t0, 0.0)
+    if not isinstance(res.fitness, (int, float)) or not math.isfinite(res.fitness):
+        return FitnessResult(math.inf, res.n_windows, res.reason or "non-finite fitness", res.seconds,
+                             res.sparsity)
+    return res
+
+
+class Backend(Protocol):
+    def fidelities(self) -> tuple[int, ...]: ...
+    def evaluate(self, jobs: Sequence[Job]) -> list[FitnessResult]: ...
+    def close(self) -> None: ...
+
+
+class SerialBackend:
+    """Builds the evaluator on first use, in this process."""
+
+    def __init__(self, factory: EvaluatorFactory) -> None:
+        self.factory = factory
+        self._evaluator: Any = None
+
+    @property
+    def evaluator(self) -> Any:
+        if self._evaluator is None:
+            self._evaluator = self.factory()
+        return self._evaluator
+
+    def fidelities(self) -> tuple[int, ...]:
+        return tuple(self.evaluator.fidelities)
+
+    def evaluate(self, jobs: Sequence[Job]) -> list[FitnessResult]:
+        return [safe_evaluate(self.evaluator, tree, n) for tree, n in jobs]
+
+    def close(self) -> None:
+        self._evaluator = None
+
+
+class RayBackend:
+    """`workers` Ray actors, each building its own evaluator from the factory once.
+
+    Uses a running Ray instance if there is one, else starts a local one (and shuts it down on
+    `close`). `gpus_per_worker` is passed to the actors (e.g. 1 to give each a GPU).
+    """
+
+    def __init__(self, factory: EvaluatorFactory, workers: int = 2, gpus_per_worker: float = 0.0) -> None:
+        try:
+            import ray
+            from ray.util import ActorPool
+        except ImportError:
+            raise MetricGPError("the ray backend needs the optional extra: "
+                                "pip install 'metricgp[ray]'") from None
+        if workers < 1:
+            raise MetricGPError(f"--workers must be >= 1, got {workers}")
+        self._ray = ray
+        self._owns_ray = not ray.is_initialized()
+        if self._owns_ray:
+            ray.init(num_cpus=max(workers, 1), include_dashboard=False, log_to_driver=False)
+
+        @ray.remote(num_cpus=1, num_gpus=gpus_per_worker)
+        class _EvalActor:
+            def __init__(self, factory: EvaluatorFactory) -> None:
+                self.evaluator = factory()
+
+            def fidelities(self) -> tuple[int, ...]:
+                return tuple(self.evaluator.fidelities)
+
+            def evaluate(self, tree: Node, n_windows: int) -> FitnessResult:
+                return safe_evaluate(self.evaluator, tree, n_windows)
+
+        self.actors = [_EvalActor.remote(factory) for _ in range(workers)]
+        self.pool = ActorPool(self.actors)
+
+    def fidelities(self) -> tuple[int, ...]:
+        return self._ray.get(self.actors[0].fidelities.remote())
+
+    def evaluate(self, jobs: Sequence[Job]) -> list[FitnessResult]:
+        return list(self.pool.map(lambda actor, job: actor.evaluate.remote(*job), list(jobs)))
+
+    def close(self) -> None:
+        for actor in self.actors:
+            self._ray.kill(actor)
+        self.actors = []
+        if self._owns_ray and self._ray.is_initialized():
+            self._ray.shutdown()
+
+
+def make_backend(name: str, factory: EvaluatorFactory, workers: int = 1,
+                 gpus_per_worker: float = 0.0) -> Backend:
+    if name == "serial":
+        return SerialBackend(factory)
+    if name == "ray":
+        return RayBackend(factory, workers, gpus_per_worker)
+    raise MetricGPError(f"unknown backend {name!r} (choose from {', '.join(BACKENDS)})")

@@ -1,0 +1,343 @@
+"""The GP strategy: DEAP operators, our own loop (steady state or mu+lambda), OOS and staged fitness.
+
+One generation:
+1. `offspring` children, each from two parents chosen by tournament (the paper's: sample
+   `tournament_size`, keep the best `tournament_keep`, draw two; ties go to the smaller tree; or
+   DEAP's selDoubleTournament when `parsimony_size` > 1); subtree crossover with probability cxpb,
+   then one mutation drawn from the space's list (always when there was no crossover), both
+   bloat-limited with `gp.staticLimit` on height and size.
+2. OOS on each child; a child equivalent to one of its parents is regenerated (at most
+   `max_regenerate` times).
+3. The children are raced through the fidelities as one cohort (`staged.evaluate_cohort`),
+   equivalents of evaluated trees answered from the cache.
+4. Replacement. steady_state: each child in turn joins the population and the worst member leaves
+   (the paper's loop, with children of one generation bred from the same population so they can be
+   evaluated in parallel; offspring=1 is exactly the paper's). mu_plus_lambda: the best
+   `population` of parents + children survive. Either way a child equivalent to a member is not
+   added twice, so equivalent trees stop competing.
+
+Everything random goes through the global `random` (DEAP's operators use it), seeded once; the
+search's whole state is plain data (`state_dict`), so a checkpoint resumes exactly.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import math
+import operator
+import random
+import statistics
+import time
+from collections import Counter
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from deap import gp, tools
+
+from metricgp.expr.parse import parse
+from metricgp.search.backends import Backend
+from metricgp.search.oos import apply_oos
+from metricgp.search.space import SearchSpace
+from metricgp.search.staged import FitnessCache, assign_fitness, evaluate_cohort
+from metricgp.search.trees import Grammar, Individual, build_grammar, node_to_tree
+
+COUNTERS = ("evaluations", "windows", "cache_hits", "oos_regenerated", "oos_exhausted", "oos_simplified",
+            "oos_nodes_removed", "duplicates_rejected", "degenerate")
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def rng_state() -> dict[str, Any]:
+    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+
+
+def rank_key(ind: Individual) -> tuple[float, float, int]:
+    """Sort key, best first: higher stage, lower fitness, smaller tree."""
+    stage, value = ind.fitness.values
+    return (-stage, value, len(ind))
+
+
+def _same_metric(a: Individual, b: Individual) -> bool:
+    return a.key == b.key or tuple(a.fitness.values) == tuple(b.fitness.values)
+
+
+class HallOfFame(tools.HallOfFame):
+    """DEAP's hall of fame of distinct metrics. Two individuals are the same metric if their
+    canonical keys are equal, or if they reached the same stage with exactly the same fitness (then
+    they almost surely prune the same weights, e.g. G and sqrt(G)). A similar newcomer replaces a
+    member only if it ranks better (a higher stage, or the same fitness with a smaller tree)."""
+
+    def __init__(self, maxsize: int) -> None:
+        super().__init__(maxsize, similar=_same_metric)
+
+    def update(self, population: Sequence[Individual]) -> None:
+        for ind in population:
+            if ind.fitness.values[0] < 0:  # degenerate
+                continue
+            same = [i for i, h in enumerate(self) if self.similar(ind, h)]
+            if same:
+                if rank_key(ind) < rank_key(self[same[0]]):
+                    self.remove(same[0])
+                    self.insert(ind)
+            elif len(self) < self.maxsize:
+                self.insert(ind)
+            elif ind.fitness > self[-1].fitness:
+                self.remove(-1)
+                self.insert(ind)
+
+    def refresh(self, cache: FitnessCache, fidelities: Sequence[int]) -> None:
+        members = list(self)
+        self.clear()
+        for ind in members:
+            assign_fitness(ind, cache, fidelities)
+            self.update([ind])
+
+
+class GPSearch:
+    """A metric search over one space, evaluating through `backend` at `fidelities`."""
+
+    def __init__(self, space: SearchSpace, backend: Backend, fidelities: Sequence[int]) -> None:
+        fids = tuple(sorted(set(int(f) for f in fidelities)))
+        if not fids or fids[0] < 1:
+            raise ValueError(f"fidelities must be positive window counts, got {fidelities}")
+        self.space = space
+        self.params = space.gp
+        self.backend = backend
+        self.fidelities = fids
+        self.grammar: Grammar = build_grammar(space)
+        self.cache = FitnessCache()
+        self.population: list[Individual] = []
+        self.hof = HallOfFame(self.params.hof_size)
+        self.records: list[dict[str, Any]] = []  # one per generation, as written to log.jsonl
+        self.logbook = tools.Logbook()  # DEAP's view of the scalar columns, for printing
+        self.size_stats = tools.Statistics(key=len)
+        for name, fn in (("avg", np.mean), ("min", np.min), ("max", np.max)):
+            self.size_stats.register(name, fn)
+        self.counters: Counter = Counter({k: 0 for k in COUNTERS})
+        self.gen = -1  # the last completed generation; 0 is the initial population
+        self.elapsed = 0.0
+        lim = space.limits
+        limit = [gp.staticLimit(operator.attrgetter("height"), lim.max_depth - 1),
+                 gp.staticLimit(len, lim.max_size)]
+        self._crossover = functools.reduce(lambda f, d: d(f), limit, gp.cxOnePoint)
+        self._mutations = [functools.reduce(lambda f, d: d(f), limit, self._mutation(name))
+                           for name in self.params.mutations]
+
+    # ------------------------------------------------------------------ operators
+
+    def _mutation(self, name: str):
+        pset = self.grammar.pset
+        if name == "uniform":
+            expr = functools.partial(gp.genFull, pset=pset, min_=0, max_=2)
+            return functools.partial(gp.mutUniform, expr=expr, pset=pset)
+        if name == "node_replacement":
+            return functools.partial(gp.mutNodeReplacement, pset=pset)
+        if name == "shrink":
+            return gp.mutShrink
+        if name == "ephemeral":
+            return functools.partial(gp.mutEphemeral, mode="one")
+        raise ValueError(name)
+
+    def _oos(self, ind: Individual) -> Individual:
+        out, removed = apply_oos(ind, self.grammar)
+        self.counters["oos_simplified"] += removed > 0
+        self.counters["oos_nodes_removed"] += removed
+        return out
+
+    def select_parents(self) -> tuple[Individual, Individual]:
+        p = self.params
+        if p.parsimony_size > 1.0:
+            a, b = tools.selDoubleTournament(self.population, 2, fitness_size=p.tournament_size,
+                                             parsimony_size=p.parsimony_size, fitness_first=True)
+            return a, b
+        sample = random.sample(self.population, min(p.tournament_size, len(self.population)))
+        top = sorted(sample, key=rank_key)[: max(p.tournament_keep, 2)]
+        a, b = random.sample(top, 2) if len(top) >= 2 else (top[0], top[0])
+        return a, b
+
+    def make_child(self, p1: Individual, p2: Individual) -> Individual:
+        """Crossover and/or mutation, then OOS; regenerated while equivalent to a parent."""
+        child = p1
+        for _ in range(self.params.max_regenerate + 1):
+            c1, c2 = copy.deepcopy(p1), copy.deepcopy(p2)
+            crossed = random.random() < self.params.cxpb
+            if crossed:
+                c1, c2 = self._crossover(c1, c2)
+            if not crossed or random.random() < self.params.mutpb:
+                (c1,) = random.choice(self._mutations)(c1)
+            child = self._oos(c1)
+            if child.key not in (p1.key, p2.key):
+                return child
+            self.counters["oos_regenerated"] += 1
+        self.counters["oos_exhausted"] += 1
+        return child
+
+    # ---------------------------------------------------------------- generations
+
+    def _evaluate(self, cohort: Sequence[Individual]) -> dict[str, Any]:
+        rep = evaluate_cohort(cohort, self.fidelities, self.space.fidelity.eta, self.backend, self.cache)
+        for ind in self.population:  # an equivalent may have been promoted: re-read the cache
+            assign_fitness(ind, self.cache, self.fidelities)
+        self.counters["evaluations"] += sum(rep.evaluations.values())
+        self.counters["windows"] += sum(n * c for n, c in rep.evaluations.items())
+        self.counters["cache_hits"] += rep.cache_hits
+        self.counters["degenerate"] += sum(rep.degenerate.values())
+        return {"evaluations": {str(n): rep.evaluations.get(n, 0) for n in self.fidelities},
+                "degenerate_reasons": dict(rep.degenerate), "eval_seconds": round(rep.seconds, 3)}
+
+    def initialize(self) -> dict[str, Any]:
+        """Seed, draw a ramped half-and-half population of distinct canonical forms, evaluate it."""
+        seed_everything(self.params.seed)
+        t0 = time.perf_counter()
+        lim = self.space.limits
+        seen: set[str] = set()
+        pop: list[Individual] = []
+        for _ in range(50 * self.params.population):
+            if len(pop) == self.params.population:
+                break
+            heights = (lim.init_min_depth - 1, lim.init_max_depth - 1)
+            raw = Individual(gp.genHalfAndHalf(self.grammar.pset, *heights))
+            ind = self._oos(raw)
+            if ind.key in seen or not ind.node.leaves_used():
+                continue
+            seen.add(ind.key)
+            pop.append(ind)
+        while len(pop) < self.params.population:  # a tiny space has few distinct forms: allow repeats
+            pop.append(copy.deepcopy(pop[len(pop) % max(len(seen), 1)]))
+        self.population = pop
+        before = Counter(self.counters)
+        extra = self._evaluate(pop)
+        self.hof.update(pop)
+        self.gen = 0
+        return self._record(before, extra, time.perf_counter() - t0)
+
+    def step(self) -> dict[str, Any]:
+        """One generation; returns its log record."""
+        t0 = time.perf_counter()
+        before = Counter(self.counters)
+        children = [self.make_child(*self.select_parents()) for _ in range(self.params.offspring)]
+        extra = self._evaluate(children)
+        if self.params.algorithm == "steady_state":
+            self._steady_state(children)
+        else:
+            self._mu_plus_lambda(children)
+        self.hof.refresh(self.cache, self.fidelities)
+        self.hof.update(children)
+        self.gen += 1
+        return self._record(before, extra, time.perf_counter() - t0)
+
+    def _steady_state(self, children: Sequence[Individual]) -> None:
+        keys = [ind.key for ind in self.population]
+        for child in children:
+            if child.key in keys:
+                self.counters["duplicates_rejected"] += 1
+                continue
+            self.population.append(child)
+            keys.append(child.key)
+            worst = max(range(len(self.population)), key=lambda i: rank_key(self.population[i]))
+            del self.population[worst]
+            del keys[worst]
+
+    def _mu_plus_lambda(self, children: Sequence[Individual]) -> None:
+        pool = sorted([*self.population, *children], key=rank_key)
+        keep, rest, seen = [], [], set()
+        for ind in pool:
+            (rest if ind.key in seen else keep).append(ind)
+            seen.add(ind.key)
+        self.counters["duplicates_rejected"] += sum(1 for c in children if any(c is r for r in rest))
+        self.population = (keep + rest)[: self.params.population]
+
+    # -------------------------------------------------------------------- logging
+
+    def _record(self, before: Counter, extra: dict[str, Any], seconds: float) -> dict[str, Any]:
+        self.elapsed += seconds
+        pop = self.population
+        top = len(self.fidelities) - 1
+        at_top = [ind.fitness.values[1] for ind in pop if ind.fitness.values[0] == top]
+        first = [self.cache.get(ind.key, self.fidelities[0])[0] for ind in pop]
+        first = [v for v in first if math.isfinite(v)]
+        size = self.size_stats.compile(pop)
+        keys = {ind.key for ind in pop}
+        best = self.hof[0] if len(self.hof) else None
+        delta = {k: self.counters[k] - before[k] for k in COUNTERS}
+        rec = {
+            "gen": self.gen,
+            "best_fitness": best.fitness.values[1] if best is not None else None,
+            "best_fidelity": self.fidelities[int(best.fitness.values[0])] if best is not None else None,
+            "best_formula": str(best.node) if best is not None else None,
+            "median_fitness": statistics.median(at_top) if at_top else None,
+            "median_fitness_f0": statistics.median(first) if first else None,
+            "n_at_top_fidelity": len(at_top),
+            "diversity": len(keys) / len(pop),
+            "unique_forms": len(keys),
+            "size_mean": float(size["avg"]),
+            "size_min": int(size["min"]),
+            "size_max": int(size["max"]),
+            "evaluations_per_fidelity": extra["evaluations"],
+            "cache_hits": delta["cache_hits"],
+            "oos_regenerated": delta["oos_regenerated"],
+            "oos_saves": delta["cache_hits"] + delta["oos_regenerated"],
+            "oos_simplified": delta["oos_simplified"],
+            "duplicates_rejected": delta["duplicates_rejected"],
+            "degenerate": delta["degenerate"],
+            "degenerate_reasons": extra["degenerate_reasons"],
+            "windows": delta["windows"],
+            "eval_seconds": extra["eval_seconds"],
+            "seconds": round(seconds, 3),
+        }
+        self.records.append(rec)
+        self.logbook.record(**{k: v for k, v in rec.items() if not isinstance(v, dict)})
+        return rec
+
+    # ---------------------------------------------------------------- checkpoints
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything needed to continue exactly: plain data (no DEAP objects)."""
+        return {
+            "gen": self.gen,
+            "fidelities": self.fidelities,
+            "population": [(str(ind.node), ind.key) for ind in self.population],
+            "hof": [(str(ind.node), ind.key) for ind in self.hof],
+            "records": [dict(r) for r in self.records],
+            "cache": {"results": self.cache.results, "forms": self.cache.forms},
+            "counters": dict(self.counters),
+            "elapsed": self.elapsed,
+            "rng": rng_state(),
+        }
+
+    def _revive(self, item: tuple[str, str]) -> Individual:
+        formula, key = item
+        ind = node_to_tree(parse(formula), self.grammar)
+        ind.key = key
+        assign_fitness(ind, self.cache, self.fidelities)
+        return ind
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if tuple(state["fidelities"]) != self.fidelities:
+            raise ValueError(f"checkpoint fidelities {state['fidelities']} differ from {self.fidelities}")
+        self.cache = FitnessCache(state["cache"]["results"], state["cache"]["forms"])
+        self.gen = state["gen"]
+        self.population = [self._revive(item) for item in state["population"]]
+        self.hof = HallOfFame(self.params.hof_size)
+        self.hof.update([self._revive(item) for item in state["hof"]])
+        self.records = []
+        self.logbook = tools.Logbook()
+        for rec in state["records"]:
+            self.records.append(rec)
+            self.logbook.record(**{k: v for k, v in rec.items() if not isinstance(v, dict)})
+        self.counters = Counter(state["counters"])
+        self.elapsed = state["elapsed"]
+        set_rng_state(state["rng"])

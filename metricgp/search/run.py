@@ -1,0 +1,163 @@
+"""A search run in a directory: start, drive generation by generation, checkpoint, resume.
+
+`RunConfig` is everything that defines a run (plain, picklable); `evaluator_factory` is the one
+place that turns it into an evaluator factory, so wiring the model evaluator differently is a
+change to that function alone.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from metricgp.errors import MetricGPError
+from metricgp.search import artifacts
+from metricgp.search.backends import Backend, EvaluatorFactory, make_backend
+from metricgp.search.checkpoint import load_checkpoint, save_checkpoint
+from metricgp.search.gp import GPSearch
+from metricgp.search.space import SearchSpace, space_from_dict
+
+EVALUATORS = ("model", "synthetic")
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    space: SearchSpace
+    evaluator: str = "synthetic"  # "model" | "synthetic"
+    evaluator_spec: dict[str, Any] = dataclasses.field(default_factory=dict)  # fields of its spec class
+    backend: str = "serial"
+    workers: int = 1
+    gpus_per_worker: float = 0.0
+    time_budget_min: float | None = None
+    name: str = "run"
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> RunConfig:
+        raw = dict(raw)
+        space_raw = dict(raw.pop("space"))
+        source = space_raw.pop("source", "<checkpoint>")
+        space = dataclasses.replace(space_from_dict(space_raw, f"{source} (from checkpoint)"), source=source)
+        return cls(space=space, **raw)
+
+
+def evaluator_factory(config: RunConfig) -> EvaluatorFactory:
+    """A picklable zero-argument callable building the run's evaluator (once per worker).
+
+    The evaluator's fidelities are the space's `fidelity.windows` unless the spec names its own.
+    """
+    spec = dict(config.evaluator_spec)
+    spec.setdefault("fidelities", tuple(config.space.fidelity.windows))
+    spec["fidelities"] = tuple(spec["fidelities"])
+    if config.evaluator == "synthetic":
+        from metricgp.search.synthetic import SyntheticSpec, build_synthetic
+
+        if "shapes" in spec:
+            spec["shapes"] = tuple(tuple(s) for s in spec["shapes"])
+        return functools.partial(build_synthetic, SyntheticSpec(**spec))
+    if config.evaluator == "model":
+        from metricgp.evaluate import EvaluatorSpec, build_evaluator
+
+        return functools.partial(build_evaluator, EvaluatorSpec(**spec))
+    raise MetricGPError(f"unknown evaluator {config.evaluator!r} (choose from {', '.join(EVALUATORS)})")
+
+
+def _backend(config: RunConfig) -> Backend:
+    return make_backend(config.backend, evaluator_factory(config), config.workers, config.gpus_per_worker)
+
+
+def start(config: RunConfig, run_dir: Path, provenance: dict[str, Any] | None = None,
+          progress: bool = False, stop_after: int | None = None) -> GPSearch:
+    """A fresh run in `run_dir` (which must not hold a checkpoint already)."""
+    run_dir = Path(run_dir)
+    if (run_dir / "checkpoint.pkl").exists():
+        raise MetricGPError(f"{run_dir} already holds a run; use --resume {run_dir} or another --out")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    t0 = time.monotonic()
+    backend = _backend(config)
+    try:
+        search = GPSearch(config.space, backend, backend.fidelities())
+        payload = {"config": config.to_dict(), "seed": config.space.gp.seed, "fidelities": search.fidelities,
+                   **(provenance or {})}
+        artifacts.write_json(run_dir / "config.json", payload)
+        artifacts.rewrite_log(run_dir, [])
+        artifacts.append_log(run_dir, search.initialize())
+        _checkpoint(search, config, run_dir)
+        return drive(search, config, run_dir, progress, stop_after, t0)
+    finally:
+        backend.close()
+
+
+def resume(run_dir: Path, overrides: dict[str, Any] | None = None, progress: bool = False,
+           stop_after: int | None = None) -> GPSearch:
+    """Continue a run from its checkpoint. `overrides` may change generations, backend, workers,
+    gpus_per_worker and time_budget_min (nothing that would change the results)."""
+    run_dir = Path(run_dir)
+    payload = load_checkpoint(run_dir)
+    config = RunConfig.from_dict(payload["config"])
+    allowed = {"generations", "backend", "workers", "gpus_per_worker", "time_budget_min"}
+    overrides = {k: v for k, v in (overrides or {}).items() if v is not None}
+    if set(overrides) - allowed:
+        raise MetricGPError(f"--resume cannot change {', '.join(sorted(set(overrides) - allowed))}")
+    if "generations" in overrides:
+        gp_params = dataclasses.replace(config.space.gp, generations=overrides.pop("generations"))
+        config = dataclasses.replace(config, space=dataclasses.replace(config.space, gp=gp_params))
+    config = dataclasses.replace(config, **overrides)
+    backend = _backend(config)
+    try:
+        search = GPSearch(config.space, backend, payload["search"]["fidelities"])
+        search.load_state_dict(payload["search"])
+        artifacts.rewrite_log(run_dir, list(search.records))
+        return drive(search, config, run_dir, progress, stop_after)
+    finally:
+        backend.close()
+
+
+def _checkpoint(search: GPSearch, config: RunConfig, run_dir: Path) -> None:
+    artifacts.write_results(run_dir, config.name, search.hof, search.cache, search.fidelities, search.gen)
+    save_checkpoint(run_dir, config.to_dict(), search.state_dict())
+
+
+def drive(search: GPSearch, config: RunConfig, run_dir: Path, progress: bool = False,
+          stop_after: int | None = None, t0: float | None = None) -> GPSearch:
+    """Generations until `generations` (or `stop_after` more, or the time budget, counted from
+    `t0` (default now), is exceeded), each followed by log, results and checkpoint; then plots and
+    the summary. A resumed run gets the whole budget again."""
+    from tqdm.auto import tqdm
+
+    total = config.space.gp.generations
+    budget = None if config.time_budget_min is None else 60.0 * config.time_budget_min
+    t0 = time.monotonic() if t0 is None else t0
+    stopped = "all generations done"
+    done = 0
+    with tqdm(total=total, initial=min(search.gen, total), desc=config.name, unit="gen",
+              disable=not progress) as bar:
+        while search.gen < total:
+            if stop_after is not None and done >= stop_after:
+                stopped = f"stopped after {done} generations"
+                break
+            rec = search.step()
+            done += 1
+            artifacts.append_log(run_dir, rec)
+            _checkpoint(search, config, run_dir)
+            bar.update(1)
+            bar.set_postfix(best=f"{rec['best_fitness']:.4g}" if rec["best_fitness"] is not None else "-",
+                            div=f"{rec['diversity']:.2f}")
+            if budget is not None and time.monotonic() - t0 > budget:
+                stopped = f"time budget of {config.time_budget_min:g} min exceeded"
+                break
+    finish(search, config, run_dir, stopped)
+    return search
+
+
+def finish(search: GPSearch, config: RunConfig, run_dir: Path, stopped: str) -> None:
+    records = list(search.records)
+    artifacts.write_plots(run_dir, records, search.cache, search.fidelities)
+    entries = artifacts.hall_of_fame_entries(search.hof, search.cache, search.fidelities)
+    artifacts.write_summary(run_dir, config.name, records, entries, dict(search.counters), stopped)

@@ -1,0 +1,101 @@
+"""A cheap, model-free, deterministic fitness for tests and demos.
+
+A few random linear layers stand in for a model. Inputs have heavy-tailed per-feature scales (as
+LLM activations do), so the best metric is not plain magnitude: the output error of dropping
+weight (i, j) is about |W_ij| * ||x_j||, Wanda's score. The statistics mirror the real ones:
+W is the signed weight, X the mean squared input per feature on calibration batches, G a
+per-weight "gradient norm" that is |W|-and-X-correlated noise.
+
+Fitness: mean over layers of ||(W - W*mask) x||_F / ||W x||_F on the first `n_windows` held-out
+input batches, where the mask keeps the top (1 - sparsity) of each row by score (stable tie-break).
+Everything is computed from `seed` alone, so two processes (Ray actors, a resumed run) agree.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+
+from metricgp.evaluate import FitnessResult
+from metricgp.expr.compile import compile_metric
+from metricgp.expr.tree import Node
+
+
+@dataclass(frozen=True)
+class SyntheticSpec:
+    seed: int = 0
+    shapes: tuple[tuple[int, int], ...] = ((32, 64), (64, 32), (48, 96), (96, 48))
+    tokens: int = 8  # rows per input batch ("window")
+    n_calib: int = 4  # calibration batches for X and G
+    fidelities: tuple[int, ...] = (2, 4, 8)
+    sparsity: float = 0.5
+    delay: float = 0.0  # seconds slept per evaluation, to imitate an expensive evaluator
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class SyntheticEvaluator:
+    """Implements the `MetricEvaluator` protocol without a model."""
+
+    def __init__(self, spec: SyntheticSpec) -> None:
+        self.spec = spec
+        self.fidelities = tuple(spec.fidelities)
+        gen = torch.Generator().manual_seed(spec.seed)
+        n_eval = max(self.fidelities)
+        self.layers: list[tuple[dict[str, torch.Tensor], torch.Tensor]] = []
+        for out_f, in_f in spec.shapes:
+            w = torch.randn(out_f, in_f, generator=gen, dtype=torch.float64) / math.sqrt(in_f)
+            # heavy-tailed per-feature scale: |student-t(2)|-like, a few outlier features
+            scale = (torch.randn(in_f, generator=gen, dtype=torch.float64)
+                     / torch.randn(in_f, generator=gen, dtype=torch.float64).abs().clamp_min(0.05)).abs()
+            scale = scale.clamp(0.05, 50.0)
+
+            def inputs(n: int, scale=scale, in_f=in_f) -> torch.Tensor:
+                return torch.randn(n * spec.tokens, in_f, generator=gen, dtype=torch.float64) * scale
+
+            calib = inputs(spec.n_calib)
+            x_stat = (calib**2).mean(0, keepdim=True)
+            noise = torch.exp(0.75 * torch.randn(out_f, in_f, generator=gen, dtype=torch.float64))
+            g_stat = w.abs() * x_stat.sqrt() * noise
+            stats = {"W": w.float(), "X": x_stat.float(), "G": g_stat.float()}
+            self.layers.append((stats, inputs(n_eval)))
+
+    def _mask(self, scores: torch.Tensor) -> torch.Tensor:
+        n_in = scores.shape[1]
+        n_drop = int(round(n_in * self.spec.sparsity))
+        order = torch.argsort(scores, dim=1, descending=False, stable=True)
+        mask = torch.ones_like(scores, dtype=torch.bool)
+        mask.scatter_(1, order[:, :n_drop], False)
+        return mask
+
+    def evaluate(self, tree: Node, n_windows: int) -> FitnessResult:
+        t0 = time.perf_counter()
+        if self.spec.delay:
+            time.sleep(self.spec.delay)
+        fn = compile_metric(tree)
+        errors, kept, total = [], 0, 0
+        for stats, xs in self.layers:
+            scores = fn(stats)
+            if not torch.isfinite(scores).all():
+                return FitnessResult(math.inf, n_windows, "non-finite scores", time.perf_counter() - t0, 0.0)
+            if bool((scores.amax(1) == scores.amin(1)).all()):
+                return FitnessResult(math.inf, n_windows, "constant scores in every row",
+                                     time.perf_counter() - t0, 0.0)
+            mask = self._mask(scores)
+            kept += int(mask.sum())
+            total += mask.numel()
+            w = stats["W"].double()
+            x = xs[: n_windows * self.spec.tokens]
+            dense = x @ w.T
+            err = x @ (w * ~mask).T
+            errors.append(float(err.norm() / dense.norm()))
+        return FitnessResult(sum(errors) / len(errors), n_windows, None, time.perf_counter() - t0,
+                             1.0 - kept / total)
+
+
+def build_synthetic(spec: SyntheticSpec) -> SyntheticEvaluator:
+    return SyntheticEvaluator(spec)
