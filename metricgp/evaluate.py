@@ -177,21 +177,27 @@ class PruningSetup:
     calib: torch.Tensor | None = None
 
     @classmethod
-    def from_spec(cls, spec: EvaluatorSpec, grads: bool = True) -> PruningSetup:
+    def from_spec(cls, spec: EvaluatorSpec, grads: bool = True, loaded=None) -> PruningSetup:
+        """Load the model (unless `loaded` is given) and its statistics. With grads=False, G is
+        still used when a cached gradient pass exists (it holds X too, so it costs nothing)."""
         from metricgp.data import parse_data_ref, windows
         from metricgp.models import load_model, prunable_layers
         from metricgp.prune.engine import DenseWeights
-        from metricgp.stats import cached_stats, stats_key
+        from metricgp.stats import cached_stats, stats_cache_path, stats_key
 
         t0 = time.perf_counter()
         calib_ref = parse_data_ref(spec.calib, "calibration")
         parse_data_ref(spec.valid, "fitness")  # fail early, before the model loads
-        loaded = load_model(spec.model, spec.dtype, spec.device)
+        loaded = loaded or load_model(spec.model, spec.dtype, spec.device)
         t1 = time.perf_counter()
         layers = prunable_layers(loaded.model)
         calib = windows(calib_ref, loaded.tokenizer, "calibration", spec.seqlen, spec.n_calib, spec.seed)
-        key = stats_key(loaded.fingerprint, str(calib_ref), spec.n_calib, spec.seqlen, spec.seed, grads)
-        stats, was_cached = cached_stats(loaded.model, layers, calib, key, grads=grads)
+
+        def key(with_grads: bool) -> str:
+            return stats_key(loaded.fingerprint, str(calib_ref), spec.n_calib, spec.seqlen, spec.seed, with_grads)
+
+        grads = grads or stats_cache_path(key(True)).is_file()
+        stats, was_cached = cached_stats(loaded.model, layers, calib, key(grads), grads=grads)
         t2 = time.perf_counter()
         return cls(loaded.model, loaded.tokenizer, layers, DenseWeights(layers), stats, spec,
                    loaded.fingerprint, was_cached, {"load_model": t1 - t0, "stats": t2 - t1}, calib)
@@ -201,6 +207,42 @@ class PruningSetup:
 
         ref = parse_data_ref(self.spec.valid, "fitness")
         return windows(ref, self.tokenizer, "fitness", self.spec.seqlen, n)
+
+    def report_windows(self, data: str, n: int | None) -> torch.Tensor:
+        """The first `n` (None: all) test windows of `data`, for reports only."""
+        from metricgp.data import parse_data_ref, windows
+
+        return windows(parse_data_ref(data, "report"), self.tokenizer, "report", self.spec.seqlen, n)
+
+    def prune(self, tree, pattern, mode: str = "oneshot"):
+        """Restore the dense weights, then prune with `tree` in `mode`. Returns a PruneReport."""
+        from metricgp.expr import compile_metric
+        from metricgp.prune.engine import PRUNE_MODES
+
+        if mode not in PRUNE_MODES:
+            raise MetricGPError(f"unknown mode '{mode}' (choose from {', '.join(PRUNE_MODES)})")
+        self.dense.restore()
+        return PRUNE_MODES[mode](self, compile_metric(tree), pattern)
+
+
+def cached_dense_perplexity(setup: PruningSetup, data: str, windows: torch.Tensor) -> float:
+    """The dense model's perplexity on `windows`, cached on disk under the exact weights and
+    tokens (every report of the same model and data needs it; it costs as much as the pruned one)."""
+    import hashlib
+    import json
+
+    from metricgp.models import cache_root
+
+    setup.dense.restore()
+    digest = hashlib.sha256(windows.numpy().tobytes()).hexdigest()[:16]
+    dtype = str(next(setup.model.parameters()).dtype)
+    path = cache_root() / "dense_ppl" / f"{setup.fingerprint}-{digest}-{dtype.replace('torch.', '')}.json"
+    if path.is_file():
+        return float(json.loads(path.read_text())["perplexity"])
+    value = perplexity(setup.model, windows, setup.spec.batch_size, progress=True)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"perplexity": value, "data": data, "windows": len(windows)}))
+    return value
 
 
 def build_evaluator(spec: EvaluatorSpec) -> MetricEvaluator:

