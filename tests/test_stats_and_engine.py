@@ -63,7 +63,7 @@ def setup(tiny_llama_dir, text_files, tmp_path_factory):
 
 
 @pytest.mark.parametrize("pattern", [Unstructured(0.5), Unstructured(0.3, "layer"), NM(2, 4), NM(4, 8)])
-@pytest.mark.parametrize("mode", ["oneshot", "sequential"])
+@pytest.mark.parametrize("mode", ["oneshot", "sequential", "reconstruct"])
 def test_modes_hit_exact_sparsity(setup, pattern, mode):
     report = setup.prune(resolve_metric("wanda"), pattern, mode)
     for name, module in setup.layers.items():

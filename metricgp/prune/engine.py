@@ -9,6 +9,7 @@ block's calibration inputs after the earlier blocks were pruned (Wanda / Pruner-
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 
 import torch
@@ -135,21 +136,30 @@ def prune_sequential(
     grad_stats: Mapping[str, Mapping[str, torch.Tensor]] | None,
     metric: MetricFn,
     pattern: Pattern,
+    reconstruct: bool = False,
 ) -> PruneReport:
-    """Block-by-block pruning: X is recomputed on the already-pruned prefix; G stays the dense one."""
+    """Block-by-block pruning: X is recomputed on the already-pruned prefix; G stays the dense one.
+    With `reconstruct`, the kept weights get a least-squares update (prune/reconstruct.py)."""
+    from metricgp.prune.reconstruct import hessian_hooks, least_squares_update
+
     prefix, blocks = find_blocks(model)
     inputs = capture_block_inputs(model, blocks[0], calib)
     report = PruneReport()
     with torch.no_grad():
         for i, block in enumerate(tqdm(blocks, desc="sequential", unit="block", leave=False)):
             linears = block_linears(block)
-            x_stats = collect_activation_stats(linears, (_run_block(block, a, k) for a, k in inputs))
+            hessians: dict[str, torch.Tensor] = {}
+            with hessian_hooks(linears, hessians) if reconstruct else nullcontext():
+                x_stats = collect_activation_stats(linears, (_run_block(block, a, k) for a, k in inputs))
             for rel, module in linears.items():
                 name = f"{prefix}.{i}.{rel}"
                 stats = {"X": x_stats[rel], **{k: v for k, v in (grad_stats or {}).get(name, {}).items() if k != "X"}}
                 w = module.weight.detach().clone()
                 keep = pattern.mask(layer_scores(metric, w, stats, name))
-                mask_layer(module, w, keep)
+                if reconstruct:
+                    module.weight.copy_(least_squares_update(w, keep, hessians.pop(rel)))
+                else:
+                    mask_layer(module, w, keep)
                 report.add(name, keep)
             inputs = [_with_hidden(a, k, _run_block(block, a, k)) for a, k in inputs]
     return report
@@ -163,5 +173,13 @@ def _sequential(setup, metric: MetricFn, pattern: Pattern) -> PruneReport:
     return prune_sequential(setup.model, setup.calib, setup.stats, metric, pattern)
 
 
+def _reconstruct(setup, metric: MetricFn, pattern: Pattern) -> PruneReport:
+    return prune_sequential(setup.model, setup.calib, setup.stats, metric, pattern, reconstruct=True)
+
+
 # mode name -> fn(setup with .dense/.stats/.model/.calib, metric, pattern); one entry adds a mode.
-PRUNE_MODES: dict[str, Callable[..., PruneReport]] = {"oneshot": _oneshot, "sequential": _sequential}
+PRUNE_MODES: dict[str, Callable[..., PruneReport]] = {
+    "oneshot": _oneshot,
+    "sequential": _sequential,
+    "reconstruct": _reconstruct,  # sequential + least-squares refit of the kept weights (metric+reconstruction)
+}

@@ -62,7 +62,11 @@ class SerialBackend:
         return tuple(self.evaluator.fidelities)
 
     def evaluate(self, jobs: Sequence[Job]) -> list[FitnessResult]:
-        return [safe_evaluate(self.evaluator, tree, n) for tree, n in jobs]
+        from tqdm.auto import tqdm
+
+        # disable=None: a bar on a terminal, silence in logs and tests
+        bar = tqdm(jobs, desc="candidates", unit="eval", leave=False, disable=None)
+        return [safe_evaluate(self.evaluator, tree, n) for tree, n in bar]
 
     def close(self) -> None:
         self._evaluator = None

@@ -1,0 +1,192 @@
+"""Benchmarks of the search's fitness: throughput, and how well cheap fidelities rank metrics.
+
+    python -m metricgp.bench throughput      # make bench: evaluations/hour and the naive ratio
+    python -m metricgp.bench fidelity --out results/fidelity   # Spearman of cheap vs full fitness
+
+`throughput` measures, in one run, (a) the search's way of evaluating a candidate: statistics
+loaded from the cache once, compiled metric, exact masks, perplexity on the first fidelity's
+windows, successive halving to the later ones; and (b) the naive way of the released Pruner-Zero
+code: recompute the calibration statistics for every candidate, then the perplexity of the whole
+validation split. (b)'s statistics pass is run for real once; its full-split perplexity is
+the measured time per window times the number of validation windows (running ~500 windows per
+candidate would take ~10 minutes here).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import random
+import statistics
+import sys
+import time
+from pathlib import Path
+
+from metricgp.errors import MetricGPError, cli_entry
+from metricgp.expr import BUILTIN_METRICS, Node, resolve_metric, to_functional
+from metricgp.expr.randomtree import random_tree
+
+PANEL_OPS = ("sqr", "abs", "sqrt", "log", "mms", "zsn", "tanh", "add", "mul", "div", "sub")
+
+
+def metric_panel(n_random: int, seed: int) -> list[tuple[str, Node]]:
+    """The built-ins plus `n_random` random W/X/G trees (seeded, distinct, each using W)."""
+    panel = [(name, resolve_metric(name)) for name in BUILTIN_METRICS]
+    rng = random.Random(seed)
+    seen = {to_functional(t) for _, t in panel}
+    while len(panel) < len(BUILTIN_METRICS) + n_random:
+        tree = random_tree(rng, 4, PANEL_OPS)
+        text = to_functional(tree)
+        if text in seen or "W" not in tree.leaves_used():
+            continue
+        seen.add(text)
+        panel.append((f"random-{len(panel) - len(BUILTIN_METRICS) + 1}", tree))
+    return panel
+
+
+def spearman(a: list[float], b: list[float]) -> float:
+    from scipy.stats import spearmanr
+
+    return float(spearmanr(a, b).statistic)
+
+
+def _evaluator(args: argparse.Namespace, fidelities: tuple[int, ...]):
+    from metricgp.evaluate import EvaluatorSpec, MetricEvaluator
+
+    spec = EvaluatorSpec(model=args.model, dtype=args.dtype, calib=args.calib, n_calib=args.n_calib,
+                         seqlen=args.seqlen, sparsity=args.sparsity, pattern=args.pattern,
+                         fidelities=fidelities)
+    return MetricEvaluator(spec)
+
+
+def throughput(args: argparse.Namespace) -> dict:
+    from metricgp.stats import compute_stats
+
+    fidelities = tuple(args.fidelities)
+    t0 = time.perf_counter()
+    ev = _evaluator(args, fidelities)
+    setup = ev.setup
+    load_s = time.perf_counter() - t0
+    panel = metric_panel(args.random, args.seed)[: args.candidates]
+    per_fid: dict[int, list[float]] = {n: [] for n in fidelities}
+    ev.timings.clear()
+    for _, tree in panel:
+        for n in fidelities[:2]:
+            per_fid[n].append(ev.evaluate(tree, n).seconds)
+    n_evals = len(panel) * 2
+    score_mask = ev.timings["score_mask"] / n_evals
+    forward_per_window = ev.timings["forward"] / (len(panel) * sum(fidelities[:2]))
+    cost = {n: score_mask + forward_per_window * n for n in fidelities}
+    # successive halving: every candidate pays stage 0, 1/eta of them stage 1, 1/eta^2 stage 2 ...
+    raced = sum(cost[n] / args.eta**i for i, n in enumerate(fidelities))
+
+    t1 = time.perf_counter()
+    compute_stats(setup.model, setup.layers, setup.calib, grads=True, desc="naive stats")
+    stats_s = time.perf_counter() - t1
+    valid_windows = len(setup.fitness_windows(None))
+    naive = stats_s + score_mask + forward_per_window * valid_windows
+    result = {
+        "model": args.model, "sparsity": args.sparsity, "pattern": args.pattern, "fidelities": fidelities,
+        "eta": args.eta, "candidates": len(panel),
+        "setup_seconds": {"load_model_and_cached_stats": round(load_s, 2), **{
+            k: round(v, 2) for k, v in setup.timings.items()}},
+        "per_evaluation_seconds": {"score_and_mask": round(score_mask, 3),
+                                   "forward_per_window": round(forward_per_window, 3),
+                                   **{f"total_at_{n}_windows": round(cost[n], 3) for n in fidelities}},
+        "measured_mean_seconds": {str(n): round(statistics.mean(v), 3) for n, v in per_fid.items() if v},
+        "raced_seconds_per_candidate": round(raced, 3),
+        "naive": {"stats_recompute_seconds": round(stats_s, 2), "validation_windows": valid_windows,
+                  "seconds_per_candidate": round(naive, 1)},
+        "evaluations_per_hour": {"first_fidelity": round(3600 / cost[fidelities[0]]),
+                                 "raced_candidates": round(3600 / raced), "naive": round(3600 / naive, 1)},
+        "speedup_vs_naive": round(naive / raced, 1),
+    }
+    return result
+
+
+def fidelity(args: argparse.Namespace) -> dict:
+    """Fitness of a metric panel at each cheap fidelity and at `--full` windows; Spearman rho."""
+    fidelities = tuple(sorted({*args.fidelities, args.full}))
+    ev = _evaluator(args, fidelities)
+    panel = metric_panel(args.random, args.seed)
+    rows = []
+    from tqdm.auto import tqdm
+
+    for name, tree in tqdm(panel, desc="panel", unit="metric"):
+        values = {n: ev.evaluate(tree, n).fitness for n in fidelities}
+        rows.append({"name": name, "formula": to_functional(tree), "fitness": values})
+    finite = [r for r in rows if all(math.isfinite(v) for v in r["fitness"].values())]
+    if len(finite) < 3:
+        raise MetricGPError("fewer than 3 non-degenerate metrics in the panel")
+    full = [r["fitness"][args.full] for r in finite]
+    rho = {n: spearman([r["fitness"][n] for r in finite], full) for n in fidelities if n != args.full}
+    return {"model": args.model, "sparsity": args.sparsity, "pattern": args.pattern, "full_windows": args.full,
+            "metrics": len(rows), "non_degenerate": len(finite), "spearman_vs_full": rho, "rows": rows}
+
+
+def fidelity_plot(result: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    full = result["full_windows"]
+    cheap = sorted(int(n) for n in result["spearman_vs_full"])
+    fig, axes = plt.subplots(1, len(cheap), figsize=(4.2 * len(cheap), 4), squeeze=False)
+    rows = [r for r in result["rows"] if all(math.isfinite(v) for v in r["fitness"].values())]
+    for ax, n in zip(axes[0], cheap, strict=True):
+        xs = [r["fitness"][n] for r in rows]
+        ys = [r["fitness"][full] for r in rows]
+        ax.scatter(xs, ys)
+        for r, x, y in zip(rows, xs, ys, strict=True):
+            ax.annotate(r["name"], (x, y), fontsize=6)
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel(f"validation ppl, {n} window(s)")
+        ax.set_ylabel(f"validation ppl, {full} windows")
+        ax.set_title(f"Spearman rho = {result['spearman_vs_full'][n]:.3f}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m metricgp.bench", description=__doc__.split("\n")[0])
+    p.add_argument("which", choices=("throughput", "fidelity"))
+    p.add_argument("--model", default="default")
+    p.add_argument("--dtype", default="auto")
+    p.add_argument("--calib", default="c4")
+    p.add_argument("--n-calib", type=int, default=32)
+    p.add_argument("--seqlen", type=int, default=512)
+    p.add_argument("--sparsity", type=float, default=0.5)
+    p.add_argument("--pattern", default="unstructured")
+    p.add_argument("--fidelities", type=lambda s: [int(v) for v in s.split(",")], default=[1, 4, 16])
+    p.add_argument("--eta", type=int, default=3)
+    p.add_argument("--full", type=int, default=64, help="windows of the reference fitness (fidelity)")
+    p.add_argument("--random", type=int, default=7, help="random trees added to the built-ins")
+    p.add_argument("--candidates", type=int, default=6, help="metrics timed (throughput)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", type=Path, help="write <which>.json (and a plot) here")
+    return p
+
+
+@cli_entry
+def main(argv: list[str] | None = None) -> int:
+    from metricgp.provenance import provenance, write_json_atomic
+
+    args = build_parser().parse_args(argv)
+    result = throughput(args) if args.which == "throughput" else fidelity(args)
+    result["provenance"] = provenance()
+    if args.out:
+        args.out.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(args.out / f"{args.which}.json", result)
+        if args.which == "fidelity":
+            fidelity_plot(result, args.out / "fidelity.png")
+    shown = {k: v for k, v in result.items() if k not in ("rows", "provenance")}
+    print(json.dumps(shown, indent=2, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,284 @@
+"""`python -m metricgp.compare`: test perplexity of metrics x sparsity settings x modes x datasets.
+
+    python -m metricgp.compare --out results/baselines                 # the built-ins (make baselines)
+    python -m metricgp.compare --run results/smollm2-default-s0 \\
+        --settings 0.5,2:4,4:8,0.6 --dataset wikitext2,c4,ptb           # a search's report.md
+
+The model and its statistics load once; every row restores the dense weights, prunes and
+evaluates. Rows are written to the JSON table as they finish, so an interrupted comparison
+continues where it stopped when run again with the same arguments.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from metricgp.errors import MetricGPError, cli_entry
+from metricgp.expr import BUILTIN_METRICS, Node, describe, resolve_metric, to_functional
+from metricgp.prune.engine import PRUNE_MODES
+
+BASELINES = tuple(BUILTIN_METRICS)
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One metric to compare: a label for tables and its tree."""
+
+    label: str
+    tree: Node
+
+
+def parse_metric_arg(text: str) -> Entry:
+    """'wanda' | 'LABEL=FORMULA' | 'LABEL=path/best.json' | a formula."""
+    label, sep, body = text.partition("=")
+    if not sep or "(" in label or " " in label.strip():
+        label, body = text, text
+    path = Path(body)
+    if body.endswith(".json"):
+        if not path.is_file():
+            raise MetricGPError(f"metric file not found: {body}")
+        formula = json.loads(path.read_text(encoding="utf-8")).get("formula")
+        if not isinstance(formula, str):
+            raise MetricGPError(f"{body} has no string 'formula' key")
+        return Entry(label.strip(), resolve_metric(formula))
+    return Entry(label.strip(), resolve_metric(body))
+
+
+def run_entries(run_dir: Path, top: int) -> list[Entry]:
+    """The top `top` distinct formulas of a search run's hall of fame."""
+    path = run_dir / "hall_of_fame.json"
+    if not path.is_file():
+        raise MetricGPError(f"{run_dir} has no hall_of_fame.json (is it a search run directory?)")
+    entries = json.loads(path.read_text(encoding="utf-8"))["entries"][:top]
+    return [Entry(f"evolved #{i + 1}", resolve_metric(e["functional"])) for i, e in enumerate(entries)]
+
+
+def parse_settings(text: str) -> list[str]:
+    """'0.5,2:4,0.6' -> pattern strings; validated."""
+    from metricgp.prune.patterns import parse_pattern
+
+    out = []
+    for item in (s.strip() for s in text.split(",") if s.strip()):
+        if ":" in item:
+            parse_pattern(item)
+            out.append(item)
+        else:
+            try:
+                value = float(item)
+            except ValueError:
+                raise MetricGPError(f"bad setting '{item}': a sparsity such as 0.5 or a pattern such as 2:4") from None
+            parse_pattern("unstructured", value)
+            out.append(f"{value:g}")
+    if not out:
+        raise MetricGPError("--settings names nothing")
+    return out
+
+
+def setting_pattern(setting: str):
+    from metricgp.prune.patterns import parse_pattern
+
+    return parse_pattern(setting) if ":" in setting else parse_pattern("unstructured", float(setting))
+
+
+def setting_label(setting: str) -> str:
+    return setting if ":" in setting else f"{float(setting):.0%}"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m metricgp.compare", description=__doc__.split("\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--metric", action="append", default=None, metavar="[LABEL=]METRIC",
+                   help="a built-in, a formula or a best.json; repeat for several "
+                        f"(default: {', '.join(BASELINES)})")
+    p.add_argument("--run", type=Path, help="add the top formulas of this search run; writes its report.md")
+    p.add_argument("--top", type=int, default=2, help="formulas taken from --run (default 2)")
+    p.add_argument("--settings", default="0.5,2:4", help="comma-separated sparsities / N:M (default 0.5,2:4)")
+    p.add_argument("--modes", default="oneshot,sequential", help="comma-separated modes (default both)")
+    p.add_argument("--dataset", default="wikitext2", help="comma-separated test data (default wikitext2)")
+    p.add_argument("--eval-windows", type=int, default=32, help="first N test windows (0: all; default 32)")
+    p.add_argument("--model", default="default")
+    p.add_argument("--dtype", default="auto")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--calib", default="c4")
+    p.add_argument("--n-calib", type=int, default=32)
+    p.add_argument("--seqlen", type=int, default=512)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", type=Path, help="output directory (default: --run's directory)")
+    p.add_argument("--name", default=None, help="file stem of the table (default 'table', or 'report' with --run)")
+    return p
+
+
+def context_of(args: argparse.Namespace, fingerprint: str) -> dict:
+    """What makes two tables' numbers comparable; a resumed table must match it."""
+    return {"model": args.model, "fingerprint": fingerprint, "dtype": args.dtype, "calib": args.calib,
+            "n_calib": args.n_calib, "seqlen": args.seqlen, "seed": args.seed, "eval_windows": args.eval_windows}
+
+
+def row_key(functional: str, setting: str, mode: str) -> str:
+    return f"{functional}|{setting}|{mode}"
+
+
+def run(args: argparse.Namespace) -> dict:
+    from tqdm.auto import tqdm
+
+    from metricgp.evaluate import EvaluatorSpec, PruningSetup, cached_dense_perplexity, perplexity
+    from metricgp.provenance import provenance, write_json_atomic
+
+    entries = [parse_metric_arg(m) for m in (args.metric or ([] if args.run else BASELINES))]
+    if args.run is not None:
+        entries = run_entries(args.run, args.top) + entries
+        if not args.metric:
+            entries += [parse_metric_arg(m) for m in BASELINES]
+    settings = parse_settings(args.settings)
+    modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+    for mode in modes:
+        if mode not in PRUNE_MODES:
+            raise MetricGPError(f"unknown mode '{mode}' (choose from {', '.join(PRUNE_MODES)})")
+    datasets = [d.strip() for d in args.dataset.split(",") if d.strip()]
+    from metricgp.data import parse_data_ref
+
+    for d in datasets:
+        parse_data_ref(d, "report")
+    out = args.out or args.run
+    if out is None:
+        raise MetricGPError("give --out (or --run)")
+    name = args.name or ("report" if args.run and not args.out else "table")
+    out.mkdir(parents=True, exist_ok=True)
+    table_path = out / f"{name}.json"
+
+    spec = EvaluatorSpec(model=args.model, dtype=args.dtype, device=args.device, calib=args.calib,
+                         n_calib=args.n_calib, seqlen=args.seqlen, seed=args.seed)
+    grads = any("G" in e.tree.leaves_used() for e in entries)
+    setup = PruningSetup.from_spec(spec, grads=grads)
+    context = context_of(args, setup.fingerprint)
+    table = {"context": context, "rows": {}, "dense": {}}
+    if table_path.is_file():
+        previous = json.loads(table_path.read_text(encoding="utf-8"))
+        if previous.get("context") == context:
+            table = previous
+    table["provenance"] = provenance()
+    table["metrics"] = {e.label: describe(e.tree) for e in entries}
+    table["layout"] = {"settings": settings, "modes": modes, "datasets": datasets}
+
+    evals = {d: setup.report_windows(d, args.eval_windows or None) for d in datasets}
+    for d, w in evals.items():
+        if d not in table["dense"]:
+            table["dense"][d] = cached_dense_perplexity(setup, d, w)
+    jobs = [(e, s, m) for e in entries for s in settings for m in modes]
+    bar = tqdm(jobs, desc="compare", unit="row")
+    for entry, setting, mode in bar:
+        key = row_key(to_functional(entry.tree), setting, mode)
+        row = table["rows"].get(key, {})
+        missing = [d for d in datasets if d not in row.get("perplexity", {})]
+        if not missing:
+            continue
+        bar.set_postfix_str(f"{entry.label} {setting_label(setting)} {mode}")
+        t0 = time.perf_counter()
+        report = setup.prune(entry.tree, setting_pattern(setting), mode)
+        ppl = dict(row.get("perplexity", {}))
+        ppl.update({d: perplexity(setup.model, evals[d]) for d in missing})
+        table["rows"][key] = {"label": entry.label, "formula": to_functional(entry.tree), "setting": setting,
+                              "mode": mode, "sparsity": report.sparsity, "perplexity": ppl,
+                              "seconds": round(time.perf_counter() - t0, 1)}
+        write_json_atomic(table_path, table)
+    setup.dense.restore()
+    table["windows"] = {d: len(w) for d, w in evals.items()}
+    write_json_atomic(table_path, table)
+    (out / f"{name}.md").write_text(markdown(table, entries, settings, modes, datasets), encoding="utf-8")
+    plot(table, entries, settings, modes, datasets, out / f"{name}.png")
+    return table
+
+
+def _cell(table: dict, entry: Entry, setting: str, mode: str, dataset: str) -> float | None:
+    row = table["rows"].get(row_key(to_functional(entry.tree), setting, mode))
+    return None if row is None else row["perplexity"].get(dataset)
+
+
+def markdown(table: dict, entries: list[Entry], settings: list[str], modes: list[str], datasets: list[str]) -> str:
+    ctx = table["context"]
+    lines = [
+        "# Test perplexity of pruned models",
+        "",
+        f"Model `{ctx['model']}` (weights {ctx['fingerprint']}), dtype {ctx['dtype']}; calibration "
+        f"{ctx['n_calib']} x {ctx['seqlen']}-token windows of `{ctx['calib']}` (seed {ctx['seed']}); "
+        f"evaluation on the first {ctx['eval_windows'] or 'all'} {ctx['seqlen']}-token windows of each test split. "
+        "Lower is better; the best pruned value in each column is in bold.",
+        "",
+        f"Made by: `{table['provenance']['command']}` (git {table['provenance']['git']}).",
+        "",
+    ]
+    columns = [(s, m) for s in settings for m in modes]
+    for dataset in datasets:
+        lines += [f"## {dataset} (test)", "",
+                  "| metric | " + " | ".join(f"{setting_label(s)} {m}" for s, m in columns) + " |",
+                  "|---|" + "---:|" * len(columns)]
+        best = {}
+        for col in columns:
+            values = [v for e in entries if (v := _cell(table, e, *col, dataset)) is not None]
+            best[col] = min(values) if values else None
+        dense = table["dense"].get(dataset)
+        lines.append("| dense | " + " | ".join(f"{dense:.2f}" if dense else "-" for _ in columns) + " |")
+        for e in entries:
+            cells = []
+            for col in columns:
+                v = _cell(table, e, *col, dataset)
+                cells.append("-" if v is None else (f"**{v:.2f}**" if v == best[col] else f"{v:.2f}"))
+            lines.append(f"| {e.label} | " + " | ".join(cells) + " |")
+        lines.append("")
+    lines += ["## Formulas", "", "| metric | formula (infix) |", "|---|---|"]
+    lines += [f"| {e.label} | `{describe(e.tree)['infix']}` |" for e in entries]
+    return "\n".join(lines) + "\n"
+
+
+def plot(table: dict, entries: list[Entry], settings: list[str], modes: list[str], datasets: list[str],
+         path: Path) -> None:
+    """Grouped bars: one panel per dataset, one group per setting/mode, one bar per metric (log scale)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    columns = [(s, m) for s in settings for m in modes]
+    fig, axes = plt.subplots(1, len(datasets), figsize=(max(6, 1.6 * len(columns)) * len(datasets), 4.2),
+                             squeeze=False)
+    width = 0.8 / max(len(entries), 1)
+    for ax, dataset in zip(axes[0], datasets, strict=True):
+        for i, e in enumerate(entries):
+            xs, ys = [], []
+            for j, col in enumerate(columns):
+                v = _cell(table, e, *col, dataset)
+                if v is not None:
+                    xs.append(j + i * width)
+                    ys.append(v)
+            ax.bar(xs, ys, width, label=e.label)
+        dense = table["dense"].get(dataset)
+        if dense:
+            ax.axhline(dense, color="black", linestyle="--", linewidth=1, label="dense")
+        ax.set_xticks([j + 0.4 - width / 2 for j in range(len(columns))])
+        ax.set_xticklabels([f"{setting_label(s)}\n{m}" for s, m in columns], fontsize=8)
+        ax.set_yscale("log")
+        ax.set_ylabel("test perplexity (log)")
+        ax.set_title(f"{dataset} test")
+    axes[0][0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+@cli_entry
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    table = run(args)
+    out = args.out or args.run
+    name = args.name or ("report" if args.run and not args.out else "table")
+    print(f"{len(table['rows'])} rows -> {out}/{name}.md, {name}.json, {name}.png")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

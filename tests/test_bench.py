@@ -1,0 +1,39 @@
+"""The benchmark's metric panel and both benchmarks end to end on a tiny model."""
+
+from __future__ import annotations
+
+import json
+
+from metricgp.bench import main, metric_panel, spearman
+from metricgp.expr import BUILTIN_METRICS, to_functional
+
+
+def test_panel_is_distinct_seeded_and_large_enough():
+    panel = metric_panel(7, seed=0)
+    assert len(panel) == len(BUILTIN_METRICS) + 7 >= 10
+    forms = [to_functional(t) for _, t in panel]
+    assert len(set(forms)) == len(forms)
+    assert forms == [to_functional(t) for _, t in metric_panel(7, seed=0)]
+    assert forms != [to_functional(t) for _, t in metric_panel(7, seed=1)]
+
+
+def test_spearman():
+    assert spearman([1, 2, 3, 4], [10, 20, 30, 40]) == 1.0
+    assert spearman([1, 2, 3, 4], [4, 3, 2, 1]) == -1.0
+
+
+def test_benchmarks_run_on_a_tiny_model(tmp_path, tiny_llama_dir, text_files, isolated_cache, monkeypatch, capsys):
+    monkeypatch.setenv("METRICGP_DATA", str(tmp_path / "no-data"))
+    common = ["--model", str(tiny_llama_dir), "--calib", str(text_files["calib"]), "--n-calib", "2",
+              "--seqlen", "32", "--random", "5", "--fidelities", "1,2"]
+    # fitness data defaults to wikitext2 validation: point the data dir at a tiny copy
+    (tmp_path / "no-data" / "wikitext-2-raw").mkdir(parents=True)
+    (tmp_path / "no-data" / "wikitext-2-raw" / "wiki.valid.raw").write_text(text_files["valid"].read_text())
+    assert main(["throughput", *common, "--candidates", "3", "--out", str(tmp_path / "b")]) == 0
+    result = json.loads((tmp_path / "b" / "throughput.json").read_text())
+    assert result["speedup_vs_naive"] > 1
+    assert result["naive"]["validation_windows"] > 2
+    assert main(["fidelity", *common, "--full", "4", "--out", str(tmp_path / "f")]) == 0
+    fid = json.loads((tmp_path / "f" / "fidelity.json").read_text())
+    assert fid["metrics"] == 10 and set(fid["spearman_vs_full"]) == {"1", "2"}
+    assert (tmp_path / "f" / "fidelity.png").stat().st_size > 1000

@@ -1,0 +1,51 @@
+"""`python -m metricgp.compare` on a tiny model: the table, and resuming without recomputation."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from metricgp.compare import main, parse_metric_arg, parse_settings
+from metricgp.errors import MetricGPError
+
+
+def test_compare_table_and_resume(tmp_path, tiny_llama_dir, text_files, isolated_cache, monkeypatch):
+    test_file = str(text_files["test"])
+    args = ["--model", str(tiny_llama_dir), "--calib", str(text_files["calib"]), "--n-calib", "4",
+            "--seqlen", "32", "--dataset", test_file, "--eval-windows", "3", "--settings", "0.5,2:4",
+            "--modes", "oneshot", "--metric", "magnitude", "--metric", "mine=abs(W) * sqrt(X)",
+            "--out", str(tmp_path / "cmp")]
+    assert main(args) == 0
+    table = json.loads((tmp_path / "cmp" / "table.json").read_text())
+    assert len(table["rows"]) == 4
+    row = table["rows"]["mul(abs(W), sqrt(X))|2:4|oneshot"]
+    assert row["label"] == "mine" and row["sparsity"] == 0.5 and row["perplexity"][test_file] > 1
+    md = (tmp_path / "cmp" / "table.md").read_text()
+    assert "| mine |" in md and "| dense |" in md and "50% oneshot" in md and "**" in md
+    assert (tmp_path / "cmp" / "table.png").stat().st_size > 1000
+
+    # a second run with the same arguments prunes nothing again
+    from metricgp.evaluate import PruningSetup
+
+    def refuse(*_a, **_k):
+        raise AssertionError("recomputed a finished row")
+
+    monkeypatch.setattr(PruningSetup, "prune", refuse)
+    assert main(args) == 0
+    again = json.loads((tmp_path / "cmp" / "table.json").read_text())
+    assert again["rows"] == table["rows"]
+
+
+def test_metric_and_setting_arguments(tmp_path):
+    assert parse_metric_arg("wanda").label == "wanda"
+    entry = parse_metric_arg("x=mul(abs(W), X)")
+    assert entry.label == "x" and str(entry.tree) == "mul(abs(W), X)"
+    best = tmp_path / "best.json"
+    best.write_text(json.dumps({"formula": "abs(W)"}))
+    assert str(parse_metric_arg(f"ev={best}").tree) == "abs(W)"
+    assert parse_settings("0.5, 2:4,0.60") == ["0.5", "2:4", "0.6"]
+    with pytest.raises(MetricGPError, match="strictly between"):
+        parse_settings("1.5")
+    with pytest.raises(MetricGPError, match="bad setting"):
+        parse_settings("half")
