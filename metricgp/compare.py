@@ -109,6 +109,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seqlen", type=int, default=512)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, help="output directory (default: --run's directory)")
+    p.add_argument("--reuse", type=Path, action="append", metavar="TABLE_JSON",
+                   help="take finished rows from another table made with the same model and data settings")
     p.add_argument("--name", default=None, help="file stem of the table (default 'table', or 'report' with --run)")
     return p
 
@@ -161,9 +163,15 @@ def run(args: argparse.Namespace) -> dict:
         previous = json.loads(table_path.read_text(encoding="utf-8"))
         if previous.get("context") == context:
             table = previous
+    for other in args.reuse or []:
+        reuse_rows(table, other)
     table["provenance"] = provenance()
-    table["metrics"] = {e.label: describe(e.tree) for e in entries}
-    table["layout"] = {"settings": settings, "modes": modes, "datasets": datasets}
+    # several invocations may fill one table (e.g. all datasets at 50%, WikiText-2 only elsewhere):
+    # the layout and the metric list are the union, in order of first appearance
+    layout = table.setdefault("layout", {"settings": [], "modes": [], "datasets": []})
+    for key, values in (("settings", settings), ("modes", modes), ("datasets", datasets)):
+        layout[key] += [v for v in values if v not in layout[key]]
+    table["metrics"] = {**table.get("metrics", {}), **{e.label: describe(e.tree) for e in entries}}
 
     evals = {d: setup.report_windows(d, args.eval_windows or None) for d in datasets}
     for d, w in evals.items():
@@ -189,9 +197,30 @@ def run(args: argparse.Namespace) -> dict:
     setup.dense.restore()
     table["windows"] = {d: len(w) for d, w in evals.items()}
     write_json_atomic(table_path, table)
-    (out / f"{name}.md").write_text(markdown(table, entries, settings, modes, datasets), encoding="utf-8")
-    plot(table, entries, settings, modes, datasets, out / f"{name}.png")
+    every = [Entry(label, resolve_metric(d["functional"])) for label, d in table["metrics"].items()]
+    shown = (every, layout["settings"], layout["modes"], layout["datasets"])
+    (out / f"{name}.md").write_text(markdown(table, *shown), encoding="utf-8")
+    plot(table, *shown, out / f"{name}.png")
     return table
+
+
+def reuse_rows(table: dict, path: Path) -> int:
+    """Copy finished rows (and dense values) from another table made under the same context."""
+    if not path.is_file():
+        raise MetricGPError(f"--reuse: {path} not found")
+    other = json.loads(path.read_text(encoding="utf-8"))
+    if other.get("context") != table["context"]:
+        raise MetricGPError(f"--reuse: {path} was made with other settings: {other.get('context')}")
+    copied = 0
+    for key, row in other["rows"].items():
+        mine = table["rows"].setdefault(key, {**row, "perplexity": {}})
+        for d, v in row["perplexity"].items():
+            if d not in mine["perplexity"]:
+                mine["perplexity"][d] = v
+                copied += 1
+    for d, v in other.get("dense", {}).items():
+        table["dense"].setdefault(d, v)
+    return copied
 
 
 def _cell(table: dict, entry: Entry, setting: str, mode: str, dataset: str) -> float | None:

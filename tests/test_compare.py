@@ -49,3 +49,29 @@ def test_metric_and_setting_arguments(tmp_path):
         parse_settings("1.5")
     with pytest.raises(MetricGPError, match="bad setting"):
         parse_settings("half")
+
+
+def test_tables_grow_by_union_and_reuse_rows(tmp_path, tiny_llama_dir, text_files, isolated_cache):
+    common = ["--model", str(tiny_llama_dir), "--calib", str(text_files["calib"]), "--n-calib", "4",
+              "--seqlen", "32", "--eval-windows", "2", "--modes", "oneshot", "--metric", "wanda"]
+    first = tmp_path / "first"
+    assert main([*common, "--settings", "0.5", "--dataset", str(text_files["test"]), "--out", str(first)]) == 0
+    # a second table reuses the first one's row and adds a setting and a dataset of its own
+    second = tmp_path / "second"
+    assert main([*common, "--settings", "0.5,2:4", "--dataset", f"{text_files['test']},{text_files['valid']}",
+                 "--reuse", str(first / "table.json"), "--out", str(second)]) == 0
+    a = json.loads((first / "table.json").read_text())
+    b = json.loads((second / "table.json").read_text())
+    key = "mul(abs(W), sqrt(X))|0.5|oneshot"
+    test = str(text_files["test"])
+    assert b["rows"][key]["perplexity"][test] == a["rows"][key]["perplexity"][test]
+    assert set(b["rows"][key]["perplexity"]) == {str(text_files["test"]), str(text_files["valid"])}
+    # the same out again with only one setting keeps the union layout in the markdown
+    assert main([*common, "--settings", "0.5", "--dataset", str(text_files["test"]), "--out", str(second)]) == 0
+    md = (second / "table.md").read_text()
+    assert "2:4 oneshot" in md and "50% oneshot" in md and md.count("(test)") == 2
+    # a table made under other settings is refused
+    i = common.index("--eval-windows")
+    changed = [*common[: i + 1], "3", *common[i + 2 :]]
+    assert main([*changed, "--settings", "0.5", "--dataset", str(text_files["test"]),
+                 "--reuse", str(first / "table.json"), "--out", str(tmp_path / "third")]) == 2
