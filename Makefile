@@ -8,7 +8,7 @@ STAMP := $(VENV)/.metricgp-installed
 TORCH_SPEC ?= torch==2.13.0
 
 SEARCH_SPACE ?= search_spaces/default.yaml
-SEARCH_BUDGET_MIN ?= 25
+SEARCH_BUDGET_MIN ?= 23
 SEARCH_OUT ?= runs/search-metric
 SEARCH_ARGS ?=
 

@@ -15,7 +15,7 @@ import hashlib
 import json
 import os
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -39,14 +39,12 @@ def stats_key(fingerprint: str, data: str, n_windows: int, seqlen: int, seed: in
 
 
 @contextmanager
-def input_sq_norm_hooks(layers: dict[str, nn.Linear], sums: dict[str, torch.Tensor], counts: dict[str, int]):
-    """Accumulate sum of x^2 per input feature and the token count for every layer while active."""
+def layer_input_hooks(layers: dict[str, nn.Linear], consume: Callable[[str, torch.Tensor], None]):
+    """While active, call consume(name, x) with each layer's input as float32 (tokens, in_features)."""
 
     def hook_for(name: str):
         def hook(_module, args, _output):
-            x = args[0].detach().reshape(-1, args[0].shape[-1]).float()
-            sums[name] += x.square().sum(dim=0)
-            counts[name] += x.shape[0]
+            consume(name, args[0].detach().reshape(-1, args[0].shape[-1]).float())
 
         return hook
 
@@ -56,6 +54,16 @@ def input_sq_norm_hooks(layers: dict[str, nn.Linear], sums: dict[str, torch.Tens
     finally:
         for h in handles:
             h.remove()
+
+
+def input_sq_norm_hooks(layers: dict[str, nn.Linear], sums: dict[str, torch.Tensor], counts: dict[str, int]):
+    """Accumulate sum of x^2 per input feature and the token count for every layer while active."""
+
+    def consume(name: str, x: torch.Tensor) -> None:
+        sums[name] += x.square().sum(dim=0)
+        counts[name] += x.shape[0]
+
+    return layer_input_hooks(layers, consume)
 
 
 def collect_activation_stats(

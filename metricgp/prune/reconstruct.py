@@ -14,35 +14,21 @@ third of the possible error reduction.
 
 from __future__ import annotations
 
-from contextlib import contextmanager
-
 import torch
 from torch import nn
+
+from metricgp.stats import layer_input_hooks
 
 RIDGE = 0.01  # fraction of mean(diag H) added to the diagonal (SparseGPT's dampening)
 CG_ITERS = 30
 CG_TOL = 1e-10  # relative squared residual at which a row counts as solved
 
 
-@contextmanager
 def hessian_hooks(layers: dict[str, nn.Linear], hessians: dict[str, torch.Tensor]):
     """Accumulate H = sum x x^T (float32) of each layer's input while active."""
-
-    def hook_for(name: str):
-        def hook(_module, args, _output):
-            x = args[0].detach().reshape(-1, args[0].shape[-1]).float()
-            hessians[name].addmm_(x.T, x)
-
-        return hook
-
     for n, m in layers.items():
         hessians.setdefault(n, torch.zeros(m.in_features, m.in_features, device=m.weight.device))
-    handles = [m.register_forward_hook(hook_for(n)) for n, m in layers.items()]
-    try:
-        yield
-    finally:
-        for h in handles:
-            h.remove()
+    return layer_input_hooks(layers, lambda name, x: hessians[name].addmm_(x.T, x))
 
 
 @torch.no_grad()

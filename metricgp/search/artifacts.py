@@ -151,8 +151,22 @@ def write_plots(run_dir: Path, records: Sequence[dict[str, Any]], cache: Fitness
 def write_summary(run_dir: Path, run_name: str, records: Sequence[dict[str, Any]], hof_entries: list[dict],
                   counters: dict[str, int], stopped: str) -> None:
     last = records[-1] if records else {}
-    lines = [f"# Metric search `{run_name}`", "",
-             f"Stopped: {stopped}. Generations: {last.get('gen', 0)}. "
+    config_path = Path(run_dir) / "config.json"
+    config = json.loads(config_path.read_text(encoding="utf-8")) if config_path.is_file() else {}
+    spec = config.get("config", {}).get("evaluator_spec", {})
+    seconds = sum(r.get("seconds", 0.0) for r in records)
+    lines = [f"# Metric search `{run_name}`", ""]
+    if config:
+        lines += [f"Made by `{config.get('command', '?')}` (git {config.get('git')}, seed {config.get('seed')}), "
+                  f"search space `{config['config']['space'].get('source')}`.", ""]
+    if spec.get("model"):
+        lines += [f"Fitness: {spec.get('fitness', 'ppl')} on the first N 512-token windows of "
+                  f"`{spec.get('valid')}` validation text, model `{spec.get('model')}` pruned one-shot "
+                  f"({spec.get('pattern')}, sparsity {spec.get('sparsity')}) with statistics from "
+                  f"{spec.get('n_calib')} `{spec.get('calib')}` windows; N races through {config.get('fidelities')}. "
+                  "Test-split numbers are in report.md (made afterwards by `python -m metricgp.compare --run`).", ""]
+    lines += [f"Stopped: {stopped}. Generations: {last.get('gen', 0)} in {seconds / 60:.1f} min "
+             "(search time, not counting the model and statistics load). "
              f"Evaluations: {counters.get('evaluations', 0)} ({counters.get('windows', 0)} windows). "
              f"Saved by OOS/cache: {counters.get('cache_hits', 0)} cache hits, "
              f"{counters.get('oos_regenerated', 0)} children regenerated, "
