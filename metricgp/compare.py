@@ -50,12 +50,20 @@ def parse_metric_arg(text: str) -> Entry:
 
 
 def run_entries(run_dir: Path, top: int) -> list[Entry]:
-    """The top `top` distinct formulas of a search run's hall of fame."""
+    """The best `top` formulas of a search run's hall of fame that are not built-in metrics (a
+    seeded built-in that stays on top is compared under its own name, among the baselines)."""
+    from metricgp.expr import canonical_key
+
     path = run_dir / "hall_of_fame.json"
     if not path.is_file():
         raise MetricGPError(f"{run_dir} has no hall_of_fame.json (is it a search run directory?)")
-    entries = json.loads(path.read_text(encoding="utf-8"))["entries"][:top]
-    return [Entry(f"evolved #{i + 1}", resolve_metric(e["functional"])) for i, e in enumerate(entries)]
+    builtin = {canonical_key(resolve_metric(name)) for name in BUILTIN_METRICS}
+    out: list[Entry] = []
+    for e in json.loads(path.read_text(encoding="utf-8"))["entries"]:
+        tree = resolve_metric(e["functional"])
+        if canonical_key(tree) not in builtin and len(out) < top:
+            out.append(Entry(f"evolved #{e['rank']}", tree))
+    return out
 
 
 def parse_settings(text: str) -> list[str]:

@@ -75,3 +75,17 @@ def test_tables_grow_by_union_and_reuse_rows(tmp_path, tiny_llama_dir, text_file
     changed = [*common[: i + 1], "3", *common[i + 2 :]]
     assert main([*changed, "--settings", "0.5", "--dataset", str(text_files["test"]),
                  "--reuse", str(first / "table.json"), "--out", str(tmp_path / "third")]) == 2
+
+
+def test_run_entries_skip_builtins(tmp_path):
+    from metricgp.compare import run_entries
+
+    entries = [{"rank": 1, "functional": "mul(sqrt(X), abs(W))"},  # wanda, written the other way round
+               {"rank": 2, "functional": "mul(abs(W), X)"},
+               {"rank": 3, "functional": "abs(W)"},  # magnitude
+               {"rank": 4, "functional": "mul(sqr(W), X)"}]
+    (tmp_path / "hall_of_fame.json").write_text(json.dumps({"entries": entries}))
+    picked = run_entries(tmp_path, top=2)
+    assert [e.label for e in picked] == ["evolved #2", "evolved #4"]
+    with pytest.raises(MetricGPError, match="hall_of_fame"):
+        run_entries(tmp_path / "nope", top=1)

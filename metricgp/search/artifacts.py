@@ -109,7 +109,9 @@ def write_plots(run_dir: Path, records: Sequence[dict[str, Any]], cache: Fitness
     for key, label in curves:
         ys = [r.get(key) for r in records]
         ax.plot(gens, [math.nan if y is None else y for y in ys], marker=".", label=label)
-    ax.set(xlabel="generation", ylabel="fitness (lower is better)", title="Fitness over generations")
+    # log scale: random initial trees sit orders of magnitude above the refined ones
+    ax.set(xlabel="generation", ylabel="fitness (lower is better, log scale)", yscale="log",
+           title="Fitness over generations")
     ax.legend()
     fig.tight_layout()
     written.append(run_dir / "fitness.png")
