@@ -40,7 +40,7 @@ search-metric: venv
 	fi
 
 baselines: venv
-	$(PY) -m metricgp.baselines --out results/baselines
+	$(PY) -m metricgp.compare --out results/baselines
 
 bench: venv
 	$(PY) -m metricgp.bench throughput --out runs/bench
