@@ -174,6 +174,9 @@ def run(args: argparse.Namespace) -> dict:
     for other in args.reuse or []:
         reuse_rows(table, other)
     table["provenance"] = provenance()
+    history = table.setdefault("history", [])  # every command that added to this table
+    if table["provenance"]["command"] not in history:
+        history.append(table["provenance"]["command"])
     # several invocations may fill one table (e.g. all datasets at 50%, WikiText-2 only elsewhere):
     # the layout and the metric list are the union, in order of first appearance
     layout = table.setdefault("layout", {"settings": [], "modes": [], "datasets": []})
@@ -246,7 +249,9 @@ def markdown(table: dict, entries: list[Entry], settings: list[str], modes: list
         f"evaluation on the first {ctx['eval_windows'] or 'all'} {ctx['seqlen']}-token windows of each test split. "
         "Lower is better; the best pruned value in each column is in bold.",
         "",
-        f"Made by: `{table['provenance']['command']}` (git {table['provenance']['git']}).",
+        f"Made by (git {table['provenance']['git']}):",
+        "",
+        *[f"    {command}" for command in table.get("history", [table["provenance"]["command"]])],
         "",
     ]
     columns = [(s, m) for s in settings for m in modes]
