@@ -148,7 +148,7 @@ def run(args: argparse.Namespace) -> dict:
         "pattern": pattern.name,
         "target_sparsity": pattern.sparsity,
         "mode": args.mode,
-        "model": {"name": args.model, "path": setup_path(setup), "fingerprint": setup.fingerprint,
+        "model": {"name": args.model, "path": setup.model_path, "fingerprint": setup.fingerprint,
                   "dtype": str(next(setup.model.parameters()).dtype).replace("torch.", "")},
         "calibration": {"data": args.calib, "windows": args.n_calib, "seqlen": args.seqlen, "seed": args.seed,
                         "statistics_cached": setup.stats_cached},
@@ -162,12 +162,6 @@ def run(args: argparse.Namespace) -> dict:
     }
     _write_out(args, setup, result, write_json_atomic)
     return result
-
-
-def setup_path(setup) -> str:
-    from metricgp.models import resolve_model_path
-
-    return resolve_model_path(setup.spec.model)
 
 
 def _write_out(args: argparse.Namespace, setup, result: dict, write_json) -> None:

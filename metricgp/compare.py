@@ -158,7 +158,6 @@ def run(args: argparse.Namespace) -> dict:
     if out is None:
         raise MetricGPError("give --out (or --run)")
     name = args.name or ("report" if args.run and not args.out else "table")
-    out.mkdir(parents=True, exist_ok=True)
     table_path = out / f"{name}.json"
 
     spec = EvaluatorSpec(model=args.model, dtype=args.dtype, device=args.device, calib=args.calib,
@@ -166,6 +165,7 @@ def run(args: argparse.Namespace) -> dict:
     grads = any("G" in e.tree.leaves_used() for e in entries)
     setup = PruningSetup.from_spec(spec, grads=grads)
     context = context_of(args, setup.fingerprint)
+    out.mkdir(parents=True, exist_ok=True)  # only now: a bad model or data leaves no directory behind
     table = {"context": context, "rows": {}, "dense": {}}
     if table_path.is_file():
         previous = json.loads(table_path.read_text(encoding="utf-8"))

@@ -175,6 +175,7 @@ class PruningSetup:
     stats_cached: bool
     timings: dict = field(default_factory=dict)
     calib: torch.Tensor | None = None
+    model_path: str = ""  # what was loaded (the converted directory for GGUF and the default)
 
     @classmethod
     def from_spec(cls, spec: EvaluatorSpec, grads: bool = True, loaded=None) -> PruningSetup:
@@ -200,7 +201,7 @@ class PruningSetup:
         stats, was_cached = cached_stats(loaded.model, layers, calib, key(grads), grads=grads)
         t2 = time.perf_counter()
         return cls(loaded.model, loaded.tokenizer, layers, DenseWeights(layers), stats, spec,
-                   loaded.fingerprint, was_cached, {"load_model": t1 - t0, "stats": t2 - t1}, calib)
+                   loaded.fingerprint, was_cached, {"load_model": t1 - t0, "stats": t2 - t1}, calib, loaded.path)
 
     def fitness_windows(self, n: int | None) -> torch.Tensor:
         from metricgp.data import parse_data_ref, windows

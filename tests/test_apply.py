@@ -31,6 +31,7 @@ def test_apply_writes_a_reloadable_pruned_model_and_report(tmp_path, base_args, 
     assert report["metric"]["functional"] == "mul(abs(mul(W, W)), mms(G))"
     assert {"infix", "latex", "sympy"} <= set(report["metric"])
     assert report["pattern"] == "2:4" and report["sparsity"]["overall"] == 0.5
+    assert report["model"]["path"] == str(tiny_llama_dir)
     assert len(report["sparsity"]["per_layer"]) == 14
     ppl = report["perplexity"]
     dataset = str(text_files["test"])
