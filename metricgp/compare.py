@@ -239,6 +239,13 @@ def _cell(table: dict, entry: Entry, setting: str, mode: str, dataset: str) -> f
     return None if row is None else row["perplexity"].get(dataset)
 
 
+def _filled_columns(table: dict, entries: list[Entry], settings: list[str], modes: list[str],
+                    dataset: str) -> list[tuple[str, str]]:
+    """The (setting, mode) columns with at least one value for `dataset`."""
+    return [(s, m) for s in settings for m in modes
+            if any(_cell(table, e, s, m, dataset) is not None for e in entries)]
+
+
 def markdown(table: dict, entries: list[Entry], settings: list[str], modes: list[str], datasets: list[str]) -> str:
     ctx = table["context"]
     lines = [
@@ -254,8 +261,11 @@ def markdown(table: dict, entries: list[Entry], settings: list[str], modes: list
         *[f"    {command}" for command in table.get("history", [table["provenance"]["command"]])],
         "",
     ]
-    columns = [(s, m) for s in settings for m in modes]
+    if any(e.label.startswith("evolved") for e in entries):
+        lines += ["`evolved #k` is rank k of the search run's hall of fame (ranked on validation fitness); "
+                  "hall-of-fame formulas equivalent to a built-in are listed under the built-in's name.", ""]
     for dataset in datasets:
+        columns = _filled_columns(table, entries, settings, modes, dataset)
         lines += [f"## {dataset} (test)", "",
                   "| metric | " + " | ".join(f"{setting_label(s)} {m}" for s, m in columns) + " |",
                   "|---|" + "---:|" * len(columns)]
@@ -285,11 +295,12 @@ def plot(table: dict, entries: list[Entry], settings: list[str], modes: list[str
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    columns = [(s, m) for s in settings for m in modes]
-    fig, axes = plt.subplots(1, len(datasets), figsize=(max(6, 1.6 * len(columns)) * len(datasets), 4.2),
+    widest = max(len(_filled_columns(table, entries, settings, modes, d)) for d in datasets)
+    fig, axes = plt.subplots(1, len(datasets), figsize=(max(6.0, 1.6 * widest) * len(datasets), 4.2),
                              squeeze=False)
     width = 0.8 / max(len(entries), 1)
     for ax, dataset in zip(axes[0], datasets, strict=True):
+        columns = _filled_columns(table, entries, settings, modes, dataset)
         for i, e in enumerate(entries):
             xs, ys = [], []
             for j, col in enumerate(columns):
