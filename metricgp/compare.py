@@ -289,17 +289,17 @@ def markdown(table: dict, entries: list[Entry], settings: list[str], modes: list
 
 def plot(table: dict, entries: list[Entry], settings: list[str], modes: list[str], datasets: list[str],
          path: Path) -> None:
-    """Grouped bars: one panel per dataset, one group per setting/mode, one bar per metric (log scale)."""
+    """Grouped bars: one panel (row) per dataset, one group per setting/mode, one bar per metric (log)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     widest = max(len(_filled_columns(table, entries, settings, modes, d)) for d in datasets)
-    fig, axes = plt.subplots(1, len(datasets), figsize=(max(6.0, 1.6 * widest) * len(datasets), 4.2),
+    fig, axes = plt.subplots(len(datasets), 1, figsize=(max(6.0, 1.4 * widest), 3.8 * len(datasets)),
                              squeeze=False)
     width = 0.8 / max(len(entries), 1)
-    for ax, dataset in zip(axes[0], datasets, strict=True):
+    for ax, dataset in zip(axes[:, 0], datasets, strict=True):
         columns = _filled_columns(table, entries, settings, modes, dataset)
         for i, e in enumerate(entries):
             xs, ys = [], []
