@@ -43,7 +43,7 @@ baselines: venv
 	$(PY) -m metricgp.compare --out results/baselines
 
 bench: venv
-	$(PY) -m metricgp.bench throughput --out runs/bench
+	$(PY) -m metricgp.bench throughput --out results/bench
 
 bench-fidelity: venv
 	$(PY) -m metricgp.bench fidelity --out results/fidelity
