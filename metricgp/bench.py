@@ -30,18 +30,29 @@ from metricgp.expr.randomtree import random_tree
 PANEL_OPS = ("sqr", "abs", "sqrt", "log", "mms", "zsn", "tanh", "add", "mul", "div", "sub")
 
 
-def metric_panel(n_random: int, seed: int) -> list[tuple[str, Node]]:
-    """The built-ins plus `n_random` random W/X/G trees (seeded, distinct, each using W)."""
+def metric_panel(n_random: int, seed: int, run_dir: Path | None = None, top: int = 10) -> list[tuple[str, Node]]:
+    """The built-ins, the top `top` formulas of a search run's hall of fame (competitive metrics,
+    which random trees rarely are), then `n_random` random W/X/G trees (seeded, distinct, using W)."""
     panel = [(name, resolve_metric(name)) for name in BUILTIN_METRICS]
-    rng = random.Random(seed)
     seen = {to_functional(t) for _, t in panel}
+    if run_dir is not None:
+        path = Path(run_dir) / "hall_of_fame.json"
+        if not path.is_file():
+            raise MetricGPError(f"{run_dir} has no hall_of_fame.json")
+        for entry in json.loads(path.read_text(encoding="utf-8"))["entries"][:top]:
+            tree = resolve_metric(entry["functional"])
+            if to_functional(tree) not in seen:
+                seen.add(to_functional(tree))
+                panel.append((f"hof-{entry['rank']}", tree))
+    rng = random.Random(seed)
+    n_random += len(panel) - len(BUILTIN_METRICS)
     while len(panel) < len(BUILTIN_METRICS) + n_random:
         tree = random_tree(rng, 4, PANEL_OPS)
         text = to_functional(tree)
         if text in seen or "W" not in tree.leaves_used():
             continue
         seen.add(text)
-        panel.append((f"random-{len(panel) - len(BUILTIN_METRICS) + 1}", tree))
+        panel.append((f"random-{sum(n.startswith('random') for n, _ in panel) + 1}", tree))
     return panel
 
 
@@ -109,7 +120,7 @@ def fidelity(args: argparse.Namespace) -> dict:
     """Fitness of a metric panel at each cheap fidelity and at `--full` windows; Spearman rho."""
     fidelities = tuple(sorted({*args.fidelities, args.full}))
     ev = _evaluator(args, fidelities)
-    panel = metric_panel(args.random, args.seed)
+    panel = metric_panel(args.random, args.seed, args.panel_from, args.top)
     rows = []
     from tqdm.auto import tqdm
 
@@ -121,8 +132,13 @@ def fidelity(args: argparse.Namespace) -> dict:
         raise MetricGPError("fewer than 3 non-degenerate metrics in the panel")
     full = [r["fitness"][args.full] for r in finite]
     rho = {n: spearman([r["fitness"][n] for r in finite], full) for n in fidelities if n != args.full}
+    # rho over the better half alone: telling good metrics apart is what the search needs
+    good = sorted(finite, key=lambda r: r["fitness"][args.full])[: max(3, len(finite) // 2)]
+    rho_good = {n: spearman([r["fitness"][n] for r in good], [r["fitness"][args.full] for r in good])
+                for n in fidelities if n != args.full}
     return {"model": args.model, "sparsity": args.sparsity, "pattern": args.pattern, "full_windows": args.full,
-            "metrics": len(rows), "non_degenerate": len(finite), "spearman_vs_full": rho, "rows": rows}
+            "metrics": len(rows), "non_degenerate": len(finite), "spearman_vs_full": rho,
+            "spearman_vs_full_better_half": rho_good, "rows": rows}
 
 
 def fidelity_plot(result: dict, path: Path) -> None:
@@ -167,6 +183,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--random", type=int, default=7, help="random trees added to the built-ins")
     p.add_argument("--candidates", type=int, default=6, help="metrics timed (throughput)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--panel-from", type=Path, metavar="RUN_DIR",
+                   help="add the top --top hall-of-fame formulas of this search run to the panel")
+    p.add_argument("--top", type=int, default=10)
     p.add_argument("--out", type=Path, help="write <which>.json (and a plot) here")
     return p
 

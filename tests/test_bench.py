@@ -37,3 +37,12 @@ def test_benchmarks_run_on_a_tiny_model(tmp_path, tiny_llama_dir, text_files, is
     fid = json.loads((tmp_path / "f" / "fidelity.json").read_text())
     assert fid["metrics"] == 10 and set(fid["spearman_vs_full"]) == {"1", "2"}
     assert (tmp_path / "f" / "fidelity.png").stat().st_size > 1000
+
+
+def test_panel_takes_hall_of_fame_formulas(tmp_path):
+    entries = [{"rank": 1, "functional": "mul(abs(W), sqrt(X))"},  # = wanda, already in the panel
+               {"rank": 2, "functional": "mul(abs(W), X)"}]
+    (tmp_path / "hall_of_fame.json").write_text(json.dumps({"entries": entries}))
+    panel = metric_panel(2, 0, run_dir=tmp_path)
+    names = [n for n, _ in panel]
+    assert names[len(BUILTIN_METRICS):] == ["hof-2", "random-1", "random-2"]
