@@ -142,11 +142,9 @@ def fidelity(args: argparse.Namespace) -> dict:
 
 
 def fidelity_plot(result: dict, path: Path) -> None:
-    import matplotlib
+    from metricgp.plotting import pyplot, save_figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     full = result["full_windows"]
     cheap = sorted(int(n) for n in result["spearman_vs_full"])
     fig, axes = plt.subplots(1, len(cheap), figsize=(4.2 * len(cheap), 4), squeeze=False)
@@ -162,9 +160,7 @@ def fidelity_plot(result: dict, path: Path) -> None:
         ax.set_xlabel(f"validation ppl, {n} window(s)")
         ax.set_ylabel(f"validation ppl, {full} windows")
         ax.set_title(f"Spearman rho = {result['spearman_vs_full'][n]:.3f}")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def build_parser() -> argparse.ArgumentParser:

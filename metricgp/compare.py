@@ -290,11 +290,9 @@ def markdown(table: dict, entries: list[Entry], settings: list[str], modes: list
 def plot(table: dict, entries: list[Entry], settings: list[str], modes: list[str], datasets: list[str],
          path: Path) -> None:
     """Grouped bars: one panel (row) per dataset, one group per setting/mode, one bar per metric (log)."""
-    import matplotlib
+    from metricgp.plotting import pyplot, save_figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     widest = max(len(_filled_columns(table, entries, settings, modes, d)) for d in datasets)
     fig, axes = plt.subplots(len(datasets), 1, figsize=(max(6.0, 1.4 * widest), 3.8 * len(datasets)),
                              squeeze=False)
@@ -318,9 +316,7 @@ def plot(table: dict, entries: list[Entry], settings: list[str], modes: list[str
         ax.set_ylabel("test perplexity (log)")
         ax.set_title(f"{dataset} test")
     axes[0][0].legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 @cli_entry

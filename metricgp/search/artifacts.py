@@ -94,11 +94,9 @@ def write_results(run_dir: Path, run_name: str, hof: Sequence[Any], cache: Fitne
 def write_plots(run_dir: Path, records: Sequence[dict[str, Any]], cache: FitnessCache,
                 fidelities: Sequence[int]) -> list[Path]:
     """Three PNGs (matplotlib, Agg backend)."""
-    import matplotlib
+    from metricgp.plotting import pyplot, save_figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     run_dir = Path(run_dir)
     gens = [r["gen"] for r in records]
     written = []
@@ -113,10 +111,7 @@ def write_plots(run_dir: Path, records: Sequence[dict[str, Any]], cache: Fitness
     ax.set(xlabel="generation", ylabel="fitness (lower is better, log scale)", yscale="log",
            title="Fitness over generations")
     ax.legend()
-    fig.tight_layout()
-    written.append(run_dir / "fitness.png")
-    fig.savefig(written[-1], dpi=110)
-    plt.close(fig)
+    written.append(save_figure(fig, run_dir / "fitness.png"))
 
     fig, ax = plt.subplots(figsize=(6, 4))
     ax.plot(gens, [r["size_mean"] for r in records], label="mean size")
@@ -128,10 +123,7 @@ def write_plots(run_dir: Path, records: Sequence[dict[str, Any]], cache: Fitness
     ax.set_title("Tree size and diversity")
     handles = ax.get_legend_handles_labels()[0] + ax2.get_legend_handles_labels()[0]
     ax.legend(handles=handles, loc="lower left")
-    fig.tight_layout()
-    written.append(run_dir / "size_diversity.png")
-    fig.savefig(written[-1], dpi=110)
-    plt.close(fig)
+    written.append(save_figure(fig, run_dir / "size_diversity.png"))
 
     fig, ax = plt.subplots(figsize=(6, 4))
     for n in fidelities:
@@ -143,10 +135,7 @@ def write_plots(run_dir: Path, records: Sequence[dict[str, Any]], cache: Fitness
     ax.set(xlabel="tree size (nodes)", ylabel="fitness at the fidelity reached", yscale="log",
            title="Fitness vs size, every evaluated formula")
     ax.legend()
-    fig.tight_layout()
-    written.append(run_dir / "fitness_vs_size.png")
-    fig.savefig(written[-1], dpi=110)
-    plt.close(fig)
+    written.append(save_figure(fig, run_dir / "fitness_vs_size.png"))
     return written
 
 
