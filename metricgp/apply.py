@@ -85,7 +85,7 @@ def load_metric(args: argparse.Namespace) -> tuple[Node, str]:
 
 def validate(args: argparse.Namespace):
     """Check everything the user gave, before anything slow happens. Returns (tree, source, pattern)."""
-    from metricgp.data import parse_data_ref
+    from metricgp.data import parse_data_ref, parse_report_data
     from metricgp.models import resolve_model_path
     from metricgp.prune.patterns import parse_pattern
 
@@ -98,8 +98,7 @@ def validate(args: argparse.Namespace):
         if value < low:
             raise MetricGPError(f"{name} must be at least {low}, got {value}")
     parse_data_ref(args.calib, "calibration")
-    for data in datasets(args):
-        parse_data_ref(data, "report")
+    parse_report_data(args.dataset)
     if args.out.exists() and not args.overwrite:
         raise MetricGPError(f"{args.out} exists; pass --overwrite or choose another --out")
     if args.out.exists() and not args.out.is_dir():
@@ -108,15 +107,9 @@ def validate(args: argparse.Namespace):
     return tree, source, pattern
 
 
-def datasets(args: argparse.Namespace) -> list[str]:
-    names = [d.strip() for d in args.dataset.split(",") if d.strip()]
-    if not names:
-        raise MetricGPError("--dataset names no data")
-    return names
-
-
 def run(args: argparse.Namespace) -> dict:
     """Prune, evaluate and write `args.out`; returns the report."""
+    from metricgp.data import parse_report_data
     from metricgp.evaluate import EvaluatorSpec, PruningSetup, cached_dense_perplexity, perplexity
     from metricgp.provenance import provenance, write_json_atomic
 
@@ -127,7 +120,7 @@ def run(args: argparse.Namespace) -> dict:
     t0 = time.perf_counter()
     setup = PruningSetup.from_spec(spec, grads="G" in tree.leaves_used())
     n_eval = args.eval_windows or None
-    evals = {d: setup.report_windows(d, n_eval) for d in datasets(args)}
+    evals = {d: setup.report_windows(d, n_eval) for d in parse_report_data(args.dataset)}
     timings = dict(setup.timings)
 
     t1 = time.perf_counter()

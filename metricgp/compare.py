@@ -133,9 +133,18 @@ def row_key(functional: str, setting: str, mode: str) -> str:
     return f"{functional}|{setting}|{mode}"
 
 
+def output_of(args: argparse.Namespace) -> tuple[Path, str]:
+    """The output directory and file stem: --out/table, or the run directory/report with --run."""
+    out = args.out or args.run
+    if out is None:
+        raise MetricGPError("give --out (or --run)")
+    return out, args.name or ("report" if args.run and not args.out else "table")
+
+
 def run(args: argparse.Namespace) -> dict:
     from tqdm.auto import tqdm
 
+    from metricgp.data import parse_report_data
     from metricgp.evaluate import EvaluatorSpec, PruningSetup, cached_dense_perplexity, perplexity
     from metricgp.provenance import provenance, write_json_atomic
 
@@ -149,15 +158,8 @@ def run(args: argparse.Namespace) -> dict:
     for mode in modes:
         if mode not in PRUNE_MODES:
             raise MetricGPError(f"unknown mode '{mode}' (choose from {', '.join(PRUNE_MODES)})")
-    datasets = [d.strip() for d in args.dataset.split(",") if d.strip()]
-    from metricgp.data import parse_data_ref
-
-    for d in datasets:
-        parse_data_ref(d, "report")
-    out = args.out or args.run
-    if out is None:
-        raise MetricGPError("give --out (or --run)")
-    name = args.name or ("report" if args.run and not args.out else "table")
+    datasets = parse_report_data(args.dataset)
+    out, name = output_of(args)
     table_path = out / f"{name}.json"
 
     spec = EvaluatorSpec(model=args.model, dtype=args.dtype, device=args.device, calib=args.calib,
@@ -323,8 +325,7 @@ def plot(table: dict, entries: list[Entry], settings: list[str], modes: list[str
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     table = run(args)
-    out = args.out or args.run
-    name = args.name or ("report" if args.run and not args.out else "table")
+    out, name = output_of(args)
     print(f"{len(table['rows'])} rows -> {out}/{name}.md, {name}.json, {name}.png")
     return 0
 

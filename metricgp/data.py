@@ -134,6 +134,16 @@ def parse_data_ref(text: str, purpose: str) -> DataRef:
     return DataRef(source, split)
 
 
+def parse_report_data(text: str) -> list[str]:
+    """A comma-separated list of evaluation data ('wikitext2,c4,ptb' or files), each checked for reports."""
+    names = [d.strip() for d in text.split(",") if d.strip()]
+    if not names:
+        raise MetricGPError("no evaluation data named")
+    for name in names:
+        parse_data_ref(name, "report")
+    return names
+
+
 def _default_split(source: str, purpose: str) -> str:
     root = data_dir()
     for split in PURPOSE_SPLITS[purpose]:
