@@ -35,15 +35,33 @@ C4_VALID_FILE = "c4/olmo-test-fixture.c4-sample.00000-of-00001.json.gz"
 
 
 def data_dir() -> Path | None:
-    """The local data directory, if any: $METRICGP_DATA, else ../shared/data next to the repo or cwd."""
+    """The local data directory: $METRICGP_DATA; else `shared/data` beside the repository or the
+    working directory or any of their parents (../shared/data in a checkout); else, for a clone
+    of a local checkout, the one beside its origin. None when there is none (hub fallback)."""
     env = os.environ.get("METRICGP_DATA")
     if env:
         return Path(env)
-    here = Path(__file__).resolve().parent.parent
-    for candidate in (here.parent / "shared" / "data", Path.cwd().parent / "shared" / "data"):
-        if candidate.is_dir():
-            return candidate
+    repo = Path(__file__).resolve().parent.parent
+    for start in (repo, Path.cwd().resolve(), _local_origin(repo)):
+        if start is None:
+            continue
+        for folder in (start, *start.parents):
+            if (folder / "shared" / "data").is_dir():
+                return folder / "shared" / "data"
     return None
+
+
+def _local_origin(repo: Path) -> Path | None:
+    """The directory a git clone was made from, when that was a local path."""
+    import subprocess
+
+    try:
+        url = subprocess.run(["git", "config", "--get", "remote.origin.url"], cwd=repo, capture_output=True,
+                             text=True, timeout=5).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    path = Path(url.removeprefix("file://")) if url and "://" not in url.replace("file://", "") else None
+    return path.resolve() if path is not None and path.is_dir() else None
 
 
 def _read_jsonl(path: Path) -> list[str]:
@@ -91,7 +109,8 @@ def _hub_text(source: str, split: str) -> str | list[str]:
         return list(ds["text"][:1000])
     except Exception as err:  # noqa: BLE001 - any hub failure becomes one clear line
         raise MetricGPError(
-            f"{source}/{split} is not in the local data directory ({data_dir()}) and the hub failed: "
+            f"{source}/{split} is not in the local data directory ({data_dir()}; set METRICGP_DATA to a "
+            "folder holding wikitext-2-raw/, c4/, ptb/) and the hub failed: "
             f"{str(err).splitlines()[0] if str(err) else type(err).__name__}"
         ) from err
 

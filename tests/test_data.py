@@ -78,3 +78,17 @@ def test_bad_data_is_a_clear_error(data_root, tmp_path, tokenizer):
     short.write_text("the cat")
     with pytest.raises(MetricGPError, match="fewer than one window"):
         windows(parse_data_ref(str(short), "report"), tokenizer, "report", 64, 1)
+
+
+def test_data_dir_is_found_beside_a_parent_of_the_working_directory(tmp_path, monkeypatch):
+    from metricgp import data
+
+    monkeypatch.delenv("METRICGP_DATA", raising=False)
+    (tmp_path / "shared" / "data").mkdir(parents=True)
+    (tmp_path / "work" / "deep").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path / "work" / "deep")
+    monkeypatch.setattr(data, "_local_origin", lambda repo: None)
+    monkeypatch.setattr(data, "__file__", str(tmp_path / "elsewhere" / "metricgp" / "data.py"))
+    assert data.data_dir() == tmp_path / "shared" / "data"
+    monkeypatch.setenv("METRICGP_DATA", str(tmp_path / "mine"))
+    assert data.data_dir() == tmp_path / "mine"
