@@ -11,7 +11,6 @@ from __future__ import annotations
 import math
 import time
 from collections import defaultdict
-from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -178,8 +177,8 @@ class PruningSetup:
     model_path: str = ""  # what was loaded (the converted directory for GGUF and the default)
 
     @classmethod
-    def from_spec(cls, spec: EvaluatorSpec, grads: bool = True, loaded=None) -> PruningSetup:
-        """Load the model (unless `loaded` is given) and its statistics. With grads=False, G is
+    def from_spec(cls, spec: EvaluatorSpec, grads: bool = True) -> PruningSetup:
+        """Load the model and its statistics. With grads=False, G is
         still used when a cached gradient pass exists (it holds X too, so it costs nothing)."""
         from metricgp.data import parse_data_ref, windows
         from metricgp.models import load_model, prunable_layers
@@ -189,7 +188,7 @@ class PruningSetup:
         t0 = time.perf_counter()
         calib_ref = parse_data_ref(spec.calib, "calibration")
         parse_data_ref(spec.valid, "fitness")  # fail early, before the model loads
-        loaded = loaded or load_model(spec.model, spec.dtype, spec.device)
+        loaded = load_model(spec.model, spec.dtype, spec.device)
         t1 = time.perf_counter()
         layers = prunable_layers(loaded.model)
         calib = windows(calib_ref, loaded.tokenizer, "calibration", spec.seqlen, spec.n_calib, spec.seed)
@@ -249,5 +248,3 @@ def cached_dense_perplexity(setup: PruningSetup, data: str, windows: torch.Tenso
 def build_evaluator(spec: EvaluatorSpec) -> MetricEvaluator:
     return MetricEvaluator(spec)
 
-
-EvaluatorFactory = Callable[[], MetricEvaluator]
