@@ -247,4 +247,3 @@ def cached_dense_perplexity(setup: PruningSetup, data: str, windows: torch.Tenso
 
 def build_evaluator(spec: EvaluatorSpec) -> MetricEvaluator:
     return MetricEvaluator(spec)
-
