@@ -1,0 +1,1 @@
+"""Structured pruning: coupled heads, channels and blocks; importance, allocation, shrinking, saving."""

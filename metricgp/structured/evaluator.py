@@ -1,0 +1,237 @@
+"""The structured-pruning evaluator: any metric -> importance of coupled structures -> a smaller model.
+
+    pruner = StructuredPruner(setup)              # a PruningSetup: model, cached W/X/G, calibration
+    units = pruner.score(tree, spec)              # scored removable units (heads, channels)
+    removed = pruner.plan(units, spec)            # by allocation: uniform, global, or a keep map
+    model, report = pruner.build(removed, spec)   # a physically smaller copy; the dense model stays
+
+`prune(setup, tree, spec)` does all three. SAAP and the DarwinLM search call the same three
+steps with their own importances (`IMPORTANCES`) and keep maps.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+
+import torch
+from torch import nn
+
+from metricgp.errors import MetricGPError
+from metricgp.structured import baselines
+from metricgp.structured.allocate import ALLOCATIONS, allocate, from_keep_map
+from metricgp.structured.groups import HEAD_MODES, Module, decoder_params, discover, linears_by_name
+from metricgp.structured.importance import NORMALISATIONS, REDUCTIONS, Unit, element_scores, score_units
+from metricgp.structured.shrink import apply_plan, remove_blocks
+
+STRUCTURES = ("width", "depth")  # width: heads + channels; depth: whole decoder blocks
+
+
+@dataclass(frozen=True)
+class StructuredSpec:
+    keep: float = 0.7  # fraction of decoder parameters kept
+    importance: str = "metric"
+    reduction: str = "sum"
+    normalisation: str = "per-param"
+    allocation: str = "global"
+    head_mode: str = "per-group"
+    structures: str = "width"
+    bias_compensation: bool = False  # FLAP: removed channels' mean output folded into a bias
+    keep_map: dict[str, float] | None = field(default=None, hash=False)
+
+    def validate(self) -> StructuredSpec:
+        if not 0.0 < self.keep <= 1.0:
+            raise MetricGPError(f"--keep must be in (0, 1], got {self.keep}")
+        for name, value, choices in (
+            ("importance", self.importance, IMPORTANCES if self.structures == "width" else BLOCK_IMPORTANCES),
+            ("reduction", self.reduction, REDUCTIONS), ("normalisation", self.normalisation, NORMALISATIONS),
+            ("allocation", self.allocation, ALLOCATIONS), ("head mode", self.head_mode, HEAD_MODES),
+            ("structures", self.structures, STRUCTURES),
+        ):
+            if value not in choices:
+                raise MetricGPError(f"unknown {name} '{value}' (choose from {', '.join(choices)})")
+        return self
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _metric_scores(pruner: StructuredPruner, tree, names: set[str]) -> dict[str, torch.Tensor]:
+    if tree is None:
+        raise MetricGPError("importance 'metric' needs --metric or --metric-file")
+    from metricgp.expr import compile_metric
+
+    return element_scores(compile_metric(tree), pruner.linears, pruner.setup.stats, names)
+
+
+def _flap_scores(pruner: StructuredPruner, tree, names: set[str]) -> dict[str, torch.Tensor]:
+    """Fluctuation on the output projections' columns; the input projections contribute nothing."""
+    means = pruner.output_means()
+    out: dict[str, torch.Tensor] = {}
+    for n in names:
+        w = pruner.linears[n].weight.detach()
+        out[n] = baselines.flap_scores(w, pruner.setup.stats[n]["X"], means[n]) if n in means else torch.zeros_like(
+            w, dtype=torch.float32)
+    return out
+
+
+# name -> fn(pruner, metric tree or None, linear names) -> element scores per linear
+IMPORTANCES: dict[str, Callable[..., dict[str, torch.Tensor]]] = {
+    "metric": _metric_scores,
+    "flap": _flap_scores,
+}
+
+
+def _metric_blocks(pruner: StructuredPruner, tree) -> list[float]:
+    """Mean element score of each block's linears."""
+    from metricgp.models import find_blocks
+
+    prefix, blocks = find_blocks(pruner.setup.model)
+    names = {s.linear for m in pruner.modules for s in m.slices + m.kv_slices}
+    scores = _metric_scores(pruner, tree, names)
+    out = []
+    for i in range(len(blocks)):
+        mine = [s for n, s in scores.items() if n.startswith(f"{prefix}.{i}.")]
+        out.append(float(sum(s.double().sum() for s in mine) / sum(s.numel() for s in mine)))
+    return out
+
+
+BLOCK_IMPORTANCES: dict[str, Callable[..., list[float]]] = {
+    "metric": _metric_blocks,
+    "shortgpt": lambda pruner, tree: baselines.block_influence(pruner.setup.model, pruner.setup.calib[:8]),
+}
+
+
+class StructuredPruner:
+    """A dense model's coupled structures, scored and removed on copies."""
+
+    def __init__(self, setup):
+        self.setup = setup
+        self.setup.dense.restore()
+        self.modules: list[Module] = discover(setup.model)
+        self.linears = linears_by_name(setup.model)
+        self.dense_decoder_params = decoder_params(setup.model)
+        self._means: dict[str, torch.Tensor] | None = None
+
+    def output_means(self) -> dict[str, torch.Tensor]:
+        """Mean input of every output projection (o/down), one forward pass, computed once."""
+        if self._means is None:
+            outs = {m.slices[-1].linear: self.linears[m.slices[-1].linear] for m in self.modules}
+            self._means = baselines.input_means(self.setup.model, outs, self.setup.calib)
+        return self._means
+
+    def score(self, tree, spec: StructuredSpec) -> list[Unit]:
+        names = {s.linear for m in self.modules for s in m.slices + m.kv_slices}
+        scores = IMPORTANCES[spec.importance](self, tree, names)
+        return score_units(self.modules, self.linears, scores, spec.reduction, spec.normalisation, spec.head_mode)
+
+    def budget(self, spec: StructuredSpec) -> int:
+        return self.dense_decoder_params - round(spec.keep * self.dense_decoder_params)
+
+    def plan(self, units: list[Unit], spec: StructuredSpec) -> list[Unit]:
+        if spec.keep_map is not None:
+            return from_keep_map(units, spec.keep_map)
+        return allocate(units, self.budget(spec), spec.allocation)
+
+    def build(self, removed: list[Unit], spec: StructuredSpec) -> nn.Module:
+        """A physically smaller deep copy of the dense model without the `removed` units."""
+        model = copy.deepcopy(self.setup.model)
+        if spec.bias_compensation:
+            self._compensate(model, removed)
+        apply_plan(model, self.modules, removed)
+        return model
+
+    def _compensate(self, model: nn.Module, removed: list[Unit]) -> None:
+        means = self.output_means()
+        by_module = {m.name: m for m in self.modules}
+        gone: dict[str, set[int]] = {}
+        for u in removed:
+            gone.setdefault(u.module, set()).update(u.members)
+        for name, members in gone.items():
+            out = by_module[name].slices[-1]  # the output projection's columns
+            cols = torch.tensor([i * out.size + j for i in sorted(members) for j in range(out.size)])
+            parent, _, attr = out.linear.rpartition(".")
+            new = baselines.compensate_bias(model.get_submodule(out.linear), cols, means[out.linear])
+            setattr(model.get_submodule(parent), attr, new)
+
+    def remove_depth(self, tree, spec: StructuredSpec) -> tuple[nn.Module, list[int], list[float]]:
+        """Depth pruning: drop the least important blocks while the kept count stays >= target."""
+        from metricgp.models import find_blocks
+
+        scores = BLOCK_IMPORTANCES[spec.importance](self, tree)
+        _, blocks = find_blocks(self.setup.model)
+        budget, dropped = self.budget(spec), []
+        for i in sorted(range(len(blocks)), key=lambda i: (scores[i], i)):
+            size = sum(p.numel() for p in blocks[i].parameters())
+            if size <= budget and len(dropped) < len(blocks) - 1:
+                dropped.append(i)
+                budget -= size
+        model = copy.deepcopy(self.setup.model)
+        remove_blocks(model, dropped)
+        return model, sorted(dropped), scores
+
+
+def prune(setup, tree, spec: StructuredSpec) -> tuple[nn.Module, dict]:
+    """Prune a copy of `setup.model` by `spec`; returns the smaller model and what was done."""
+    spec.validate()
+    pruner = StructuredPruner(setup)
+    if spec.structures == "depth":
+        model, dropped, scores = pruner.remove_depth(tree, spec)
+        detail = {"removed_blocks": dropped, "block_scores": scores}
+    else:
+        removed = pruner.plan(pruner.score(tree, spec), spec)
+        model = pruner.build(removed, spec)
+        detail = {"removed_units": _removed_summary(removed)}
+    return model, {**size_report(setup.model, model, spec.keep), **detail}
+
+
+def _removed_summary(removed: list[Unit]) -> dict[str, dict]:
+    out: dict[str, dict] = {}
+    for u in removed:
+        entry = out.setdefault(u.module, {"kind": u.kind, "elements": 0, "kv_heads": 0, "params": 0})
+        entry["elements"] += len(u.members)
+        entry["kv_heads"] += len(u.kv)
+        entry["params"] += u.params
+    return out
+
+
+def param_bytes(model: nn.Module) -> tuple[int, int]:
+    """(parameters, bytes), counting tied tensors once."""
+    seen: set[int] = set()
+    n = b = 0
+    for p in model.parameters():
+        if id(p) not in seen:
+            seen.add(id(p))
+            n += p.numel()
+            b += p.numel() * p.element_size()
+    return n, b
+
+
+def size_report(dense: nn.Module, pruned: nn.Module, target: float) -> dict:
+    d_dec, p_dec = decoder_params(dense), decoder_params(pruned)
+    (d_all, d_bytes), (p_all, p_bytes) = param_bytes(dense), param_bytes(pruned)
+    return {
+        "target_keep": target,
+        "achieved_keep": p_dec / d_dec,
+        "decoder_params": {"dense": d_dec, "pruned": p_dec},
+        "params": {"dense": d_all, "pruned": p_all},
+        "bytes": {"dense": d_bytes, "pruned": p_bytes},
+    }
+
+
+def per_layer_sizes(model: nn.Module) -> dict[int, dict[str, int]]:
+    """Heads, KV heads and MLP width of every block that differs from the global config."""
+    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    glob = {"num_attention_heads": config.num_attention_heads,
+            "num_key_value_heads": getattr(config, "num_key_value_heads", None) or config.num_attention_heads,
+            "intermediate_size": getattr(config, "intermediate_size", None)}
+    sizes: dict[int, dict[str, int]] = {}
+    for m in discover(model):
+        layer = sizes.setdefault(m.block, {})
+        if m.kind == "attention":
+            layer["num_attention_heads"] = m.n_elements
+            layer["num_key_value_heads"] = m.n_kv
+        else:
+            layer["intermediate_size"] = m.n_elements
+    return {i: diff for i, layer in sizes.items() if (diff := {k: v for k, v in layer.items() if glob.get(k) != v})}
