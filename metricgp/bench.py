@@ -26,6 +26,7 @@ from pathlib import Path
 from metricgp.errors import MetricGPError, cli_entry
 from metricgp.expr import BUILTIN_METRICS, Node, resolve_metric, to_functional
 from metricgp.expr.randomtree import random_tree
+from metricgp.options import add_model_data_options, add_pattern_options, evaluator_spec, pattern_from_args
 
 PANEL_OPS = ("sqr", "abs", "sqrt", "log", "mms", "zsn", "tanh", "add", "mul", "div", "sub")
 
@@ -63,12 +64,11 @@ def spearman(a: list[float], b: list[float]) -> float:
 
 
 def _evaluator(args: argparse.Namespace, fidelities: tuple[int, ...]):
-    from metricgp.evaluate import EvaluatorSpec, MetricEvaluator
+    from metricgp.evaluate import MetricEvaluator
 
-    spec = EvaluatorSpec(model=args.model, dtype=args.dtype, calib=args.calib, n_calib=args.n_calib,
-                         seqlen=args.seqlen, sparsity=args.sparsity, pattern=args.pattern,
-                         fidelities=fidelities)
-    return MetricEvaluator(spec)
+    pattern = pattern_from_args(args)
+    return MetricEvaluator(evaluator_spec(args, sparsity=pattern.sparsity, pattern=pattern.name,
+                                          fidelities=fidelities))
 
 
 def throughput(args: argparse.Namespace) -> dict:
@@ -79,7 +79,7 @@ def throughput(args: argparse.Namespace) -> dict:
     ev = _evaluator(args, fidelities)
     setup = ev.setup
     load_s = time.perf_counter() - t0
-    panel = metric_panel(args.random, args.seed)[: args.candidates]
+    panel = metric_panel(args.random, args.panel_seed)[: args.candidates]
     per_fid: dict[int, list[float]] = {n: [] for n in fidelities}
     ev.timings.clear()
     for _, tree in panel:
@@ -98,7 +98,7 @@ def throughput(args: argparse.Namespace) -> dict:
     valid_windows = len(setup.fitness_windows(None))
     naive = stats_s + score_mask + forward_per_window * valid_windows
     result = {
-        "model": args.model, "sparsity": args.sparsity, "pattern": args.pattern, "fidelities": fidelities,
+        "model": args.model, "sparsity": ev.pattern.sparsity, "pattern": ev.pattern.name, "fidelities": fidelities,
         "eta": args.eta, "candidates": len(panel),
         "setup_seconds": {"load_model_and_cached_stats": round(load_s, 2), **{
             k: round(v, 2) for k, v in setup.timings.items()}},
@@ -120,7 +120,7 @@ def fidelity(args: argparse.Namespace) -> dict:
     """Fitness of a metric panel at each cheap fidelity and at `--full` windows; Spearman rho."""
     fidelities = tuple(sorted({*args.fidelities, args.full}))
     ev = _evaluator(args, fidelities)
-    panel = metric_panel(args.random, args.seed, args.panel_from, args.top)
+    panel = metric_panel(args.random, args.panel_seed, args.panel_from, args.top)
     rows = []
     from tqdm.auto import tqdm
 
@@ -136,7 +136,7 @@ def fidelity(args: argparse.Namespace) -> dict:
     good = sorted(finite, key=lambda r: r["fitness"][args.full])[: max(3, len(finite) // 2)]
     rho_good = {n: spearman([r["fitness"][n] for r in good], [r["fitness"][args.full] for r in good])
                 for n in fidelities if n != args.full}
-    return {"model": args.model, "sparsity": args.sparsity, "pattern": args.pattern, "full_windows": args.full,
+    return {"model": args.model, "sparsity": ev.pattern.sparsity, "pattern": ev.pattern.name, "full_windows": args.full,
             "metrics": len(rows), "non_degenerate": len(finite), "spearman_vs_full": rho,
             "spearman_vs_full_better_half": rho_good, "rows": rows}
 
@@ -163,22 +163,24 @@ def fidelity_plot(result: dict, path: Path) -> None:
     save_figure(fig, path)
 
 
+# benchmark name -> (fn(args) -> result, plot(result, path) or None)
+BENCHMARKS = {
+    "throughput": (throughput, None),
+    "fidelity": (fidelity, fidelity_plot),
+}
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m metricgp.bench", description=__doc__.split("\n")[0])
-    p.add_argument("which", choices=("throughput", "fidelity"))
-    p.add_argument("--model", default="default")
-    p.add_argument("--dtype", default="auto")
-    p.add_argument("--calib", default="c4")
-    p.add_argument("--n-calib", type=int, default=32)
-    p.add_argument("--seqlen", type=int, default=512)
-    p.add_argument("--sparsity", type=float, default=0.5)
-    p.add_argument("--pattern", default="unstructured")
+    p.add_argument("which", choices=tuple(BENCHMARKS))
+    add_model_data_options(p)
+    add_pattern_options(p)
     p.add_argument("--fidelities", type=lambda s: [int(v) for v in s.split(",")], default=[1, 4, 16])
     p.add_argument("--eta", type=int, default=3)
     p.add_argument("--full", type=int, default=64, help="windows of the reference fitness (fidelity)")
     p.add_argument("--random", type=int, default=7, help="random trees added to the built-ins")
     p.add_argument("--candidates", type=int, default=6, help="metrics timed (throughput)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--panel-seed", type=int, default=0, help="seed of the random metrics of the panel")
     p.add_argument("--panel-from", type=Path, metavar="RUN_DIR",
                    help="add the top --top hall-of-fame formulas of this search run to the panel")
     p.add_argument("--top", type=int, default=10)
@@ -188,18 +190,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 @cli_entry
 def main(argv: list[str] | None = None) -> int:
-    from metricgp.provenance import provenance, write_json_atomic
+    from metricgp.provenance import dumps, provenance, write_json_atomic
 
     args = build_parser().parse_args(argv)
-    result = throughput(args) if args.which == "throughput" else fidelity(args)
+    run, plot = BENCHMARKS[args.which]
+    result = run(args)
     result["provenance"] = provenance()
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)
         write_json_atomic(args.out / f"{args.which}.json", result)
-        if args.which == "fidelity":
-            fidelity_plot(result, args.out / "fidelity.png")
+        if plot is not None:
+            plot(result, args.out / f"{args.which}.png")
     shown = {k: v for k, v in result.items() if k not in ("rows", "provenance")}
-    print(json.dumps(shown, indent=2, default=str))
+    print(dumps(shown))
     return 0
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import time
 from dataclasses import dataclass
@@ -20,7 +21,9 @@ from pathlib import Path
 
 from metricgp.errors import MetricGPError, cli_entry
 from metricgp.expr import BUILTIN_METRICS, Node, describe, resolve_metric, to_functional
+from metricgp.options import add_model_data_options, evaluator_spec, model_data_fields
 from metricgp.prune.engine import PRUNE_MODES
+from metricgp.prune.patterns import parse_setting
 
 BASELINES = tuple(BUILTIN_METRICS)
 
@@ -67,34 +70,22 @@ def run_entries(run_dir: Path, top: int) -> list[Entry]:
 
 
 def parse_settings(text: str) -> list[str]:
-    """'0.5,2:4,0.6' -> pattern strings; validated."""
-    from metricgp.prune.patterns import parse_pattern
-
+    """'0.5,2:4,0.6' -> canonical setting strings (`Pattern.setting`, the table's row keys); validated
+    by the pattern registry (metricgp.prune.patterns.parse_setting)."""
     out = []
     for item in (s.strip() for s in text.split(",") if s.strip()):
-        if ":" in item:
-            parse_pattern(item)
-            out.append(item)
-        else:
-            try:
-                value = float(item)
-            except ValueError:
-                raise MetricGPError(f"bad setting '{item}': a sparsity such as 0.5 or a pattern such as 2:4") from None
-            parse_pattern("unstructured", value)
-            out.append(f"{value:g}")
+        try:
+            out.append(parse_setting(item).setting)
+        except MetricGPError as err:
+            raise MetricGPError(f"bad setting '{item}': {err} (a sparsity such as 0.5, or a pattern such as "
+                                "2:4 or unstructured-layer@0.5)") from None
     if not out:
         raise MetricGPError("--settings names nothing")
     return out
 
 
-def setting_pattern(setting: str):
-    from metricgp.prune.patterns import parse_pattern
-
-    return parse_pattern(setting) if ":" in setting else parse_pattern("unstructured", float(setting))
-
-
 def setting_label(setting: str) -> str:
-    return setting if ":" in setting else f"{float(setting):.0%}"
+    return parse_setting(setting).label
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -109,13 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--modes", default="oneshot,sequential", help="comma-separated modes (default both)")
     p.add_argument("--dataset", default="wikitext2", help="comma-separated test data (default wikitext2)")
     p.add_argument("--eval-windows", type=int, default=32, help="first N test windows (0: all; default 32)")
-    p.add_argument("--model", default="default")
-    p.add_argument("--dtype", default="auto")
-    p.add_argument("--device", default="auto")
-    p.add_argument("--calib", default="c4")
-    p.add_argument("--n-calib", type=int, default=32)
-    p.add_argument("--seqlen", type=int, default=512)
-    p.add_argument("--seed", type=int, default=0)
+    add_model_data_options(p)
     p.add_argument("--out", type=Path, help="output directory (default: --run's directory)")
     p.add_argument("--reuse", type=Path, action="append", metavar="TABLE_JSON",
                    help="take finished rows from another table made with the same model and data settings")
@@ -124,9 +109,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def context_of(args: argparse.Namespace, fingerprint: str) -> dict:
-    """What makes two tables' numbers comparable; a resumed table must match it."""
-    return {"model": args.model, "fingerprint": fingerprint, "dtype": args.dtype, "calib": args.calib,
-            "n_calib": args.n_calib, "seqlen": args.seqlen, "seed": args.seed, "eval_windows": args.eval_windows}
+    """What makes two tables' numbers comparable; a resumed table must match it. ("seed" is the
+    calibration seed: the key keeps its name so that earlier tables stay reusable.)"""
+    fields = model_data_fields(args)
+    return {"model": fields["model"], "fingerprint": fingerprint, "dtype": fields["dtype"], "calib": fields["calib"],
+            "n_calib": fields["n_calib"], "seqlen": fields["seqlen"], "seed": fields["seed"],
+            "eval_windows": args.eval_windows}
 
 
 def row_key(functional: str, setting: str, mode: str) -> str:
@@ -145,7 +133,7 @@ def run(args: argparse.Namespace) -> dict:
     from tqdm.auto import tqdm
 
     from metricgp.data import parse_report_data
-    from metricgp.evaluate import EvaluatorSpec, PruningSetup, cached_dense_perplexity, perplexity
+    from metricgp.evaluate import PruningSetup, cached_dense_perplexity, perplexity
     from metricgp.provenance import provenance, write_json_atomic
 
     entries = [parse_metric_arg(m) for m in (args.metric or ([] if args.run else BASELINES))]
@@ -162,15 +150,14 @@ def run(args: argparse.Namespace) -> dict:
     out, name = output_of(args)
     table_path = out / f"{name}.json"
 
-    spec = EvaluatorSpec(model=args.model, dtype=args.dtype, device=args.device, calib=args.calib,
-                         n_calib=args.n_calib, seqlen=args.seqlen, seed=args.seed)
+    spec = evaluator_spec(args)
     grads = any("G" in e.tree.leaves_used() for e in entries)
     setup = PruningSetup.from_spec(spec, grads=grads)
     context = context_of(args, setup.fingerprint)
     out.mkdir(parents=True, exist_ok=True)  # only now: a bad model or data leaves no directory behind
     table = {"context": context, "rows": {}, "dense": {}}
     if table_path.is_file():
-        previous = json.loads(table_path.read_text(encoding="utf-8"))
+        previous = json.loads(table_path.read_text(encoding="utf-8"), parse_constant=_non_finite)
         if previous.get("context") == context:
             table = previous
     for other in args.reuse or []:
@@ -200,7 +187,7 @@ def run(args: argparse.Namespace) -> dict:
             continue
         bar.set_postfix_str(f"{entry.label} {setting_label(setting)} {mode}")
         t0 = time.perf_counter()
-        report = setup.prune(entry.tree, setting_pattern(setting), mode)
+        report = setup.prune(entry.tree, parse_setting(setting), mode)
         ppl = dict(row.get("perplexity", {}))
         ppl.update({d: perplexity(setup.model, evals[d]) for d in missing})
         table["rows"][key] = {"label": entry.label, "formula": to_functional(entry.tree), "setting": setting,
@@ -221,7 +208,7 @@ def reuse_rows(table: dict, path: Path) -> int:
     """Copy finished rows (and dense values) from another table made under the same context."""
     if not path.is_file():
         raise MetricGPError(f"--reuse: {path} not found")
-    other = json.loads(path.read_text(encoding="utf-8"))
+    other = json.loads(path.read_text(encoding="utf-8"), parse_constant=_non_finite)
     if other.get("context") != table["context"]:
         raise MetricGPError(f"--reuse: {path} was made with other settings: {other.get('context')}")
     copied = 0
@@ -236,9 +223,18 @@ def reuse_rows(table: dict, path: Path) -> int:
     return copied
 
 
+def _non_finite(name: str) -> float:
+    """Tables written before JSON was kept strict may hold Infinity/NaN: read them as inf."""
+    return math.inf
+
+
 def _cell(table: dict, entry: Entry, setting: str, mode: str, dataset: str) -> float | None:
+    """The row's perplexity on `dataset`; None if not measured; inf if measured non-finite (JSON null)."""
     row = table["rows"].get(row_key(to_functional(entry.tree), setting, mode))
-    return None if row is None else row["perplexity"].get(dataset)
+    if row is None or dataset not in row["perplexity"]:
+        return None
+    value = row["perplexity"][dataset]
+    return math.inf if value is None else float(value)
 
 
 def _filled_columns(table: dict, entries: list[Entry], settings: list[str], modes: list[str],
@@ -276,7 +272,7 @@ def markdown(table: dict, entries: list[Entry], settings: list[str], modes: list
             values = [v for e in entries if (v := _cell(table, e, *col, dataset)) is not None]
             best[col] = min(values) if values else None
         dense = table["dense"].get(dataset)
-        lines.append("| dense | " + " | ".join(f"{dense:.2f}" if dense else "-" for _ in columns) + " |")
+        lines.append("| dense | " + " | ".join(f"{dense:.2f}" if dense is not None else "-" for _ in columns) + " |")
         for e in entries:
             cells = []
             for col in columns:
@@ -305,7 +301,7 @@ def plot(table: dict, entries: list[Entry], settings: list[str], modes: list[str
             xs, ys = [], []
             for j, col in enumerate(columns):
                 v = _cell(table, e, *col, dataset)
-                if v is not None:
+                if v is not None and math.isfinite(v):
                     xs.append(j + i * width)
                     ys.append(v)
             ax.bar(xs, ys, width, label=e.label)

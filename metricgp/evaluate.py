@@ -11,7 +11,9 @@ from __future__ import annotations
 import math
 import time
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -41,7 +43,9 @@ def perplexity(model: nn.Module, windows: torch.Tensor, batch_size: int = 4, pro
         target = ids[:, 1:].to(logits.device)
         nll += F.cross_entropy(logits[:, :-1].flatten(0, 1), target.flatten(), reduction="sum").item()
         count += target.numel()
-    return math.exp(nll / count) if math.isfinite(nll) else math.inf
+    mean = nll / count
+    # exp overflows a Python float beyond ~709.78: such a model is as bad as a non-finite one
+    return math.exp(mean) if math.isfinite(mean) and mean < 709.0 else math.inf
 
 
 @dataclass
@@ -101,10 +105,10 @@ class EvaluatorSpec:
     n_calib: int = 32
     valid: str = "wikitext2"
     seqlen: int = 512
-    seed: int = 0
-    sparsity: float = 0.5
+    seed: int = 0  # the calibration sample's seed (command lines: --calib-seed)
+    sparsity: float = 0.5  # must agree with a pattern that fixes its own (N:M)
     pattern: str = "unstructured"
-    fitness: str = "ppl"  # "ppl" | "kl"
+    fitness: str = "ppl"  # a key of FITNESSES
     fidelities: tuple[int, ...] = (2, 8, 32)
     batch_size: int = 4
 
@@ -112,11 +116,35 @@ class EvaluatorSpec:
         return asdict(self)
 
 
-FITNESSES = ("ppl", "kl")
+@dataclass(frozen=True)
+class Fitness:
+    """One entry of `FITNESSES`: lower is better.
+
+    reference: (dense model, validation windows) -> what `measure` compares against, built once
+               before any pruning (None: nothing needed).
+    measure:   (pruned model, windows, reference, batch size) -> the fitness value.
+    """
+
+    measure: Callable[[nn.Module, torch.Tensor, Any, int], float]
+    reference: Callable[[nn.Module, torch.Tensor], Any] | None = None
+    doc: str = ""
+
+
+# fitness name -> how to measure it; one entry adds a fitness.
+FITNESSES: dict[str, Fitness] = {
+    "ppl": Fitness(lambda model, windows, _ref, batch: perplexity(model, windows, batch),
+                   doc="validation perplexity of the pruned model"),
+    "kl": Fitness(lambda model, windows, ref, _batch: kl_to_dense(model, windows, ref), DenseReference.build,
+                  doc="mean per-token KL(dense || pruned) on the validation windows"),
+}
 
 
 class MetricEvaluator:
-    """Model, cached statistics and validation windows loaded once; many metrics evaluated."""
+    """Model, cached statistics and validation windows loaded once; many metrics evaluated.
+
+    `scope` names the simplification scope (`metricgp.expr.simplify.SCOPES`) under which two
+    metrics with one canonical key get the same fitness here; the search reads it (an evaluator
+    that ranks reduced structure scores across layers sets "global")."""
 
     def __init__(self, spec: EvaluatorSpec, setup: PruningSetup | None = None):
         from metricgp.prune.patterns import parse_pattern
@@ -126,14 +154,15 @@ class MetricEvaluator:
         if list(spec.fidelities) != sorted(set(spec.fidelities)) or min(spec.fidelities) < 1:
             raise MetricGPError(f"fidelities must be increasing positive window counts, got {spec.fidelities}")
         self.spec = spec
-        self.pattern = parse_pattern(spec.pattern, None if ":" in spec.pattern else spec.sparsity)
+        self.objective = FITNESSES[spec.fitness]
+        self.pattern = parse_pattern(spec.pattern, spec.sparsity)
+        self.scope = self.pattern.simplify_scope
         self.setup = setup or PruningSetup.from_spec(spec)
         self.fidelities = tuple(spec.fidelities)
         self.valid = self.setup.fitness_windows(max(self.fidelities))
         self.fidelities = tuple(min(f, len(self.valid)) for f in self.fidelities)
-        self.reference = (
-            DenseReference.build(self.setup.model, self.valid) if spec.fitness == "kl" else None
-        )
+        build = self.objective.reference
+        self.reference = build(self.setup.model, self.valid) if build is not None else None
         self.timings: dict[str, float] = defaultdict(float)
 
     def evaluate(self, tree, n_windows: int) -> FitnessResult:
@@ -149,10 +178,7 @@ class MetricEvaluator:
             return FitnessResult(math.inf, len(windows), str(err), time.perf_counter() - t0, 0.0)
         t1 = time.perf_counter()
         self.timings["score_mask"] += t1 - t0
-        if self.reference is None:
-            value = perplexity(self.setup.model, windows, self.spec.batch_size)
-        else:
-            value = kl_to_dense(self.setup.model, windows, self.reference)
+        value = self.objective.measure(self.setup.model, windows, self.reference, self.spec.batch_size)
         self.timings["forward"] += time.perf_counter() - t1
         self.setup.dense.restore()
         reason = None if math.isfinite(value) else "non-finite fitness"
@@ -232,16 +258,19 @@ def cached_dense_perplexity(setup: PruningSetup, data: str, windows: torch.Tenso
     import json
 
     from metricgp.models import cache_root
+    from metricgp.provenance import json_safe
 
     setup.dense.restore()
     digest = hashlib.sha256(windows.numpy().tobytes()).hexdigest()[:16]
     dtype = str(next(setup.model.parameters()).dtype)
     path = cache_root() / "dense_ppl" / f"{setup.fingerprint}-{digest}-{dtype.replace('torch.', '')}.json"
     if path.is_file():
-        return float(json.loads(path.read_text())["perplexity"])
+        cached = json.loads(path.read_text())["perplexity"]
+        return math.inf if cached is None else float(cached)  # null: non-finite (JSON has no Infinity)
     value = perplexity(setup.model, windows, setup.spec.batch_size, progress=True)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({"perplexity": value, "data": data, "windows": len(windows)}))
+    path.write_text(json.dumps(json_safe({"perplexity": value, "data": data, "windows": len(windows)}),
+                               allow_nan=False))
     return value
 
 

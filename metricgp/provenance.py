@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import platform
 import shlex
@@ -10,6 +11,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 
 def git_sha() -> str | None:
@@ -57,7 +59,28 @@ def provenance() -> dict:
     }
 
 
-def write_json_atomic(path: Path, payload: dict) -> None:
+def json_safe(obj: Any) -> Any:
+    """A copy that strict JSON can hold: non-finite floats (inf, nan) -> None, tuples -> lists,
+    dict keys -> str, anything else unknown -> str. Every JSON file we write goes through it, so
+    none contains `Infinity` or `NaN` (not JSON; many parsers refuse them)."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {str(k): json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_safe(v) for v in obj]
+    if obj is None or isinstance(obj, (str, int, bool)):
+        return obj
+    return str(obj)
+
+
+def dumps(payload: Any, indent: int | None = 2) -> str:
+    """Strict JSON text of `json_safe(payload)`."""
+    return json.dumps(json_safe(payload), indent=indent, allow_nan=False)
+
+
+def write_json_atomic(path: Path, payload: Any) -> None:
+    """Write strict JSON (non-finite numbers as null) via a temporary file and os.replace."""
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(payload, indent=2, default=str) + "\n")
+    tmp.write_text(dumps(payload) + "\n", encoding="utf-8")
     os.replace(tmp, path)

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from metricgp.errors import MetricGPError
-from metricgp.prune.patterns import NM, Unstructured, parse_pattern
+from metricgp.prune.patterns import NM, PATTERNS, Unstructured, parse_pattern, parse_setting
 
 
 @pytest.mark.parametrize("sparsity", [0.1, 0.25, 0.5, 0.6, 0.9])
@@ -52,7 +52,8 @@ def test_ties_and_nans_are_deterministic():
     ("unstructured", None, "needs a sparsity"),
     ("4:2", None, "0 < N < M"),
     ("0:4", None, "0 < N < M"),
-    ("2:4", 0.7, "fixes sparsity"),
+    ("2:4", 0.7, "fixes sparsity at 0.5; got --sparsity 0.7"),
+    ("4:8", 0.6, "fixes sparsity at 0.5"),
     ("blocky", 0.5, "unknown pattern"),
 ])
 def test_bad_patterns_are_user_errors(text, sparsity, message):
@@ -70,3 +71,31 @@ def test_parse_pattern_forms():
     assert parse_pattern("2:4", 0.5) == NM(2, 4)
     assert parse_pattern("Unstructured", 0.3) == Unstructured(0.3, "row")
     assert parse_pattern("unstructured-layer", 0.3) == Unstructured(0.3, "layer")
+
+
+def test_one_registry_parses_every_pattern_kind():
+    assert set(PATTERNS) == {"unstructured", "unstructured-layer", "N:M"}
+    assert [k for k, kind in PATTERNS.items() if kind.fixes_sparsity] == ["N:M"]
+    # a default sparsity fills in for kinds that need one, never for one that fixes its own
+    assert parse_pattern("unstructured", None, default_sparsity=0.5) == Unstructured(0.5, "row")
+    assert parse_pattern("1:4", None, default_sparsity=0.5) == NM(1, 4)
+    assert parse_pattern("unstructured", 0.7, default_sparsity=0.5) == Unstructured(0.7, "row")
+    with pytest.raises(MetricGPError, match="fixes sparsity at 0.5; got --sparsity 0.7") as err:
+        parse_pattern("2:4", 0.7, default_sparsity=0.5)
+    assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("pattern", [Unstructured(0.5), Unstructured(0.6, "layer"), NM(2, 4), NM(4, 8)])
+def test_settings_round_trip(pattern):
+    assert parse_setting(pattern.setting) == pattern
+
+
+def test_settings_text():
+    assert parse_setting("0.5") == Unstructured(0.5) and parse_setting("0.5").setting == "0.5"
+    assert parse_setting("0.60").setting == "0.6" and parse_setting("0.6").label == "60%"
+    assert parse_setting("unstructured-layer@0.5") == Unstructured(0.5, "layer")
+    assert parse_setting("2:4").label == "2:4"
+    with pytest.raises(MetricGPError, match="needs a sparsity"):
+        parse_setting("unstructured")
+    with pytest.raises(MetricGPError, match="bad sparsity"):
+        parse_setting("unstructured@half")

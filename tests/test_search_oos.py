@@ -6,6 +6,8 @@ from __future__ import annotations
 import math
 import random
 
+import pytest
+
 from metricgp.evaluate import FitnessResult
 from metricgp.expr import parse
 from metricgp.search.backends import SerialBackend
@@ -110,9 +112,53 @@ def test_regeneration_finds_a_new_child_when_one_exists():
     assert search.counters["oos_regenerated"] > 0 and search.counters["oos_exhausted"] == 0
 
 
-def test_a_search_counts_its_savings():
-    search = GPSearch(_space(population=6, offspring=6), SerialBackend(CountingEvaluator), FIDS)
-    search.initialize()
-    recs = [search.step() for _ in range(5)]
-    assert sum(r["oos_saves"] for r in recs) == sum(r["cache_hits"] + r["oos_regenerated"] for r in recs) > 0
+def test_a_search_counts_its_savings(monkeypatch):
+    import metricgp.search.gp as gp_module
+
+    oos_calls = []
+
+    def counting_oos(ind, grammar, scope):
+        oos_calls.append(1)
+        return apply_oos(ind, grammar, scope)
+
+    monkeypatch.setattr(gp_module, "apply_oos", counting_oos)
+    ev = CountingEvaluator()
+    search = GPSearch(_space(population=6, offspring=6), SerialBackend(lambda: ev), FIDS)
+    recs = [search.initialize()]
+    oos_calls.clear()
+    recs += [search.step() for _ in range(5)]
+    # every candidate (the initial population, then 5 x 6 children) is either a new canonical form,
+    # with one cache entry, or answered from the cache
+    assert sum(r["cache_hits"] for r in recs) + len(search.cache.results) == 6 + 5 * 6
+    assert sum(r["cache_hits"] for r in recs[1:]) > 0
+    # the evaluator saw each new form once at the first fidelity, except forms without a leaf
+    no_leaf = sum(1 for form, _ in search.cache.forms.values() if not parse(form).leaves_used())
+    assert len([t for t, n in ev.calls if n == FIDS[0]]) == len(search.cache.results) - no_leaf
+    # each regeneration is one more OOS pass: a child takes 1 + its regenerations, but an exhausted
+    # child's last attempt is counted as a regeneration and kept
+    regenerated = sum(r["oos_regenerated"] for r in recs)
+    assert regenerated == search.counters["oos_regenerated"] > 0
+    assert len(oos_calls) == 5 * 6 + regenerated - search.counters["oos_exhausted"]
     assert all(math.isfinite(r["best_fitness"]) for r in recs)
+
+
+def test_scope_comes_from_the_evaluator_and_drives_oos_and_the_cache():
+    """Under "global" (structure scores ranked across layers) a root shift or mms is a different
+    metric: it gets its own key, its own evaluation and its own place in the population."""
+
+    class GlobalEvaluator(CountingEvaluator):
+        scope = "global"
+
+    space = _space()
+    texts = ["mul(abs(W), sqrt(X))", "add(mul(abs(W), sqrt(X)), 1.0)", "mul(2.0, mul(abs(W), sqrt(X)))"]
+    for evaluator, distinct in ((CountingEvaluator(), 1), (GlobalEvaluator(), 2)):
+        search = GPSearch(space, SerialBackend(lambda ev=evaluator: ev), FIDS)
+        assert search.scope == getattr(evaluator, "scope", "tensor")
+        cohort = [search._oos(node_to_tree(parse(t), search.grammar)) for t in texts]
+        assert len({ind.key for ind in cohort}) == distinct
+        evaluate_cohort(cohort, FIDS, 2, search.backend, search.cache)
+        assert len([t for t, n in evaluator.calls if n == FIDS[0]]) == distinct
+        assert search.state_dict()["scope"] == search.scope
+    tensor = GPSearch(space, SerialBackend(CountingEvaluator), FIDS, scope="tensor")
+    with pytest.raises(ValueError, match="scope 'global'"):
+        tensor.load_state_dict({**search.state_dict()})

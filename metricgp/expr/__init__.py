@@ -6,11 +6,11 @@ from metricgp.expr.ops import LEAVES, OPERATORS
 from metricgp.expr.parse import FormulaError, parse
 from metricgp.expr.printing import describe, to_functional, to_infix, to_latex, to_sympy
 from metricgp.expr.randomtree import random_tree
-from metricgp.expr.simplify import RANK_RULES, RULES, canonical_key, simplify
+from metricgp.expr.simplify import RANK_RULES, RULES, SCOPES, canonical_key, simplify
 from metricgp.expr.tree import CONST, Node, call, const, leaf
 
 __all__ = [
-    "BUILTIN_METRICS", "CONST", "LEAVES", "OPERATORS", "RANK_RULES", "RULES", "FormulaError", "Node",
+    "BUILTIN_METRICS", "CONST", "LEAVES", "OPERATORS", "RANK_RULES", "RULES", "SCOPES", "FormulaError", "Node",
     "call", "canonical_key", "compile_metric", "const", "describe", "leaf", "parse", "random_tree",
     "resolve_metric", "simplify", "to_functional", "to_infix", "to_latex", "to_sympy",
 ]

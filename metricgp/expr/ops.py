@@ -9,9 +9,11 @@ never NaN or Inf. Metrics are evaluated in float32.
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import sympy
 import torch
 
 # The single divide-by-zero / log-of-zero guard. Pruner-Zero's released code uses 1e-3 inside log;
@@ -71,27 +73,67 @@ def _colnorm(x: Tensor) -> Tensor:
     return _finite(x / _safe_denominator(x.abs().sum(dim=-2, keepdim=True))) if x.dim() >= 2 else x
 
 
+# Binding strength of printed symbols: infix operators bind by their `precedence`, a prefix
+# operator (neg's '-') binds tighter than any infix one, and calls, leaves and constants tightest.
+PRECEDENCE_PREFIX = 3
+PRECEDENCE_ATOM = 4
+
+# Sign facts, for the simplifier's `is_nonnegative` (and sympy's assumptions on opaque functions).
+NONNEGATIVE = "nonnegative"  # the output is >= 0 for every finite input
+FOLLOWS = "follows"  # the output is >= 0 whenever every argument is
+ANY_SIGN = "any"
+SIGNS = (NONNEGATIVE, FOLLOWS, ANY_SIGN)
+
+
 @dataclass(frozen=True)
 class Operator:
-    """A primitive of the grammar.
+    r"""A primitive of the grammar: everything the parser, printers, compiler, simplifier and the
+    search know about it. Only `name`, `arity` and `fn` are required; the defaults make a new
+    operator a function call everywhere (printed `name(x)`, opaque to sympy, of unknown sign).
 
-    name:     the functional name (`mul`), also the DEAP primitive name.
-    arity:    1 or 2.
-    fn:       the protected tensor function.
-    symbol:   infix symbol for binary operators ('+', '-', '*', '/'), else None.
-    latex:    format string with {0}, {1} for the children's LaTeX.
-    elementwise: False for operators that look at the whole tensor (mms, zsn, rownorm, colnorm);
-              the sympy canonicaliser keeps those as opaque functions.
-    doc:      one line for `--help` and the README.
+    name:       the functional name (`mul`), also the DEAP primitive name.
+    arity:      1 or 2.
+    fn:         the protected tensor function.
+    symbol:     binary: infix symbol ('+', '-', '*', '/'); unary: prefix symbol (neg's '-'); else None.
+                Parsed and printed; binary symbols associate to the left.
+    precedence: binding strength of the symbol (higher binds tighter); PRECEDENCE_ATOM for calls.
+    latex:      format string with {0}, {1} for the children's LaTeX (default \operatorname{name}(...)).
+    latex_grouped: the LaTeX template delimits its arguments itself (\frac), so an infix operator's
+                children never need parentheses there.
+    sympy_fn:   the closed elementwise form on sympy expressions; None: an opaque sympy function
+                (whole-tensor operators, or an operator sympy should not look into).
+    sympy_fn_nonneg: a cheaper closed form for an argument known to be >= 0 (skips sympy's slow sign
+                queries on Abs), or None.
+    sign:       NONNEGATIVE, FOLLOWS or ANY_SIGN (see above).
+    elementwise: False for operators that look at the whole tensor (mms, zsn, rownorm, colnorm).
+    normalisation: a per-tensor increasing affine map of its input (mms, zsn): invariant under
+                such maps itself, and 0 on a constant tensor. The simplifier's normalise_twice,
+                fold and root_normalise rules read it.
+    doc:        one line for `--help` and the README.
     """
 
     name: str
     arity: int
     fn: Callable[..., Tensor]
     symbol: str | None = None
+    precedence: int = PRECEDENCE_ATOM
     latex: str = ""
+    latex_grouped: bool = False
+    sympy_fn: Callable[..., sympy.Expr] | None = None
+    sympy_fn_nonneg: Callable[..., sympy.Expr] | None = None
+    sign: str = ANY_SIGN
     elementwise: bool = True
+    normalisation: bool = False
     doc: str = ""
+
+    def __post_init__(self) -> None:
+        if self.arity not in (1, 2):
+            raise ValueError(f"operator {self.name!r}: arity must be 1 or 2, got {self.arity}")
+        if self.sign not in SIGNS:
+            raise ValueError(f"operator {self.name!r}: sign must be one of {SIGNS}, got {self.sign!r}")
+        if not self.latex:
+            args = ", ".join(f"{{{i}}}" for i in range(self.arity))
+            object.__setattr__(self, "latex", rf"\operatorname{{{{{self.name}}}}}\left({args}\right)")
 
 
 @dataclass(frozen=True)
@@ -113,40 +155,60 @@ LEAVES: dict[str, Leaf] = {
 }
 
 
-def _op(name, arity, fn, symbol=None, latex="", elementwise=True, doc=""):
-    return Operator(name, arity, fn, symbol, latex, elementwise, doc)
-
+_LOG_EPS_EXACT = sympy.Rational(repr(LOG_EPS))  # 1/1000: the protected log is exactly log(|x| + 1/1000)
 
 OPERATORS: dict[str, Operator] = {
     o.name: o
     for o in (
         # unary (Pruner-Zero's set)
-        _op("sqr", 1, lambda x: _finite(x * x), latex=r"\left({0}\right)^{{2}}", doc="x^2"),
-        _op("neg", 1, lambda x: -x, latex=r"-\left({0}\right)", doc="-x"),
-        _op("abs", 1, torch.abs, latex=r"\left|{0}\right|", doc="|x|"),
-        _op("tanh", 1, torch.tanh, latex=r"\tanh\left({0}\right)", doc="tanh(x)"),
-        _op("identity", 1, lambda x: x, latex="{0}", doc="x"),
-        _op("log", 1, lambda x: torch.log(x.abs() + LOG_EPS), latex=r"\log\left({0}\right)",
-            doc=f"log(|x| + {LOG_EPS:g})"),
-        _op("exp", 1, lambda x: torch.exp(torch.clamp(x, max=EXP_CLAMP)), latex=r"e^{{{0}}}",
-            doc=f"exp(min(x, {EXP_CLAMP:g}))"),
-        _op("sqrt", 1, lambda x: torch.sqrt(x.abs()), latex=r"\sqrt{{{0}}}", doc="sqrt(|x|)"),
-        _op("mms", 1, _mms, latex=r"\operatorname{{mms}}\left({0}\right)", elementwise=False,
-            doc="min-max scaling over the whole tensor (constant -> 0)"),
-        _op("zsn", 1, _zsn, latex=r"\operatorname{{zsn}}\left({0}\right)", elementwise=False,
-            doc="z-score over the whole tensor (constant -> 0)"),
+        Operator("sqr", 1, lambda x: _finite(x * x), latex=r"\left({0}\right)^{{2}}", sympy_fn=lambda a: a**2,
+                 sign=NONNEGATIVE, doc="x^2"),
+        Operator("neg", 1, lambda x: -x, "-", PRECEDENCE_PREFIX, r"-\left({0}\right)", sympy_fn=lambda a: -a,
+                 doc="-x"),
+        Operator("abs", 1, torch.abs, latex=r"\left|{0}\right|", sympy_fn=sympy.Abs, sympy_fn_nonneg=lambda a: a,
+                 sign=NONNEGATIVE, doc="|x|"),
+        Operator("tanh", 1, torch.tanh, latex=r"\tanh\left({0}\right)", sympy_fn=sympy.tanh, sign=FOLLOWS,
+                 doc="tanh(x)"),
+        Operator("identity", 1, lambda x: x, latex="{0}", sympy_fn=lambda a: a, sign=FOLLOWS, doc="x"),
+        # The protected log is exactly this, so log(exp(x)) is (rightly) not cancelled by sympy.
+        Operator("log", 1, lambda x: torch.log(x.abs() + LOG_EPS), latex=r"\log\left({0}\right)",
+                 sympy_fn=lambda a: sympy.log(sympy.Abs(a) + _LOG_EPS_EXACT),
+                 sympy_fn_nonneg=lambda a: sympy.log(a + _LOG_EPS_EXACT), doc=f"log(|x| + {LOG_EPS:g})"),
+        # clamped only beyond e^80, which sympy's exp ignores
+        Operator("exp", 1, lambda x: torch.exp(torch.clamp(x, max=EXP_CLAMP)), latex=r"e^{{{0}}}",
+                 sympy_fn=sympy.exp, sign=NONNEGATIVE, doc=f"exp(min(x, {EXP_CLAMP:g}))"),
+        Operator("sqrt", 1, lambda x: torch.sqrt(x.abs()), latex=r"\sqrt{{{0}}}",
+                 sympy_fn=lambda a: sympy.sqrt(sympy.Abs(a)), sympy_fn_nonneg=sympy.sqrt, sign=NONNEGATIVE,
+                 doc="sqrt(|x|)"),
+        Operator("mms", 1, _mms, latex=r"\operatorname{{mms}}\left({0}\right)", sign=NONNEGATIVE,
+                 elementwise=False, normalisation=True,
+                 doc="min-max scaling over the whole tensor (constant -> 0)"),
+        Operator("zsn", 1, _zsn, latex=r"\operatorname{{zsn}}\left({0}\right)", elementwise=False,
+                 normalisation=True, doc="z-score over the whole tensor (constant -> 0)"),
         # unary (extended space, RIA-style normalisations)
-        _op("rownorm", 1, _rownorm, latex=r"\operatorname{{rown}}\left({0}\right)", elementwise=False,
-            doc="x / l1 norm of its output row"),
-        _op("colnorm", 1, _colnorm, latex=r"\operatorname{{coln}}\left({0}\right)", elementwise=False,
-            doc="x / l1 norm of its input column"),
+        Operator("rownorm", 1, _rownorm, latex=r"\operatorname{{rown}}\left({0}\right)", sign=FOLLOWS,
+                 elementwise=False, doc="x / l1 norm of its output row"),
+        Operator("colnorm", 1, _colnorm, latex=r"\operatorname{{coln}}\left({0}\right)", sign=FOLLOWS,
+                 elementwise=False, doc="x / l1 norm of its input column"),
         # binary
-        _op("add", 2, lambda x, y: _finite(x + y), "+", "{0} + {1}", doc="x + y"),
-        _op("sub", 2, lambda x, y: _finite(x - y), "-", "{0} - {1}", doc="x - y"),
-        _op("mul", 2, lambda x, y: _finite(x * y), "*", r"{0} \cdot {1}", doc="x * y"),
-        _op("div", 2, _div, "/", r"\frac{{{0}}}{{{1}}}", doc=f"x / y, |y| floored at {PROTECT_EPS:g}"),
+        Operator("add", 2, lambda x, y: _finite(x + y), "+", 1, "{0} + {1}", sympy_fn=operator.add, sign=FOLLOWS,
+                 doc="x + y"),
+        Operator("sub", 2, lambda x, y: _finite(x - y), "-", 1, "{0} - {1}", sympy_fn=operator.sub, doc="x - y"),
+        Operator("mul", 2, lambda x, y: _finite(x * y), "*", 2, r"{0} \cdot {1}", sympy_fn=operator.mul,
+                 sign=FOLLOWS, doc="x * y"),
+        # sympy's a / b is the protected div away from |b| < PROTECT_EPS; a >= 0 denominator is
+        # floored at +PROTECT_EPS, so div follows the sign of its arguments.
+        Operator("div", 2, _div, "/", 2, r"\frac{{{0}}}{{{1}}}", latex_grouped=True, sympy_fn=operator.truediv,
+                 sign=FOLLOWS, doc=f"x / y, |y| floored at {PROTECT_EPS:g}"),
     )
 }
 
-# Infix symbol -> operator name, for the parser and the printer.
-BINARY_SYMBOLS: dict[str, str] = {o.symbol: o.name for o in OPERATORS.values() if o.symbol}
+
+def binary_symbols() -> dict[str, str]:
+    """Infix symbol -> operator name, read from `OPERATORS` (for the parser)."""
+    return {o.symbol: o.name for o in OPERATORS.values() if o.symbol and o.arity == 2}
+
+
+def prefix_symbols() -> dict[str, str]:
+    """Prefix symbol -> operator name, read from `OPERATORS` (for the parser)."""
+    return {o.symbol: o.name for o in OPERATORS.values() if o.symbol and o.arity == 1}

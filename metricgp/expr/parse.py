@@ -1,13 +1,14 @@
 """One recursive-descent parser for metric formulas, functional (`mul(abs(W), X)`) or infix
 (`abs(W) * X`), mixed freely.
 
-The tokenizer accepts only numbers, names, `( ) ,` and `+ - * /`; names must be a leaf or an
-operator of `OPERATORS`. Nothing is ever handed to eval/exec/sympy's parser, so a formula can only
-denote a tree of the grammar.
+The tokenizer accepts only numbers, names, `( ) ,` and the operator symbols of `OPERATORS`
+(`+ - * /`); names must be a leaf or an operator. Nothing is ever handed to eval/exec/sympy's
+parser, so a formula can only denote a tree of the grammar. Symbols, their precedence levels and
+prefix operators are read from `OPERATORS`, so the grammar is (with today's table):
 
-    expr    := term (('+' | '-') term)*
-    term    := unary (('*' | '/') unary)*
-    unary   := '-' NUMBER | '-' unary | primary
+    expr    := term (('+' | '-') term)*          # precedence 1, left-associative
+    term    := unary (('*' | '/') unary)*        # precedence 2, left-associative
+    unary   := '-' NUMBER | '-' unary | primary  # prefix symbols ('-' NUMBER is a constant)
     primary := NUMBER | LEAF | OP '(' expr (',' expr)* ')' | '(' expr ')'
 """
 
@@ -18,7 +19,7 @@ import re
 from dataclasses import dataclass
 
 from metricgp.errors import MetricGPError
-from metricgp.expr.ops import BINARY_SYMBOLS, LEAVES, OPERATORS
+from metricgp.expr.ops import LEAVES, OPERATORS, binary_symbols, prefix_symbols
 from metricgp.expr.tree import Node, call, const, leaf
 
 MAX_LENGTH = 2000
@@ -26,7 +27,12 @@ MAX_DEPTH = 64
 
 _NUMBER = re.compile(r"(?:\d+\.\d*|\.\d+|\d+)(?:[eE][+-]?\d+)?")
 _NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
-_PUNCT = "(),+-*/"
+_PUNCT = "(),"
+
+
+def _symbols() -> list[str]:
+    """Every operator symbol, longest first (so a two-character symbol wins over its first char)."""
+    return sorted({*binary_symbols(), *prefix_symbols()}, key=len, reverse=True)
 
 
 class FormulaError(MetricGPError):
@@ -39,7 +45,7 @@ def _known() -> str:
 
 @dataclass(frozen=True)
 class _Tok:
-    kind: str  # 'num', 'name', one of _PUNCT, or 'end'
+    kind: str  # 'num', 'name', one of _PUNCT, an operator symbol, or 'end'
     text: str
     pos: int  # 0-based index into the formula
 
@@ -50,6 +56,7 @@ def _fail(text: str, pos: int, problem: str) -> FormulaError:
 
 def _tokenize(text: str) -> list[_Tok]:
     toks: list[_Tok] = []
+    symbols = _symbols()
     i = 0
     while i < len(text):
         ch = text[i]
@@ -70,11 +77,16 @@ def _tokenize(text: str) -> list[_Tok]:
             toks.append(_Tok("name", m.group(), i))
             i = m.end()
             continue
-        if text.startswith("**", i):
+        if text.startswith("**", i) and "**" not in symbols:
             raise _fail(text, i, "'**' is not supported (use sqr(x) or mul(x, x))")
         if ch in _PUNCT:
             toks.append(_Tok(ch, ch, i))
             i += 1
+            continue
+        sym = next((s for s in symbols if text.startswith(s, i)), None)
+        if sym is not None:
+            toks.append(_Tok(sym, sym, i))
+            i += len(sym)
             continue
         raise _fail(text, i, f"unexpected character {ch!r}")
     toks.append(_Tok("end", "", len(text)))
@@ -87,6 +99,12 @@ class _Parser:
         self.toks = _tokenize(text)
         self.i = 0
         self.depth = 0
+        self.binary_ops = binary_symbols()
+        self.prefix_ops = prefix_symbols()
+        # infix precedence levels, loosest first: [{'+', '-'}, {'*', '/'}] with today's table
+        levels = sorted({OPERATORS[name].precedence for name in self.binary_ops.values()})
+        self.levels = [{s for s, name in self.binary_ops.items() if OPERATORS[name].precedence == p}
+                       for p in levels]
 
     @property
     def tok(self) -> _Tok:
@@ -119,31 +137,32 @@ class _Parser:
             raise FormulaError(f"formula deeper than {MAX_DEPTH} levels in {self.text!r}")
         return node
 
-    def binary(self, symbols: str, operand) -> Node:
-        left = operand()
-        while self.tok.kind in symbols:
-            op = BINARY_SYMBOLS[self.tok.kind]
+    def binary(self, level: int) -> Node:
+        """Left-associative infix operators of precedence level `level` and tighter."""
+        if level == len(self.levels):
+            return self.unary()
+        left = self.binary(level + 1)
+        while self.tok.kind in self.levels[level]:
+            op = self.binary_ops[self.tok.kind]
             self.i += 1
-            left = call(op, left, operand())
+            left = call(op, left, self.binary(level + 1))
         return left
 
     def expr(self) -> Node:
         self.nest()
-        node = self.binary("+-", self.term)
+        node = self.binary(0)
         self.depth -= 1
         return node
 
-    def term(self) -> Node:
-        return self.binary("*/", self.unary)
-
     def unary(self) -> Node:
-        if self.tok.kind != "-":
+        sym = self.tok.kind
+        if sym not in self.prefix_ops:
             return self.primary()
         self.i += 1
-        if self.tok.kind == "num":  # `-2.5` is the constant -2.5, not neg(2.5)
+        if sym == "-" and self.tok.kind == "num":  # `-2.5` is the constant -2.5, not neg(2.5)
             return const(-self.number(self.expect("num")))
         self.nest()
-        node = call("neg", self.unary())
+        node = call(self.prefix_ops[sym], self.unary())
         self.depth -= 1
         return node
 

@@ -10,12 +10,8 @@ from typing import Any
 
 import sympy
 
-from metricgp.expr.ops import LEAVES, LOG_EPS, OPERATORS
+from metricgp.expr.ops import LEAVES, NONNEGATIVE, OPERATORS, PRECEDENCE_ATOM, PRECEDENCE_PREFIX, Operator
 from metricgp.expr.tree import Node
-
-# Binding strength for infix printing; atoms and calls bind tightest.
-_PREC = {"add": 1, "sub": 1, "mul": 2, "div": 2, "neg": 3}
-_ATOM = 4
 
 
 def _const_text(value: float | None) -> str:
@@ -32,9 +28,13 @@ def to_functional(node: Node) -> str:
 
 
 def _prec(node: Node) -> int:
-    if node.is_const and node.value is not None and node.value < 0:
-        return _PREC["neg"]  # prints with a leading '-', like neg
-    return _PREC.get(node.op, _ATOM)
+    """How tightly the printed node binds: an operator's `precedence`; a negative constant prints
+    with a leading '-', like a prefix operator; leaves and other constants are atoms."""
+    if node.is_const:
+        return PRECEDENCE_PREFIX if node.value is not None and node.value < 0 else PRECEDENCE_ATOM
+    if node.is_leaf:
+        return PRECEDENCE_ATOM
+    return OPERATORS[node.op].precedence
 
 
 def to_infix(node: Node) -> str:
@@ -44,22 +44,21 @@ def to_infix(node: Node) -> str:
     if node.is_leaf:
         return node.op
     op = OPERATORS[node.op]
-    if op.symbol:
+    if op.symbol and op.arity == 2:
         left, right = node.children
-        p = _PREC[node.op]
         ltxt, rtxt = to_infix(left), to_infix(right)
-        if _prec(left) < p:
+        if _prec(left) < op.precedence:
             ltxt = f"({ltxt})"
-        # All four are parsed left-associatively, so an equal-precedence right child needs parens.
-        if _prec(right) <= p:
+        # Infix operators parse left-associatively, so an equal-precedence right child needs parens.
+        if _prec(right) <= op.precedence:
             rtxt = f"({rtxt})"
         return f"{ltxt} {op.symbol} {rtxt}"
-    if node.op == "neg":
+    if op.symbol:
         (child,) = node.children
-        # `-2.5` would parse as the constant -2.5, so neg of a constant keeps its parentheses.
-        if _prec(child) >= _ATOM and not child.is_const:
-            return f"-{to_infix(child)}"
-        return f"-({to_infix(child)})"
+        # `-2.5` would parse as the constant -2.5, so a prefix operator of a constant keeps its parentheses.
+        if _prec(child) >= PRECEDENCE_ATOM and not child.is_const:
+            return f"{op.symbol}{to_infix(child)}"
+        return f"{op.symbol}({to_infix(child)})"
     return f"{node.op}({', '.join(to_infix(c) for c in node.children)})"
 
 
@@ -70,10 +69,9 @@ def to_latex(node: Node) -> str:
         return node.op
     op = OPERATORS[node.op]
     parts = [to_latex(c) for c in node.children]
-    if op.symbol in ("+", "-", "*"):
-        p = _PREC[node.op]
+    if op.symbol and op.arity == 2 and not op.latex_grouped:
         for k, child in enumerate(node.children):
-            if _prec(child) < p + k or (_prec(child) == _PREC["neg"] and k == 1):
+            if _prec(child) < op.precedence + k or (_prec(child) == PRECEDENCE_PREFIX and k == 1):
                 parts[k] = rf"\left({parts[k]}\right)"
     return op.latex.format(*parts)
 
@@ -84,13 +82,19 @@ _SYMBOLS = {
     name: sympy.Symbol(name, real=True) if not lf.nonnegative else sympy.Symbol(name, nonnegative=True)
     for name, lf in LEAVES.items()
 }
-# Whole-tensor operators have no closed elementwise form: they stay opaque functions. Telling sympy
-# they are real (mms: in [0, 1]) is true and keeps its assumption queries cheap.
-_OPAQUE = {
-    name: sympy.Function(name, nonnegative=True) if name == "mms" else sympy.Function(name, real=True)
-    for name, o in OPERATORS.items()
-    if not o.elementwise
-}
+_OPAQUE: dict[tuple[str, bool], type[sympy.Function]] = {}
+
+
+def opaque_function(op: Operator) -> type[sympy.Function]:
+    """The sympy function standing for an operator without a closed elementwise form (whole-tensor
+    operators such as mms). Telling sympy it is real (nonnegative for NONNEGATIVE operators) is
+    true and keeps its assumption queries cheap."""
+    nonneg = op.sign == NONNEGATIVE
+    fn = _OPAQUE.get((op.name, nonneg))
+    if fn is None:
+        fn = sympy.Function(op.name, nonnegative=True) if nonneg else sympy.Function(op.name, real=True)
+        _OPAQUE[(op.name, nonneg)] = fn
+    return fn
 
 
 def _sympy_const(value: float) -> sympy.Expr:
@@ -103,43 +107,21 @@ def _sympy_const(value: float) -> sympy.Expr:
     return sympy.Rational(frac.numerator, frac.denominator)
 
 
-_ELEMENTWISE = {
-    "add": lambda a, b: a + b,
-    "sub": lambda a, b: a - b,
-    "mul": lambda a, b: a * b,
-    "div": lambda a, b: a / b,  # protected only where |b| < PROTECT_EPS
-    "neg": lambda a: -a,
-    "sqr": lambda a: a**2,
-    "abs": sympy.Abs,
-    "exp": sympy.exp,  # clamped only beyond e^80
-    "tanh": sympy.tanh,
-    "identity": lambda a: a,
-    "sqrt": lambda a: sympy.sqrt(sympy.Abs(a)),
-    # The protected log is exactly this, so log(exp(x)) is (rightly) not cancelled by sympy.
-    "log": lambda a: sympy.log(sympy.Abs(a) + _sympy_const(LOG_EPS)),
-}
-# The same, for a child we already know is >= 0: skips sympy's slow sign queries on Abs.
-_ELEMENTWISE_NONNEG = {
-    "abs": lambda a: a,
-    "sqrt": sympy.sqrt,
-    "log": lambda a: sympy.log(a + _sympy_const(LOG_EPS)),
-}
-
-
 def to_sympy(node: Node) -> sympy.Expr:
     if node.is_const:
         return _sympy_const(node.value if node.value is not None else 0.0)
     if node.is_leaf:
         return _SYMBOLS[node.op]
     args = [to_sympy(c) for c in node.children]
-    if node.op in _OPAQUE:
-        return _OPAQUE[node.op](*args)
-    if node.op in _ELEMENTWISE_NONNEG:
+    op = OPERATORS[node.op]
+    if op.sympy_fn is None:
+        return opaque_function(op)(*args)
+    if op.sympy_fn_nonneg is not None:
         from metricgp.expr.simplify import is_nonnegative
 
-        if is_nonnegative(node.children[0]):
-            return _ELEMENTWISE_NONNEG[node.op](*args)
-    return _ELEMENTWISE[node.op](*args)
+        if all(is_nonnegative(c) for c in node.children):
+            return op.sympy_fn_nonneg(*args)
+    return op.sympy_fn(*args)
 
 
 _SYMPY_STR: dict[str, str] = {}
@@ -151,7 +133,7 @@ def _sympy_str(node: Node) -> str:
 
     key = to_functional(node)
     if key not in _SYMPY_STR:
-        tree = simplify(node, rank_only=False)
+        tree = simplify(node, scope="exact")
         text = to_functional(tree)
         if tree.size() <= SYMPY_MAX_SIZE:
             try:

@@ -10,20 +10,38 @@ Deliberately absent:
   already-pruned layers contain exact zeros, so the rewrite would change which weights are pruned.
   It fires only when x is provably bounded away from zero.
 - div(neg x, neg y) -> div(x, y): at y = 0 the guard's sign flips (-0.0 counts as positive).
-- exp/tanh/sqrt at the root under rank_only: monotone, but not affine, so they would change
-  aggregated (structured) scores and merge distinct ties; only affine root transforms are stripped.
+- exp/tanh/sqrt at the root: monotone, but not affine, so they would change aggregated
+  (structured) scores and merge distinct ties; only affine root transforms are ever stripped.
+
+Scopes. `RULES` are exact and always apply. The root rules (`RANK_RULES`) change the scores but
+not the ranking they induce, and how far that holds depends on how the scores are used; each
+entry of `SCOPES` names the root rules that are valid for one use:
+
+- "exact": none; the simplified tree computes the same function (printing, reports).
+- "tensor": every root rule. Masks that rank the scores of ONE tensor (per-row or per-layer
+  unstructured, N:M) cannot see a positive scale, a constant shift or a per-tensor increasing
+  affine map (mms, zsn), and a negative scale ranks like neg.
+- "global": only root_scale. When element scores are reduced over coupled structures (sum, mean,
+  l2 norm or max over a head's rows and columns) and the structures are ranked across layers, a
+  constant shift adds (structure size) * c, which reorders structures of different sizes, and
+  mms/zsn apply different coefficients to each tensor, which reorders structures of different
+  layers. A constant scale c is the same for every tensor, and the reductions are positively
+  homogeneous: R(c * s) = c * R(s) for c > 0, so the order is kept. For c < 0, c * s = |c| * (-s)
+  elementwise, so R(c * s) = |c| * R(neg s): c * s ranks exactly like neg(s) in every scope (which
+  is what root_scale rewrites it to; it does NOT rank like s, nor like -R(s) for l2 or max).
 """
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import sympy
 import torch
 
-from metricgp.expr.ops import LEAVES, LOG_EPS, OPERATORS, PROTECT_EPS
-from metricgp.expr.printing import _OPAQUE, to_functional, to_sympy
+from metricgp.expr.ops import FOLLOWS, LEAVES, LOG_EPS, NONNEGATIVE, OPERATORS, PROTECT_EPS
+from metricgp.expr.printing import to_functional, to_sympy
 from metricgp.expr.tree import Node, call, const
 
 # Trees larger than this (after simplification) skip sympy in canonical_key: cost grows fast.
@@ -49,13 +67,10 @@ def is_nonnegative(node: Node) -> bool:
         return (node.value or 0.0) >= 0
     if node.is_leaf:
         return LEAVES[node.op].nonnegative
-    if node.op in ("sqr", "abs", "sqrt", "exp", "mms"):
+    sign = OPERATORS[node.op].sign
+    if sign == NONNEGATIVE:
         return True
-    if node.op in ("tanh", "identity", "rownorm", "colnorm"):  # sign-preserving
-        return is_nonnegative(node.children[0])
-    if node.op in ("add", "mul", "div"):  # div: a >= 0 denominator is floored at +PROTECT_EPS
-        return all(is_nonnegative(c) for c in node.children)
-    return False
+    return sign == FOLLOWS and all(is_nonnegative(c) for c in node.children)
 
 
 def _away_from_zero(node: Node) -> bool:
@@ -189,20 +204,27 @@ def _mul_neg_neg(n):
     return None
 
 
-@_rule("normalise_twice", "mms(mms x), mms(zsn x) -> mms x; zsn(zsn x), zsn(mms x) -> zsn x "
-       "(both are invariant under increasing affine maps; exact up to rounding)")
+def _is_normalisation(node: Node) -> bool:
+    op = OPERATORS.get(node.op)
+    return op is not None and op.normalisation
+
+
+@_rule("normalise_twice", "f(g x) -> f x for normalisations f, g (Operator.normalisation): mms(mms x), "
+       "mms(zsn x) -> mms x; zsn(zsn x), zsn(mms x) -> zsn x (g is an increasing affine map, which f "
+       "does not see; exact up to rounding)")
 def _normalise_twice(n):
-    c = _unary(n.op, ("mms", "zsn"))(n) if n.op in ("mms", "zsn") else None
-    return call(n.op, c.children[0]) if c else None
+    if _is_normalisation(n) and _is_normalisation(n.children[0]):
+        return call(n.op, n.children[0].children[0])
+    return None
 
 
 @_rule("fold", "an elementwise operator of constants -> the constant its protected float32 fn gives; "
-       "mms/zsn of a constant -> 0 (exact: the compiler evaluates constants the same way)")
+       "a normalisation (mms, zsn) of a constant -> 0 (exact: the compiler evaluates constants the same way)")
 def _fold(n):
     if not n.children or not all(k.is_const for k in n.children):
         return None
     op = OPERATORS[n.op]
-    if n.op in ("mms", "zsn"):
+    if op.normalisation:
         return const(0.0)
     if not op.elementwise:  # rownorm/colnorm of a constant depends on the layer's shape
         return None
@@ -216,10 +238,11 @@ RULES: list[Rule] = [
 ]
 
 
-# ----------------------------------------------------------------- rank-only (root) rules
+# --------------------------------------------------------------------- root (ranking) rules
 
 
-@_rule("root_scale", "root mul/div by a constant c: c > 0 -> x, c < 0 -> neg x (affine)")
+@_rule("root_scale", "root mul/div by a constant c: c > 0 -> x, c < 0 -> neg x (positively "
+       "homogeneous, the same for every tensor: valid in every non-exact scope)")
 def _root_scale(n):
     if n.op not in ("mul", "div"):
         return None
@@ -233,7 +256,8 @@ def _root_scale(n):
 
 
 @_rule("root_shift", "root add/sub of a constant: add(x, c), add(c, x), sub(x, c) -> x; "
-       "sub(c, x) -> neg x (affine)")
+       "sub(c, x) -> neg x (a shift: keeps the order within one tensor, not of sums over structures "
+       "of different sizes)")
 def _root_shift(n):
     if n.op not in ("add", "sub"):
         return None
@@ -245,12 +269,38 @@ def _root_shift(n):
     return None
 
 
-@_rule("root_normalise", "root mms x, zsn x -> x (global increasing affine)")
+@_rule("root_normalise", "root normalisation (mms x, zsn x) -> x (an increasing affine map with "
+       "coefficients of its own tensor: keeps the order within one tensor only)")
 def _root_normalise(n):
-    return n.children[0] if n.op in ("mms", "zsn") else None
+    return n.children[0] if _is_normalisation(n) else None
 
 
-RANK_RULES: list[Rule] = [_root_scale, _root_shift, _root_normalise]
+RANK_RULES: tuple[Rule, ...] = (_root_scale, _root_shift, _root_normalise)
+
+# scope -> the root rules that keep the ranking the scope's masks depend on (see the module doc).
+SCOPES: dict[str, tuple[Rule, ...]] = {
+    "exact": (),
+    "tensor": RANK_RULES,
+    "global": (_root_scale,),
+}
+DEFAULT_SCOPE = "tensor"
+
+
+def resolve_scope(scope: str | bool | None = DEFAULT_SCOPE, rank_only: bool | None = None) -> str:
+    """A scope name from `scope`, or from the deprecated `rank_only` flag (True: "tensor",
+    False: "exact"); a bool given as `scope` is read as rank_only."""
+    if isinstance(scope, bool):
+        scope, rank_only = None, scope
+    if rank_only is not None:
+        warnings.warn("rank_only= is deprecated; pass scope='tensor' (True) or scope='exact' (False)",
+                      DeprecationWarning, stacklevel=3)
+        if scope not in (None, DEFAULT_SCOPE):
+            raise ValueError(f"give scope or rank_only, not both (scope={scope!r}, rank_only={rank_only})")
+        return "tensor" if rank_only else "exact"
+    scope = DEFAULT_SCOPE if scope is None else scope
+    if scope not in SCOPES:
+        raise ValueError(f"unknown simplification scope {scope!r} (choose from {', '.join(SCOPES)})")
+    return scope
 
 
 # ----------------------------------------------------------------------------------- driver
@@ -283,12 +333,15 @@ def _simplify(node: Node) -> Node:
     return out
 
 
-def simplify(node: Node, rank_only: bool = True) -> Node:
-    """Apply `RULES` bottom-up to a fixed point; with rank_only, also strip affine root transforms
-    (`RANK_RULES`) that cannot change any ranking of the scores. Never increases the size."""
+def simplify(node: Node, scope: str = DEFAULT_SCOPE, *, rank_only: bool | None = None) -> Node:
+    """Apply `RULES` bottom-up to a fixed point, then the root rules of `scope` (`SCOPES`), which
+    cannot change the ranking that scope's masks see. Never increases the size.
+
+    `rank_only` is deprecated: True is scope="tensor", False is scope="exact"."""
+    rules = SCOPES[resolve_scope(scope, rank_only)]
     node = _simplify(node)
-    while rank_only:
-        for rule in RANK_RULES:
+    while rules:
+        for rule in rules:
             cand = rule.apply(node)
             if cand is not None:
                 node = _simplify(cand)
@@ -300,51 +353,73 @@ def simplify(node: Node, rank_only: bool = True) -> Node:
 
 # ---------------------------------------------------------------------------- canonical key
 
-_keys: dict[tuple[str, bool], str] = {}
+_keys: dict[tuple[str, str], str] = {}
 
 
-def _strip_affine(expr: sympy.Expr) -> sympy.Expr:
-    """The sympy counterpart of RANK_RULES (sympy may expose new ones, e.g. W + W = 2*W)."""
+def _sympy_shift(expr: sympy.Expr) -> sympy.Expr | None:
+    shift, rest = expr.as_coeff_Add()
+    return rest if shift != 0 else None
+
+
+def _sympy_scale(expr: sympy.Expr) -> sympy.Expr | None:
+    content, rest = expr.as_content_primitive()  # positive rational content, e.g. 2*W + 2*X
+    if content != 1:
+        return rest
+    coeff, rest = expr.as_coeff_Mul()
+    if coeff.is_negative and coeff != -1:  # -3*W ranks like -W (not like W)
+        return -rest
+    return None
+
+
+def _sympy_normalise(expr: sympy.Expr) -> sympy.Expr | None:
+    op = OPERATORS.get(getattr(expr.func, "__name__", ""))
+    if op is not None and op.normalisation and op.sympy_fn is None and len(expr.args) == 1:
+        return expr.args[0]
+    return None
+
+
+# The sympy counterparts of the root rules (sympy may expose new ones, e.g. W + W = 2*W), in the
+# order they are tried.
+_SYMPY_ROOT: tuple[tuple[Rule, Callable[[sympy.Expr], sympy.Expr | None]], ...] = (
+    (_root_shift, _sympy_shift),
+    (_root_scale, _sympy_scale),
+    (_root_normalise, _sympy_normalise),
+)
+
+
+def _strip_affine(expr: sympy.Expr, rules: tuple[Rule, ...]) -> sympy.Expr:
+    """Strip, at the root of `expr`, what the root `rules` strip from a tree, to a fixed point."""
+    steps = [fn for rule, fn in _SYMPY_ROOT if rule in rules]
     for _ in range(_MAX_STEPS):
-        shift, rest = expr.as_coeff_Add()
-        if shift != 0:
-            expr = rest
-            continue
-        content, rest = expr.as_content_primitive()  # positive rational content, e.g. 2*W + 2*X
-        if content != 1:
-            expr = rest
-            continue
-        coeff, rest = expr.as_coeff_Mul()
-        if coeff.is_negative and coeff != -1:  # -3*W ranks like -W (not like W)
-            expr = -rest
-            continue
-        if expr.func in (_OPAQUE["mms"], _OPAQUE["zsn"]):
-            expr = expr.args[0]
-            continue
-        break
+        for step in steps:
+            out = step(expr)
+            if out is not None:
+                expr = out
+                break
+        else:
+            break
     return expr
 
 
-def canonical_key(node: Node, rank_only: bool = True) -> str:
+def canonical_key(node: Node, scope: str = DEFAULT_SCOPE, *, rank_only: bool | None = None) -> str:
     """A string equal for metrics that are equal in real arithmetic (away from the protection
-    guards); with rank_only (default), also equal for metrics that differ by an increasing or
-    decreasing global affine map, i.e. that prune the same weights.
+    guards), and under a non-exact `scope` (default "tensor") also for metrics that differ by a
+    root transform of that scope's rules (`SCOPES`), i.e. that prune the same weights there.
 
     Built from sympy's automatic canonical form of the simplified tree (commutativity,
     collection of like terms); trees too large for sympy fall back to the simplified functional form.
+    `rank_only` is deprecated: True is scope="tensor", False is scope="exact".
     """
-    fkey = (to_functional(node), rank_only)
+    scope = resolve_scope(scope, rank_only)
+    fkey = (to_functional(node), scope)
     hit = _keys.get(fkey)
     if hit is not None:
         return hit
-    tree = simplify(node, rank_only=rank_only)
+    tree = simplify(node, scope)
     key = "tree:" + to_functional(tree)
     if tree.size() <= SYMPY_MAX_SIZE:
         try:
-            expr = to_sympy(tree)
-            if rank_only:
-                expr = _strip_affine(expr)
-            key = sympy.srepr(expr)
+            key = sympy.srepr(_strip_affine(to_sympy(tree), SCOPES[scope]))
         except (RecursionError, ValueError, TypeError, ArithmeticError):
             pass  # keep the functional fallback: still a correct (if finer) key
     if len(_keys) > 100_000:

@@ -3,12 +3,17 @@
 Each pattern is a small class with `mask(scores) -> keep`. Lower scores are pruned first.
 Ties are broken by position (stable sort), and NaN scores count as the lowest, so masks are
 deterministic. Add a pattern by writing a class and one `PATTERNS` entry.
+
+`parse_pattern` is the one place a pattern's text is parsed and validated (every command line
+goes through it): a pattern that fixes its own sparsity (N:M) refuses a different explicit one.
 """
 
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
@@ -39,6 +44,10 @@ def _prune_lowest(scores: torch.Tensor, k: int) -> torch.Tensor:
 class Unstructured:
     """Drop a fraction of weights; compared within each output row (Wanda) or across the layer."""
 
+    # The simplification scope (metricgp.expr.simplify.SCOPES) whose rewrites keep these masks:
+    # the scores of one tensor are ranked, so affine root transforms cannot change the mask.
+    simplify_scope: ClassVar[str] = "tensor"
+
     sparsity: float
     scope: str = "row"  # "row" | "layer"
 
@@ -52,10 +61,21 @@ class Unstructured:
     def name(self) -> str:
         return "unstructured" if self.scope == "row" else "unstructured-layer"
 
+    @property
+    def setting(self) -> str:
+        """The compact text `parse_setting` reads back: '0.5' (per row) or 'unstructured-layer@0.5'."""
+        return f"{self.sparsity:g}" if self.scope == "row" else f"{self.name}@{self.sparsity:g}"
+
+    @property
+    def label(self) -> str:
+        return f"{self.sparsity:.0%}" + ("" if self.scope == "row" else " layer")
+
 
 @dataclass(frozen=True)
 class NM:
     """N:M semi-structured sparsity: drop the n lowest of every m consecutive inputs."""
+
+    simplify_scope: ClassVar[str] = "tensor"  # each group of m ranks scores of one tensor
 
     n: int
     m: int
@@ -74,9 +94,16 @@ class NM:
     def name(self) -> str:
         return f"{self.n}:{self.m}"
 
+    @property
+    def setting(self) -> str:
+        return self.name
+
+    @property
+    def label(self) -> str:
+        return self.name
+
 
 Pattern = Unstructured | NM
-PATTERNS = ("unstructured", "unstructured-layer", "N:M (e.g. 2:4, 4:8)")
 
 
 def check_sparsity(sparsity: float) -> float:
@@ -85,19 +112,80 @@ def check_sparsity(sparsity: float) -> float:
     return sparsity
 
 
-def parse_pattern(text: str, sparsity: float | None = None) -> Pattern:
-    """'unstructured' | 'unstructured-layer' | 'N:M' -> a pattern, validated once."""
-    text = text.strip().lower()
-    if text in ("unstructured", "unstructured-row", "unstructured-layer"):
+@dataclass(frozen=True)
+class PatternKind:
+    """One entry of `PATTERNS`: the text it accepts and how that text becomes a pattern.
+
+    syntax:          a regular expression the lower-cased text must match in full.
+    build:           (match, sparsity) -> pattern; sparsity is None only for kinds that fix it.
+    fixes_sparsity:  the pattern's text fixes its sparsity (N:M): an explicit different sparsity
+                     is an error, and no default sparsity is applied.
+    example:         for help texts and error messages.
+    """
+
+    syntax: str
+    build: Callable[[re.Match, float | None], Pattern]
+    fixes_sparsity: bool = False
+    example: str = ""
+
+
+def _unstructured(scope: str) -> Callable[[re.Match, float | None], Pattern]:
+    def build(match: re.Match, sparsity: float | None) -> Pattern:
         if sparsity is None:
-            raise MetricGPError(f"pattern '{text}' needs a sparsity")
-        return Unstructured(check_sparsity(sparsity), "layer" if text.endswith("layer") else "row")
-    match = re.fullmatch(r"(\d+):(\d+)", text)
-    if match:
-        n, m = int(match[1]), int(match[2])
-        if not 0 < n < m:
-            raise MetricGPError(f"bad N:M pattern '{text}': need 0 < N < M")
-        if sparsity is not None and abs(sparsity - n / m) > 1e-9:
-            raise MetricGPError(f"pattern {text} fixes sparsity at {n / m:g}; got --sparsity {sparsity}")
-        return NM(n, m)
-    raise MetricGPError(f"unknown pattern '{text}' (choose from {', '.join(PATTERNS)})")
+            raise MetricGPError(f"pattern '{match[0]}' needs a sparsity")
+        return Unstructured(check_sparsity(sparsity), scope)
+
+    return build
+
+
+def _nm(match: re.Match, sparsity: float | None) -> Pattern:
+    n, m = int(match[1]), int(match[2])
+    if not 0 < n < m:
+        raise MetricGPError(f"bad N:M pattern '{match[0]}': need 0 < N < M")
+    if sparsity is not None and abs(sparsity - n / m) > 1e-9:
+        raise MetricGPError(f"pattern {match[0]} fixes sparsity at {n / m:g}; got --sparsity {sparsity:g} "
+                            f"(drop --sparsity or give {n / m:g})")
+    return NM(n, m)
+
+
+# kind name -> how to parse it; one entry adds a pattern to every command line.
+PATTERNS: dict[str, PatternKind] = {
+    "unstructured": PatternKind(r"unstructured(?:-row)?", _unstructured("row"), example="unstructured"),
+    "unstructured-layer": PatternKind(r"unstructured-layer", _unstructured("layer"), example="unstructured-layer"),
+    "N:M": PatternKind(r"(\d+):(\d+)", _nm, fixes_sparsity=True, example="2:4, 4:8"),
+}
+
+
+def pattern_help() -> str:
+    return ", ".join(f"{name} (e.g. {kind.example})" if kind.example != name else name
+                     for name, kind in PATTERNS.items())
+
+
+def parse_pattern(text: str, sparsity: float | None = None, default_sparsity: float | None = None) -> Pattern:
+    """A pattern from its text ('unstructured', 'unstructured-layer', 'N:M' ...), validated once.
+
+    `sparsity` is what the user gave explicitly (None: nothing); `default_sparsity` is used for a
+    pattern that needs one when none was given. A pattern that fixes its own sparsity (N:M) refuses
+    an explicit different one and ignores the default."""
+    clean = text.strip().lower()
+    for kind in PATTERNS.values():
+        match = re.fullmatch(kind.syntax, clean)
+        if match:
+            if sparsity is None and not kind.fixes_sparsity:
+                sparsity = default_sparsity
+            return kind.build(match, sparsity)
+    raise MetricGPError(f"unknown pattern '{clean}' (choose from {pattern_help()})")
+
+
+def parse_setting(text: str) -> Pattern:
+    """A comparison setting: a bare sparsity ('0.5': unstructured per row), 'PATTERN@SPARSITY'
+    ('unstructured-layer@0.5'), or a pattern that fixes its sparsity ('2:4'). `Pattern.setting`
+    writes it back."""
+    name, at, value = text.strip().partition("@")
+    try:
+        sparsity = float(value if at else name)
+    except ValueError:
+        if at:
+            raise MetricGPError(f"bad sparsity '{value}' in setting '{text}'") from None
+        return parse_pattern(name)
+    return parse_pattern(name if at else "unstructured", sparsity)

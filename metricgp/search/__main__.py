@@ -1,7 +1,7 @@
 """`python -m metricgp.search`: evolve a pruning metric, or resume a run.
 
     python -m metricgp.search --space search_spaces/pruner_zero.yaml --sparsity 0.5 \\
-        --pattern unstructured --population 50 --generations 40 --seed 0 --out results/pz-s0
+        --pattern unstructured --population 50 --generations 40 --gp-seed 0 --out results/pz-s0
     python -m metricgp.search --resume results/pz-s0
     python -m metricgp.search --evaluator synthetic --space search_spaces/tiny.yaml --out results/demo
 """
@@ -15,9 +15,18 @@ from pathlib import Path
 from typing import Any
 
 from metricgp.errors import MetricGPError, cli_entry
+from metricgp.evaluate import FITNESSES
+from metricgp.options import (
+    add_model_data_options,
+    add_pattern_options,
+    deprecated_alias,
+    model_data_fields,
+    pattern_from_args,
+)
 from metricgp.search.backends import BACKENDS
+from metricgp.search.breeding import ALGORITHMS
 from metricgp.search.run import EVALUATORS, RunConfig, resume, start
-from metricgp.search.space import ALGORITHMS, load_space, with_overrides
+from metricgp.search.space import load_space, with_overrides
 
 DEFAULT_SPACE = "search_spaces/pruner_zero.yaml"
 
@@ -42,29 +51,23 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--population", type=int)
     g.add_argument("--generations", type=int)
     g.add_argument("--offspring", type=int, help="children per generation")
-    g.add_argument("--algorithm", choices=ALGORITHMS)
-    g.add_argument("--seed", type=int)
+    g.add_argument("--algorithm", choices=tuple(ALGORITHMS))
+    g.add_argument("--gp-seed", type=int, help="seed of the search's random choices (the space's gp.seed)")
+    deprecated_alias(g, "--seed", "--gp-seed", dest="gp_seed", type=int)  # documented in README.md
     g.add_argument("--fidelities", type=_fidelities, help="validation windows per stage, e.g. 2,8,32")
     g.add_argument("--eta", type=int, help="successive halving: promote the top 1/eta")
     g.add_argument("--time-budget", type=float, metavar="MIN",
                    help="stop after the generation that exceeds this many minutes")
     e = p.add_argument_group("evaluator")
-    e.add_argument("--evaluator", choices=EVALUATORS, default="model",
+    e.add_argument("--evaluator", choices=tuple(EVALUATORS), default="model",
                    help="model: prune a language model (default); synthetic: model-free demo")
-    e.add_argument("--model", default="default")
-    e.add_argument("--calib", default="c4")
-    e.add_argument("--n-calib", type=int, default=32)
     e.add_argument("--valid", default="wikitext2", help="fitness data (keep it apart from the test split)")
-    e.add_argument("--seqlen", type=int, default=512)
-    e.add_argument("--sparsity", type=float, default=0.5)
-    e.add_argument("--pattern", default="unstructured", help="unstructured or N:M, e.g. 2:4")
-    e.add_argument("--fitness", choices=("ppl", "kl"), default="ppl")
-    e.add_argument("--data-seed", type=int, default=0,
-                   help="seed of the calibration sample (kept apart from --seed, so that runs with "
-                        "different search seeds optimise the same fitness)")
-    e.add_argument("--dtype", default="auto")
-    e.add_argument("--device", default="auto")
+    add_pattern_options(e)
+    e.add_argument("--fitness", choices=tuple(FITNESSES), default="ppl")
     e.add_argument("--synthetic-delay", type=float, default=0.0, help=argparse.SUPPRESS)
+    # --calib-seed is kept apart from --gp-seed, so that runs with different search seeds optimise
+    # the same fitness (the synthetic evaluator draws its layers from it)
+    add_model_data_options(p)
     b = p.add_argument_group("backend")
     b.add_argument("--backend", choices=BACKENDS, default=None, help="serial (default) or ray")
     b.add_argument("--workers", type=int, default=None, help="Ray actors (one evaluator each)")
@@ -75,14 +78,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def evaluator_spec(args: argparse.Namespace, fidelities: tuple[int, ...]) -> dict[str, Any]:
     """The evaluator's spec fields from the command line (model wiring lives here and in
-    `run.evaluator_factory`)."""
+    `run.evaluator_factory`); the pattern is parsed and validated once, here, and the spec holds
+    its resolved name and sparsity (so the run's summary states what was searched)."""
+    pattern = pattern_from_args(args)
     if args.evaluator == "synthetic":
-        return {"seed": args.data_seed, "sparsity": args.sparsity, "fidelities": fidelities,
+        return {"seed": args.calib_seed, "sparsity": pattern.sparsity, "fidelities": fidelities,
                 "delay": args.synthetic_delay}
-    return {"model": args.model, "calib": args.calib, "n_calib": args.n_calib, "valid": args.valid,
-            "seqlen": args.seqlen, "sparsity": args.sparsity, "pattern": args.pattern,
-            "fitness": args.fitness, "dtype": args.dtype, "device": args.device,
-            "fidelities": fidelities, "seed": args.data_seed}
+    return {**model_data_fields(args), "valid": args.valid, "sparsity": pattern.sparsity, "pattern": pattern.name,
+            "fitness": args.fitness, "fidelities": fidelities}
 
 
 def _fresh(args: argparse.Namespace) -> RunConfig:
@@ -90,13 +93,11 @@ def _fresh(args: argparse.Namespace) -> RunConfig:
     space = with_overrides(
         space,
         gp={"population": args.population, "generations": args.generations, "offspring": args.offspring,
-            "algorithm": args.algorithm, "seed": args.seed},
+            "algorithm": args.algorithm, "seed": args.gp_seed},
         fidelity={"windows": args.fidelities, "eta": args.eta},
     )
     if args.workers is not None and args.workers < 1:
         raise MetricGPError(f"--workers must be >= 1, got {args.workers}")
-    if not 0.0 < args.sparsity < 1.0:
-        raise MetricGPError(f"--sparsity must be in (0, 1), got {args.sparsity}")
     name = (args.out.name if args.out else f"{space.name}-s{space.gp.seed}")
     return RunConfig(space=space, evaluator=args.evaluator,
                      evaluator_spec=evaluator_spec(args, tuple(space.fidelity.windows)),
@@ -112,7 +113,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     progress = not args.no_progress
     if args.resume is not None:
-        fixed = [f"--{k}" for k in ("population", "offspring", "algorithm", "seed", "fidelities", "eta")
+        fixed = [f"--{k.replace('_', '-')}" for k in ("population", "offspring", "algorithm", "gp_seed",
+                                                      "fidelities", "eta")
                  if getattr(args, k) is not None]
         if fixed:
             raise MetricGPError(f"--resume continues the run as configured; drop {', '.join(fixed)} "

@@ -19,37 +19,23 @@ from typing import Any
 
 from metricgp.expr.parse import parse
 from metricgp.expr.printing import describe
+from metricgp.provenance import dumps, write_json_atomic
 from metricgp.search.staged import FitnessCache
 
 LOG = "log.jsonl"
 
-
-def _clean(obj: Any) -> Any:
-    """JSON-safe copy: inf/nan -> None, tuples -> lists, dict keys -> str."""
-    if isinstance(obj, float):
-        return obj if math.isfinite(obj) else None
-    if isinstance(obj, dict):
-        return {str(k): _clean(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_clean(v) for v in obj]
-    return obj
-
-
-def write_json(path: Path, payload: Any) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(_clean(payload), indent=2, allow_nan=False) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+write_json = write_json_atomic  # strict JSON: inf/nan -> null
 
 
 def append_log(run_dir: Path, record: dict[str, Any]) -> None:
     with open(Path(run_dir) / LOG, "a", encoding="utf-8") as fh:
-        fh.write(json.dumps(_clean(record), allow_nan=False) + "\n")
+        fh.write(dumps(record, indent=None) + "\n")
 
 
 def rewrite_log(run_dir: Path, records: Sequence[dict[str, Any]]) -> None:
     path = Path(run_dir) / LOG
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(json.dumps(_clean(r), allow_nan=False) + "\n" for r in records), encoding="utf-8")
+    tmp.write_text("".join(dumps(r, indent=None) + "\n" for r in records), encoding="utf-8")
     os.replace(tmp, path)
 
 
@@ -144,17 +130,21 @@ def write_summary(run_dir: Path, run_name: str, records: Sequence[dict[str, Any]
     last = records[-1] if records else {}
     config_path = Path(run_dir) / "config.json"
     config = json.loads(config_path.read_text(encoding="utf-8")) if config_path.is_file() else {}
-    spec = config.get("config", {}).get("evaluator_spec", {})
+    run_config = config.get("config", {})
     seconds = sum(r.get("seconds", 0.0) for r in records)
     lines = [f"# Metric search `{run_name}`", ""]
     if config:
-        lines += [f"Made by `{config.get('command', '?')}` (git {config.get('git')}, seed {config.get('seed')}), "
-                  f"search space `{config['config']['space'].get('source')}`.", ""]
-    if spec.get("model"):
-        lines += [f"Fitness: {spec.get('fitness', 'ppl')} on the first N 512-token windows of "
-                  f"`{spec.get('valid')}` validation text, model `{spec.get('model')}` pruned one-shot "
-                  f"({spec.get('pattern')}, sparsity {spec.get('sparsity')}) with statistics from "
-                  f"{spec.get('n_calib')} `{spec.get('calib')}` windows; N races through {config.get('fidelities')}. "
+        lines += [f"Made by `{config.get('command', '?')}` (git {config.get('git')}, GP seed {config.get('seed')}), "
+                  f"search space `{run_config['space'].get('source')}`.", ""]
+    if run_config.get("evaluator") == "model":
+        from metricgp.evaluate import EvaluatorSpec
+
+        spec = {**EvaluatorSpec().to_dict(), **run_config.get("evaluator_spec", {})}  # what the evaluator used
+        lines += [f"Fitness: {spec['fitness']} on the first N {spec['seqlen']}-token windows of "
+                  f"`{spec['valid']}` validation text, model `{spec['model']}` pruned one-shot "
+                  f"({spec['pattern']}, sparsity {spec['sparsity']:g}) with statistics from "
+                  f"{spec['n_calib']} `{spec['calib']}` windows (calibration seed {spec['seed']}); "
+                  f"N races through {config.get('fidelities')}. "
                   "Test-split numbers are in report.md (made afterwards by `python -m metricgp.compare --run`).", ""]
     lines += [f"Stopped: {stopped}. Generations: {last.get('gen', 0)} in {seconds / 60:.1f} min "
              "(search time, not counting the model and statistics load). "

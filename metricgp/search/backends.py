@@ -3,7 +3,8 @@
 A backend takes an evaluator *factory* (a picklable zero-argument callable, e.g.
 `functools.partial(build_evaluator, spec)`) and maps `(tree, n_windows)` jobs to `FitnessResult`s
 in job order. An exception raised by `evaluate` never escapes: it becomes a degenerate result
-whose reason names it, so one broken candidate cannot end a long search.
+whose reason names it, so one broken candidate cannot end a long search. A backend also reports
+the evaluator's fidelities and simplification scope (its `scope` attribute; "tensor" without one).
 """
 
 from __future__ import annotations
@@ -16,11 +17,16 @@ from typing import Any, Protocol
 
 from metricgp.errors import MetricGPError
 from metricgp.evaluate import FitnessResult
+from metricgp.expr.simplify import DEFAULT_SCOPE
 from metricgp.expr.tree import Node
 
 Job = tuple[Node, int]
 EvaluatorFactory = Callable[[], Any]
-BACKENDS = ("serial", "ray")
+
+
+def evaluator_scope(evaluator: Any) -> str:
+    """The simplification scope an evaluator's fitness is invariant under (see GPSearch)."""
+    return getattr(evaluator, "scope", DEFAULT_SCOPE)
 
 
 def safe_evaluate(evaluator: Any, tree: Node, n_windows: int) -> FitnessResult:
@@ -41,6 +47,7 @@ def safe_evaluate(evaluator: Any, tree: Node, n_windows: int) -> FitnessResult:
 
 class Backend(Protocol):
     def fidelities(self) -> tuple[int, ...]: ...
+    def scope(self) -> str: ...
     def evaluate(self, jobs: Sequence[Job]) -> list[FitnessResult]: ...
     def close(self) -> None: ...
 
@@ -60,6 +67,9 @@ class SerialBackend:
 
     def fidelities(self) -> tuple[int, ...]:
         return tuple(self.evaluator.fidelities)
+
+    def scope(self) -> str:
+        return evaluator_scope(self.evaluator)
 
     def evaluate(self, jobs: Sequence[Job]) -> list[FitnessResult]:
         from tqdm.auto import tqdm
@@ -101,6 +111,9 @@ class RayBackend:
             def fidelities(self) -> tuple[int, ...]:
                 return tuple(self.evaluator.fidelities)
 
+            def scope(self) -> str:
+                return evaluator_scope(self.evaluator)
+
             def evaluate(self, tree: Node, n_windows: int) -> FitnessResult:
                 return safe_evaluate(self.evaluator, tree, n_windows)
 
@@ -109,6 +122,9 @@ class RayBackend:
 
     def fidelities(self) -> tuple[int, ...]:
         return self._ray.get(self.actors[0].fidelities.remote())
+
+    def scope(self) -> str:
+        return self._ray.get(self.actors[0].scope.remote())
 
     def evaluate(self, jobs: Sequence[Job]) -> list[FitnessResult]:
         return list(self.pool.map(lambda actor, job: actor.evaluate.remote(*job), list(jobs)))
@@ -121,10 +137,19 @@ class RayBackend:
             self._ray.shutdown()
 
 
+def _serial(factory: EvaluatorFactory, workers: int, gpus_per_worker: float) -> Backend:
+    return SerialBackend(factory)  # one evaluator in this process: workers and GPUs do not apply
+
+
+# backend name -> fn(evaluator factory, workers, gpus per worker); one entry adds a backend.
+BACKENDS: dict[str, Callable[[EvaluatorFactory, int, float], Backend]] = {
+    "serial": _serial,
+    "ray": RayBackend,
+}
+
+
 def make_backend(name: str, factory: EvaluatorFactory, workers: int = 1,
                  gpus_per_worker: float = 0.0) -> Backend:
-    if name == "serial":
-        return SerialBackend(factory)
-    if name == "ray":
-        return RayBackend(factory, workers, gpus_per_worker)
-    raise MetricGPError(f"unknown backend {name!r} (choose from {', '.join(BACKENDS)})")
+    if name not in BACKENDS:
+        raise MetricGPError(f"unknown backend {name!r} (choose from {', '.join(BACKENDS)})")
+    return BACKENDS[name](factory, workers, gpus_per_worker)

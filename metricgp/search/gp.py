@@ -39,7 +39,9 @@ from deap import gp, tools
 
 from metricgp.expr.builtins import resolve_metric
 from metricgp.expr.parse import parse
+from metricgp.expr.simplify import DEFAULT_SCOPE, resolve_scope
 from metricgp.search.backends import Backend
+from metricgp.search.breeding import ALGORITHMS, MUTATIONS, rank_key
 from metricgp.search.oos import apply_oos
 from metricgp.search.space import SearchSpace
 from metricgp.search.staged import FitnessCache, assign_fitness, evaluate_cohort
@@ -63,12 +65,6 @@ def set_rng_state(state: dict[str, Any]) -> None:
     random.setstate(state["python"])
     np.random.set_state(state["numpy"])
     torch.set_rng_state(state["torch"])
-
-
-def rank_key(ind: Individual) -> tuple[float, float, int]:
-    """Sort key, best first: higher stage, lower fitness, smaller tree."""
-    stage, value = ind.fitness.values
-    return (-stage, value, len(ind))
 
 
 def _same_metric(a: Individual, b: Individual) -> bool:
@@ -108,9 +104,16 @@ class HallOfFame(tools.HallOfFame):
 
 
 class GPSearch:
-    """A metric search over one space, evaluating through `backend` at `fidelities`."""
+    """A metric search over one space, evaluating through `backend` at `fidelities`.
 
-    def __init__(self, space: SearchSpace, backend: Backend, fidelities: Sequence[int]) -> None:
+    `scope` is the simplification scope (`metricgp.expr.simplify.SCOPES`) of OOS and of the
+    canonical keys that the fitness cache, the regeneration of children and the duplicate checks
+    use: two trees with one key must get the same fitness from the evaluator. Default: the
+    evaluator's `scope` attribute (via `backend.scope()`), "tensor" for the unstructured and N:M
+    evaluators."""
+
+    def __init__(self, space: SearchSpace, backend: Backend, fidelities: Sequence[int],
+                 scope: str | None = None) -> None:
         fids = tuple(sorted(set(int(f) for f in fidelities)))
         if not fids or fids[0] < 1:
             raise ValueError(f"fidelities must be positive window counts, got {fidelities}")
@@ -118,6 +121,7 @@ class GPSearch:
         self.params = space.gp
         self.backend = backend
         self.fidelities = fids
+        self.scope = resolve_scope(scope if scope is not None else backend.scope())
         self.grammar: Grammar = build_grammar(space)
         self.cache = FitnessCache()
         self.population: list[Individual] = []
@@ -134,26 +138,13 @@ class GPSearch:
         limit = [gp.staticLimit(operator.attrgetter("height"), lim.max_depth - 1),
                  gp.staticLimit(len, lim.max_size)]
         self._crossover = functools.reduce(lambda f, d: d(f), limit, gp.cxOnePoint)
-        self._mutations = [functools.reduce(lambda f, d: d(f), limit, self._mutation(name))
+        self._mutations = [functools.reduce(lambda f, d: d(f), limit, MUTATIONS[name](self.grammar.pset))
                            for name in self.params.mutations]
 
     # ------------------------------------------------------------------ operators
 
-    def _mutation(self, name: str):
-        pset = self.grammar.pset
-        if name == "uniform":
-            expr = functools.partial(gp.genFull, pset=pset, min_=0, max_=2)
-            return functools.partial(gp.mutUniform, expr=expr, pset=pset)
-        if name == "node_replacement":
-            return functools.partial(gp.mutNodeReplacement, pset=pset)
-        if name == "shrink":
-            return gp.mutShrink
-        if name == "ephemeral":
-            return functools.partial(gp.mutEphemeral, mode="one")
-        raise ValueError(name)
-
     def _oos(self, ind: Individual) -> Individual:
-        out, removed = apply_oos(ind, self.grammar)
+        out, removed = apply_oos(ind, self.grammar, self.scope)
         self.counters["oos_simplified"] += removed > 0
         self.counters["oos_nodes_removed"] += removed
         return out
@@ -236,35 +227,13 @@ class GPSearch:
         before = Counter(self.counters)
         children = [self.make_child(*self.select_parents()) for _ in range(self.params.offspring)]
         extra = self._evaluate(children)
-        if self.params.algorithm == "steady_state":
-            self._steady_state(children)
-        else:
-            self._mu_plus_lambda(children)
+        replace = ALGORITHMS[self.params.algorithm]
+        self.population, rejected = replace(self.population, children, self.params.population)
+        self.counters["duplicates_rejected"] += rejected
         self.hof.refresh(self.cache, self.fidelities)
         self.hof.update(children)
         self.gen += 1
         return self._record(before, extra, time.perf_counter() - t0)
-
-    def _steady_state(self, children: Sequence[Individual]) -> None:
-        keys = [ind.key for ind in self.population]
-        for child in children:
-            if child.key in keys:
-                self.counters["duplicates_rejected"] += 1
-                continue
-            self.population.append(child)
-            keys.append(child.key)
-            worst = max(range(len(self.population)), key=lambda i: rank_key(self.population[i]))
-            del self.population[worst]
-            del keys[worst]
-
-    def _mu_plus_lambda(self, children: Sequence[Individual]) -> None:
-        pool = sorted([*self.population, *children], key=rank_key)
-        keep, rest, seen = [], [], set()
-        for ind in pool:
-            (rest if ind.key in seen else keep).append(ind)
-            seen.add(ind.key)
-        self.counters["duplicates_rejected"] += sum(1 for c in children if any(c is r for r in rest))
-        self.population = (keep + rest)[: self.params.population]
 
     # -------------------------------------------------------------------- logging
 
@@ -315,6 +284,7 @@ class GPSearch:
         return {
             "gen": self.gen,
             "fidelities": self.fidelities,
+            "scope": self.scope,
             "population": [(str(ind.node), ind.key) for ind in self.population],
             "hof": [(str(ind.node), ind.key) for ind in self.hof],
             "records": [dict(r) for r in self.records],
@@ -334,6 +304,10 @@ class GPSearch:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if tuple(state["fidelities"]) != self.fidelities:
             raise ValueError(f"checkpoint fidelities {state['fidelities']} differ from {self.fidelities}")
+        scope = state.get("scope", DEFAULT_SCOPE)  # checkpoints before scopes were "tensor"
+        if scope != self.scope:
+            raise ValueError(f"checkpoint keys were made in simplification scope {scope!r}, "
+                             f"the evaluator's is {self.scope!r}")
         self.cache = FitnessCache(state["cache"]["results"], state["cache"]["forms"])
         self.gen = state["gen"]
         self.population = [self._revive(item) for item in state["population"]]

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,13 +22,11 @@ from metricgp.search.checkpoint import load_checkpoint, save_checkpoint
 from metricgp.search.gp import GPSearch
 from metricgp.search.space import SearchSpace, space_from_dict
 
-EVALUATORS = ("model", "synthetic")
-
 
 @dataclass(frozen=True)
 class RunConfig:
     space: SearchSpace
-    evaluator: str = "synthetic"  # "model" | "synthetic"
+    evaluator: str = "synthetic"  # a key of EVALUATORS
     evaluator_spec: dict[str, Any] = dataclasses.field(default_factory=dict)  # fields of its spec class
     backend: str = "serial"
     workers: int = 1
@@ -47,25 +46,38 @@ class RunConfig:
         return cls(space=space, **raw)
 
 
+def _synthetic(spec: dict[str, Any]) -> EvaluatorFactory:
+    from metricgp.search.synthetic import SyntheticSpec, build_synthetic
+
+    if "shapes" in spec:
+        spec["shapes"] = tuple(tuple(s) for s in spec["shapes"])
+    return functools.partial(build_synthetic, SyntheticSpec(**spec))
+
+
+def _model(spec: dict[str, Any]) -> EvaluatorFactory:
+    from metricgp.evaluate import EvaluatorSpec, build_evaluator
+
+    return functools.partial(build_evaluator, EvaluatorSpec(**spec))
+
+
+# evaluator name -> fn(spec fields) -> a picklable evaluator factory; one entry adds an evaluator.
+EVALUATORS: dict[str, Callable[[dict[str, Any]], EvaluatorFactory]] = {
+    "model": _model,  # prune a language model one-shot, fitness on validation text
+    "synthetic": _synthetic,  # model-free, for tests and demos
+}
+
+
 def evaluator_factory(config: RunConfig) -> EvaluatorFactory:
     """A picklable zero-argument callable building the run's evaluator (once per worker).
 
     The evaluator's fidelities are the space's `fidelity.windows` unless the spec names its own.
     """
+    if config.evaluator not in EVALUATORS:
+        raise MetricGPError(f"unknown evaluator {config.evaluator!r} (choose from {', '.join(EVALUATORS)})")
     spec = dict(config.evaluator_spec)
     spec.setdefault("fidelities", tuple(config.space.fidelity.windows))
     spec["fidelities"] = tuple(spec["fidelities"])
-    if config.evaluator == "synthetic":
-        from metricgp.search.synthetic import SyntheticSpec, build_synthetic
-
-        if "shapes" in spec:
-            spec["shapes"] = tuple(tuple(s) for s in spec["shapes"])
-        return functools.partial(build_synthetic, SyntheticSpec(**spec))
-    if config.evaluator == "model":
-        from metricgp.evaluate import EvaluatorSpec, build_evaluator
-
-        return functools.partial(build_evaluator, EvaluatorSpec(**spec))
-    raise MetricGPError(f"unknown evaluator {config.evaluator!r} (choose from {', '.join(EVALUATORS)})")
+    return EVALUATORS[config.evaluator](spec)
 
 
 def _backend(config: RunConfig) -> Backend:

@@ -17,9 +17,7 @@ import yaml
 
 from metricgp.errors import MetricGPError
 from metricgp.expr.ops import LEAVES, OPERATORS
-
-ALGORITHMS = ("steady_state", "mu_plus_lambda")
-MUTATIONS = ("uniform", "node_replacement", "shrink", "ephemeral")
+from metricgp.search.breeding import ALGORITHMS, MUTATIONS
 
 
 @dataclass(frozen=True)
@@ -53,7 +51,7 @@ class GPParams:
     tournament_size: int = 20  # individuals sampled per tournament
     tournament_keep: int = 10  # the paper's k: the best k of the sample, two parents drawn from them
     parsimony_size: float = 1.0  # > 1: selDoubleTournament with this size pressure; 1: size tie-break only
-    mutations: tuple[str, ...] = MUTATIONS
+    mutations: tuple[str, ...] = tuple(MUTATIONS)
     hof_size: int = 10
     max_regenerate: int = 10  # retries for a child equivalent to a parent (OOS)
     seed: int = 0

@@ -41,6 +41,8 @@ class SyntheticSpec:
 class SyntheticEvaluator:
     """Implements the `MetricEvaluator` protocol without a model."""
 
+    scope = "tensor"  # per-row masks of each layer: OOS may strip any rank-preserving root transform
+
     def __init__(self, spec: SyntheticSpec) -> None:
         self.spec = spec
         self.fidelities = tuple(spec.fidelities)

