@@ -12,7 +12,7 @@ SEARCH_BUDGET_MIN ?= 23
 SEARCH_OUT ?= runs/search-metric
 SEARCH_ARGS ?=
 
-.PHONY: venv test lint search-metric baselines bench bench-fidelity clean-venv
+.PHONY: venv test lint search-metric baselines bench bench-fidelity bench-structured structured clean-venv
 
 venv: $(STAMP)
 
@@ -47,6 +47,14 @@ bench: venv
 
 bench-fidelity: venv
 	$(PY) -m metricgp.bench fidelity --out results/fidelity
+
+# Structured pruning: defaults experiment, then every method x keep level, one-shot and recovered (resumable).
+structured: venv
+	$(PY) -m metricgp.structured.experiments defaults --out results/structured
+	$(PY) -m metricgp.structured.experiments table --speed --out results/structured
+
+bench-structured: venv
+	$(PY) -m metricgp.structured.experiments speed --keep 0.7 --out results/structured
 
 clean-venv:
 	rm -rf $(VENV)

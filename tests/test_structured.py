@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from structured_models import FAMILIES, MadeUpLM, family_model
 
 from metricgp.errors import MetricGPError
 from metricgp.expr import compile_metric, resolve_metric
@@ -12,7 +13,6 @@ from metricgp.structured.allocate import allocate, from_keep_map
 from metricgp.structured.groups import decoder_params, discover, linears_by_name
 from metricgp.structured.importance import REDUCTIONS, element_scores, normalise, score_units
 from metricgp.structured.shrink import apply_plan, remove_blocks
-from structured_models import FAMILIES, MadeUpLM, family_model
 
 
 def _units(model, metric="magnitude", head_mode="per-group", reduction="sum", normalisation="per-param"):
@@ -158,3 +158,22 @@ def test_unknown_choices_are_user_errors():
         allocate(units, 100, "sideways")
     with pytest.raises(MetricGPError, match="unknown normalisation"):
         normalise(units, "nope")
+
+
+@pytest.mark.parametrize("head_mode", ["per-group", "kv-group"])
+def test_masking_gives_the_logits_of_shrinking(head_mode):
+    """The search's fitness masks instead of copying and shrinking; both must be the same model."""
+    import copy
+
+    from metricgp.structured.shrink import mask_plan
+
+    model = family_model("qwen2")  # q/k/v biases: masking o_proj columns must still be exact
+    modules, units = _units(model, head_mode=head_mode)
+    removed = allocate(units, decoder_params(model) // 3, "global")
+    assert any(u.kind == "head" for u in removed) and any(u.kind == "channel" for u in removed)
+    shrunk = copy.deepcopy(model)
+    apply_plan(shrunk, modules, removed)
+    mask_plan(model, modules, removed)
+    ids = torch.randint(0, 300, (2, 12))
+    with torch.no_grad():
+        assert torch.allclose(model(ids).logits, shrunk(ids).logits, atol=1e-5)

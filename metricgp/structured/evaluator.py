@@ -220,6 +220,22 @@ def size_report(dense: nn.Module, pruned: nn.Module, target: float) -> dict:
     }
 
 
+def attention_widths(model: nn.Module) -> list[int]:
+    """Query width (heads x head_dim) of every block's attention: the attention-matmul FLOPs term."""
+    from metricgp.structured.groups import model_dims
+
+    head_dim = model_dims(model).head_dim
+    return [m.n_elements * head_dim for m in discover(model) if m.kind == "attention"]
+
+
+def speed_report(dense: nn.Module, pruned: nn.Module) -> dict:
+    """Measured prefill/decode throughput ratios next to the parameter and FLOPs ratios."""
+    from metricgp.structured.speed import compare_speed
+
+    return compare_speed(dense, pruned, dense_attn_widths=attention_widths(dense),
+                         pruned_attn_widths=attention_widths(pruned))
+
+
 def per_layer_sizes(model: nn.Module) -> dict[int, dict[str, int]]:
     """Heads, KV heads and MLP width of every block that differs from the global config."""
     config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config

@@ -105,3 +105,16 @@ def remove_blocks(model: nn.Module, indices: Iterable[int]) -> None:
         values = getattr(config, name, None)
         if isinstance(values, list) and len(values) == old:
             setattr(config, name, [v for i, v in enumerate(values) if i not in drop])
+
+
+def mask_plan(model: nn.Module, modules: list[Module], removed: list[Unit]) -> None:
+    """Zero the output-projection columns of the removed elements, in place: the same logits as
+    shrinking (a removed head or channel writes nothing), without copying the model. The metric
+    search uses it as its fitness; restore the dense weights afterwards."""
+    by_name = {m.name: m for m in modules}
+    with torch.no_grad():
+        for u in removed:
+            out = by_name[u.module].slices[-1]
+            weight = model.get_submodule(out.linear).weight
+            for i in u.members:
+                weight[:, i * out.size : (i + 1) * out.size] = 0

@@ -1,0 +1,204 @@
+"""`python -m metricgp.apply --structured`: remove heads, channels or blocks by any metric.
+
+    python -m metricgp.apply --structured --metric-file results/smollm2-default-s0/best.json --keep 0.7 --out runs/s70
+    python -m metricgp.apply --structured --metric wanda --keep 0.7 --allocation global \\
+        --recover-tokens 200000 --out runs/s70r
+    python -m metricgp.apply --structured --importance flap --bias-compensation --keep 0.7 --out runs/flap70
+    python -m metricgp.apply --structured --structures depth --importance shortgpt --keep 0.8 --out runs/short80
+
+The result is a physically smaller model that reloads with `metricgp.load_pruned(out)` or, after
+`import metricgp`, with plain `AutoModelForCausalLM.from_pretrained(out)`, plus report.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+from metricgp.errors import MetricGPError
+from metricgp.structured.allocate import ALLOCATIONS
+from metricgp.structured.evaluator import BLOCK_IMPORTANCES, IMPORTANCES, STRUCTURES, StructuredSpec
+from metricgp.structured.groups import HEAD_MODES
+from metricgp.structured.importance import NORMALISATIONS, REDUCTIONS
+from metricgp.structured.methods import METHODS, get_method
+
+DEFAULTS = StructuredSpec()
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from metricgp.apply import add_report_options
+    from metricgp.options import add_model_data_options
+
+    p = argparse.ArgumentParser(
+        prog="python -m metricgp.apply --structured",
+        description="Structured pruning: remove attention heads, MLP channels or decoder blocks, physically.")
+    p.add_argument("--structured", action="store_true", help="this mode (structured pruning)")
+    p.add_argument("--metric", help="a built-in name or a formula (element scores of the coupled weights)")
+    p.add_argument("--metric-file", type=Path, help="a JSON file with a 'formula' key (a search's best.json)")
+    p.add_argument("--keep", type=float, default=DEFAULTS.keep, help="fraction of decoder parameters kept (0, 1]")
+    p.add_argument("--importance", default=None,
+                   help=f"width: {', '.join(IMPORTANCES)}; depth: {', '.join(BLOCK_IMPORTANCES)}")
+    p.add_argument("--structures", choices=STRUCTURES, default=None,
+                   help="width: heads and MLP channels; depth: whole decoder blocks")
+    p.add_argument("--allocation", default=None, help=f"{', '.join(ALLOCATIONS)}")
+    p.add_argument("--keep-map", type=Path, help="JSON {module name: fraction of its heads/channels kept}; "
+                   "overrides --allocation and --keep")
+    p.add_argument("--reduction", default=None, help=f"{', '.join(REDUCTIONS)}")
+    p.add_argument("--normalisation", default=None, help=f"{', '.join(NORMALISATIONS)}")
+    p.add_argument("--head-mode", default=None, help=f"{', '.join(HEAD_MODES)} (GQA: remove the "
+                   "same number of query heads from every KV group, or whole KV groups)")
+    p.add_argument("--method", help=f"a named method ({', '.join(METHODS)}); explicit options override it")
+    p.add_argument("--bias-compensation", action="store_true", default=None,
+                   help="fold the removed channels' mean output into a bias (FLAP)")
+    p.add_argument("--recover-tokens", type=int, default=0, help="recovery fine-tuning budget in tokens (0: none)")
+    p.add_argument("--recover-method", default="lora", help="lora or full")
+    p.add_argument("--recover-lr", type=float, default=None, help="learning rate (default per method)")
+    p.add_argument("--speed", action="store_true", help="measure prefill/decode throughput, dense vs pruned")
+    add_model_data_options(p)
+    add_report_options(p)
+    return p
+
+
+def load_keep_map(path: Path | None) -> dict[str, float] | None:
+    if path is None:
+        return None
+    if not path.is_file():
+        raise MetricGPError(f"keep map not found: {path}")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise MetricGPError(f"keep map {path} is not valid JSON: {err}") from None
+    if not isinstance(data, dict) or not all(isinstance(v, (int, float)) for v in data.values()):
+        raise MetricGPError(f"keep map {path} must be a JSON object of module name -> fraction")
+    return {str(k): float(v) for k, v in data.items()}
+
+
+SPEC_OPTIONS = ("importance", "reduction", "normalisation", "allocation", "head_mode", "structures",
+                "bias_compensation")
+
+
+def spec_from_args(args: argparse.Namespace) -> StructuredSpec:
+    """Explicit options, else the --method preset, else the evaluator's defaults."""
+    preset = get_method(args.method).spec if args.method else {}
+    fields = {k: getattr(args, k) if getattr(args, k) is not None else preset.get(k, getattr(DEFAULTS, k))
+              for k in SPEC_OPTIONS}
+    return StructuredSpec(keep=args.keep, keep_map=load_keep_map(args.keep_map), **fields).validate()
+
+
+def validate(args: argparse.Namespace):
+    from metricgp.apply import load_metric, validate_model_and_report
+
+    if args.recover_tokens < 0:
+        raise MetricGPError(f"--recover-tokens must be >= 0, got {args.recover_tokens}")
+    spec = spec_from_args(args)
+    tree, source = (None, None)
+    if args.metric is None and args.metric_file is None and args.method and get_method(args.method).metric:
+        preset = get_method(args.method).metric
+        args.metric_file, args.metric = (Path(preset), None) if preset.endswith(".json") else (None, preset)
+    if args.metric is not None and args.metric_file is not None:
+        raise MetricGPError("give --metric or --metric-file, not both")
+    if args.metric is not None or args.metric_file is not None:
+        tree, source = load_metric(args)
+    elif spec.importance == "metric":
+        raise MetricGPError("importance 'metric' needs --metric or --metric-file")
+    validate_model_and_report(args)
+    return spec, tree, source
+
+
+def run(args: argparse.Namespace) -> dict:
+    from metricgp.data import parse_data_ref, parse_report_data, windows
+    from metricgp.evaluate import PruningSetup, cached_dense_perplexity, perplexity
+    from metricgp.expr import describe
+    from metricgp.options import evaluator_spec
+    from metricgp.provenance import provenance
+    from metricgp.structured.evaluator import per_layer_sizes, prune, speed_report
+
+    spec, tree, source = validate(args)
+    started = provenance()
+    espec = evaluator_spec(args)
+    t0 = time.perf_counter()
+    setup = PruningSetup.from_spec(espec, grads=tree is not None and "G" in tree.leaves_used())
+    evals = {d: setup.report_windows(d, args.eval_windows or None) for d in parse_report_data(args.dataset)}
+    timings = dict(setup.timings)
+    t1 = time.perf_counter()
+    dense_ppl = {} if args.no_dense_eval else {d: cached_dense_perplexity(setup, d, w) for d, w in evals.items()}
+    timings["dense_eval"] = time.perf_counter() - t1
+
+    t2 = time.perf_counter()
+    model, sizes = prune(setup, tree, spec)
+    timings["prune"] = time.perf_counter() - t2
+    t3 = time.perf_counter()
+    pruned_ppl = {d: perplexity(model, w, progress=True) for d, w in evals.items()}
+    timings["pruned_eval"] = time.perf_counter() - t3
+
+    result = {
+        "mode": "structured",
+        "structured": spec.to_dict(),
+        "metric": {**describe(tree), "source": source} if tree is not None else None,
+        "model": {"name": args.model, "path": setup.model_path, "fingerprint": setup.fingerprint},
+        "calibration": {"data": args.calib, "windows": args.n_calib, "seqlen": args.seqlen, "seed": args.calib_seed},
+        "evaluation": {d: {"windows": len(w), "seqlen": args.seqlen, "tokens": int(w.numel())}
+                       for d, w in evals.items()},
+        "size": sizes,
+        "perplexity": {"dense": dense_ppl, "pruned": pruned_ppl},
+    }
+    if args.recover_tokens:
+        from metricgp.structured.recover import recover
+
+        t4 = time.perf_counter()
+        ref = parse_data_ref(args.calib, "calibration")
+        n_train = -(-args.recover_tokens // args.seqlen)
+        train = windows(ref, setup.tokenizer, "calibration", args.seqlen, n_train, args.calib_seed + 1)
+        rec = recover(model, train, method=args.recover_method, tokens=args.recover_tokens, lr=args.recover_lr,
+                      val_windows=setup.fitness_windows(8), seed=args.calib_seed)
+        timings["recover"] = time.perf_counter() - t4
+        result["recovery"] = {**rec.to_dict(), "data": args.calib, "seed": args.calib_seed + 1}
+        result["perplexity"]["recovered"] = {d: perplexity(model, w, progress=True) for d, w in evals.items()}
+    if args.speed:
+        setup.dense.restore()
+        result["speed"] = speed_report(setup.model, model)
+    result["per_layer"] = {str(k): v for k, v in per_layer_sizes(model).items()}
+    result["timings_s"] = {k: round(v, 2) for k, v in timings.items()} | {"total": round(time.perf_counter() - t0, 2)}
+    result["provenance"] = started
+    _write(args, model, setup.tokenizer, result)
+    return result
+
+
+def _write(args: argparse.Namespace, model, tokenizer, result: dict) -> None:
+    from metricgp.apply import REPORT, write_out_dir
+    from metricgp.provenance import write_json_atomic
+    from metricgp.structured.evaluator import per_layer_sizes
+    from metricgp.structured.saving import save_pruned
+
+    def fill(tmp: Path) -> None:
+        if not args.no_save_model:
+            save_pruned(model, tmp, tokenizer=tokenizer, per_layer=per_layer_sizes(model))
+        write_json_atomic(tmp / REPORT, result)
+
+    write_out_dir(args.out, fill)
+
+
+def summary(result: dict) -> str:
+    size = result["size"]
+    lines = [f"kept {size['achieved_keep']:.4f} of decoder parameters (target {size['target_keep']}); "
+             f"parameters {size['params']['dense']:,} -> {size['params']['pruned']:,}"]
+    for data, ppl in result["perplexity"]["pruned"].items():
+        dense = result["perplexity"]["dense"].get(data)
+        rec = result["perplexity"].get("recovered", {}).get(data)
+        lines.append(f"{data:<10} " + (f"dense {dense:.3f}  " if dense is not None else "")
+                     + f"pruned {ppl:.3f}" + (f"  recovered {rec:.3f}" if rec is not None else ""))
+    if "speed" in result:
+        s = result["speed"]
+        lines.append(f"speed-up prefill {s['prefill_speedup']:.2f}x, decode {s['decode_speedup']:.2f}x "
+                     f"(FLOPs ratio {s['flops_ratio']:.2f}x)")
+    return "\n".join(lines)
+
+
+def main(argv: list[str]) -> int:
+    args = build_parser().parse_args(argv)
+    result = run(args)
+    print(summary(result))
+    print(f"wrote {args.out}/report.json" + ("" if args.no_save_model else " and the pruned model"))
+    return 0

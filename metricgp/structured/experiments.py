@@ -1,0 +1,211 @@
+"""`python -m metricgp.structured.experiments`: the tables in results/structured/.
+
+    python -m metricgp.structured.experiments defaults --out results/structured   # choose reduction/normalisation
+    python -m metricgp.structured.experiments table --out results/structured      # make structured
+
+The model and its statistics load once. Every row prunes a copy of the dense model and is
+written to the JSON table when it finishes, so an interrupted run continues where it stopped.
+Each row carries the `python -m metricgp.apply --structured ...` command that reproduces it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+from metricgp.errors import MetricGPError, cli_entry
+from metricgp.structured.evaluator import StructuredSpec, prune, speed_report
+from metricgp.structured.methods import METHODS, get_method
+
+
+def _load_rows(path: Path) -> dict[str, dict]:
+    return json.loads(path.read_text())["rows"] if path.is_file() else {}
+
+
+def _save(path: Path, rows: dict, meta: dict) -> None:
+    from metricgp.provenance import write_json_atomic
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(path, {**meta, "rows": rows})
+
+
+def _setup(args):
+    from metricgp.evaluate import EvaluatorSpec, PruningSetup
+
+    spec = EvaluatorSpec(model=args.model, calib=args.calib, n_calib=args.n_calib, seqlen=args.seqlen,
+                         seed=args.calib_seed)
+    return PruningSetup.from_spec(spec, grads=True)
+
+
+def _tree(metric: str | None):
+    from metricgp.expr import resolve_metric
+
+    if metric is None:
+        return None
+    if metric.endswith(".json"):
+        return resolve_metric(json.loads(Path(metric).read_text())["formula"])
+    return resolve_metric(metric)
+
+
+def run_defaults(args) -> None:
+    """Reduction x normalisation x allocation at one keep level, scored on validation windows."""
+    from metricgp.evaluate import perplexity
+
+    path = args.out / "defaults.json"
+    rows = _load_rows(path)
+    setup = _setup(args)
+    valid = setup.fitness_windows(args.valid_windows)
+    tree = _tree(args.metric)
+    combos = [(r, n, "global") for r in ("sum", "mean", "l2", "max")
+              for n in ("none", "per-param", "module-mean", "module-zscore")]
+    combos += [(r, "per-param", "uniform") for r in ("sum", "mean", "l2", "max")]
+    meta = {"what": "validation perplexity of structured pruning by reduction x normalisation x allocation",
+            "metric": args.metric, "keep": args.keep, "valid_windows": len(valid), "seqlen": args.seqlen}
+    for reduction, norm, alloc in combos:
+        key = f"{reduction}|{norm}|{alloc}"
+        if key in rows:
+            continue
+        spec = StructuredSpec(keep=args.keep, reduction=reduction, normalisation=norm, allocation=alloc)
+        model, sizes = prune(setup, tree, spec)
+        rows[key] = {"reduction": reduction, "normalisation": norm, "allocation": alloc,
+                     "valid_ppl": perplexity(model, valid), "achieved_keep": sizes["achieved_keep"]}
+        print(f"{key:<32} {rows[key]['valid_ppl']:10.3f}", flush=True)
+        _save(path, rows, meta | {"command": _command()})
+    _write_defaults_md(args.out, rows, meta)
+
+
+def _write_defaults_md(out: Path, rows: dict, meta: dict) -> None:
+    best = min(rows.values(), key=lambda r: r["valid_ppl"])
+    lines = [f"# Structured defaults: {meta['metric']} at {meta['keep']:.0%} kept decoder parameters",
+             "", f"Validation (WikiText-2 validation, {meta['valid_windows']} x {meta['seqlen']} tokens) perplexity.",
+             f"Command: `{_command()}`", "", "| reduction | normalisation | allocation | valid ppl | kept |",
+             "|---|---|---|---|---|"]
+    for r in sorted(rows.values(), key=lambda r: r["valid_ppl"]):
+        lines.append(f"| {r['reduction']} | {r['normalisation']} | {r['allocation']} | {r['valid_ppl']:.2f} | "
+                     f"{r['achieved_keep']:.4f} |")
+    lines += ["", f"Best: reduction `{best['reduction']}`, normalisation `{best['normalisation']}`, "
+              f"allocation `{best['allocation']}`."]
+    (out / "defaults.md").write_text("\n".join(lines) + "\n")
+
+
+def _command() -> str:
+    from metricgp.provenance import command_line
+
+    return command_line()
+
+
+def _row_command(method: str, keep: float, args, recover: bool) -> str:
+    parts = ["python -m metricgp.apply --structured", f"--method {method}", f"--keep {keep}",
+             f"--dataset {args.dataset}", f"--eval-windows {args.eval_windows}", f"--n-calib {args.n_calib}"]
+    if recover:
+        parts.append(f"--recover-tokens {args.recover_tokens}")
+    return " ".join(parts + [f"--out runs/{method}-{int(keep * 100)}"])
+
+
+def run_table(args) -> None:
+    """Every method x keep level: one-shot and after the same recovery budget."""
+    from metricgp.data import parse_data_ref, parse_report_data, windows
+    from metricgp.evaluate import cached_dense_perplexity, perplexity
+    from metricgp.structured.recover import recover
+
+    path = args.out / "table.json"
+    rows = _load_rows(path)
+    setup = _setup(args)
+    evals = {d: setup.report_windows(d, args.eval_windows) for d in parse_report_data(args.dataset)}
+    dense = {d: cached_dense_perplexity(setup, d, w) for d, w in evals.items()}
+    train = windows(parse_data_ref(args.calib, "calibration"), setup.tokenizer, "calibration", args.seqlen,
+                    -(-args.recover_tokens // args.seqlen), args.calib_seed + 1) if args.recover_tokens else None
+    meta = {"what": "structured pruning of the default model: test perplexity, size and speed",
+            "dense_ppl": dense, "eval_windows": args.eval_windows, "seqlen": args.seqlen,
+            "recover_tokens": args.recover_tokens, "methods": {m: METHODS[m].about for m in args.methods}}
+    started = time.perf_counter()
+    for keep in args.keeps:
+        for method in args.methods:
+            key = f"{method}|{keep}"
+            if key in rows and ("recovered" in rows[key] or not args.recover_tokens):
+                continue
+            t0 = time.perf_counter()
+            m = get_method(method)
+            spec = StructuredSpec(keep=keep, **m.spec)
+            setup.dense.restore()
+            model, sizes = prune(setup, _tree(m.metric), spec)
+            row = {"method": method, "keep": keep, "achieved_keep": sizes["achieved_keep"],
+                   "params": sizes["params"]["pruned"], "decoder_params": sizes["decoder_params"]["pruned"],
+                   "oneshot": {d: perplexity(model, w) for d, w in evals.items()},
+                   "command": _row_command(method, keep, args, False)}
+            if args.speed:
+                setup.dense.restore()
+                row["speed"] = speed_report(setup.model, model)
+            if train is not None:
+                rec = recover(model, train, tokens=args.recover_tokens, seed=args.calib_seed)
+                row["recovered"] = {d: perplexity(model, w) for d, w in evals.items()}
+                row["recovery"] = rec.to_dict()
+                row["command_recovered"] = _row_command(method, keep, args, True)
+            row["seconds"] = round(time.perf_counter() - t0, 1)
+            rows[key] = row
+            print(f"{key:<28} " + " ".join(f"{d} {v:9.2f}" for d, v in row["oneshot"].items())
+                  + ("  recovered " + " ".join(f"{v:9.2f}" for v in row["recovered"].values())
+                     if "recovered" in row else ""), flush=True)
+            _save(path, rows, meta | {"command": _command()})
+    meta["seconds_this_invocation"] = round(time.perf_counter() - started, 1)
+    _save(path, rows, meta | {"command": _command()})
+    from metricgp.structured.report import write_table
+
+    write_table(args.out, json.loads(path.read_text()))
+
+
+def run_speed(args) -> None:
+    """Measured prefill/decode speed of one pruned model against dense, in the same run."""
+    setup = _setup(args)
+    m = get_method(args.method)
+    model, sizes = prune(setup, _tree(m.metric), StructuredSpec(keep=args.keep, **m.spec))
+    setup.dense.restore()
+    speed = speed_report(setup.model, model)
+    result = {"method": args.method, "keep": args.keep, "achieved_keep": sizes["achieved_keep"],
+              "params": sizes["params"], "speed": speed, "command": _command()}
+    _save(args.out / "speed.json", {}, result)
+    print(f"{args.method} at {args.keep:.0%} kept: prefill {speed['prefill_speedup']:.2f}x, decode "
+          f"{speed['decode_speedup']:.2f}x; FLOPs ratio {speed['flops_ratio']:.2f}x, "
+          f"parameter ratio {speed['param_ratio']:.2f}x")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m metricgp.structured.experiments")
+    p.add_argument("what", choices=("defaults", "table", "speed"))
+    p.add_argument("--out", type=Path, default=Path("results/structured"))
+    p.add_argument("--model", default="default")
+    p.add_argument("--calib", default="c4")
+    p.add_argument("--n-calib", type=int, default=32)
+    p.add_argument("--calib-seed", type=int, default=0)
+    p.add_argument("--seqlen", type=int, default=512)
+    p.add_argument("--metric", default="wanda", help="defaults: the metric whose structures are scored")
+    p.add_argument("--keep", type=float, default=0.7, help="defaults: the keep level")
+    p.add_argument("--valid-windows", type=int, default=16, help="defaults: validation windows")
+    p.add_argument("--keeps", default="0.9,0.8,0.7,0.5", help="table: keep levels")
+    p.add_argument("--methods", default=",".join(METHODS), help="table: methods")
+    p.add_argument("--dataset", default="wikitext2,c4,ptb", help="table: test data")
+    p.add_argument("--eval-windows", type=int, default=8, help="table: test windows per dataset")
+    p.add_argument("--recover-tokens", type=int, default=16384, help="table: recovery budget (0: none)")
+    p.add_argument("--speed", action="store_true", help="table: measure prefill/decode speed ratios")
+    p.add_argument("--method", default="wanda", help="speed: the method whose pruned model is timed")
+    return p
+
+
+@cli_entry
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    args.keeps = [float(k) for k in args.keeps.split(",")]
+    args.methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    for m in args.methods:
+        get_method(m)
+    if any(not 0 < k <= 1 for k in args.keeps):
+        raise MetricGPError(f"--keeps must be in (0, 1], got {args.keeps}")
+    {"defaults": run_defaults, "table": run_table, "speed": run_speed}[args.what](args)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,43 @@
+"""Named structured-pruning methods: the baselines users would pick instead, as presets of the
+one evaluator, so every comparison is like for like. `--method NAME` selects one; explicit
+options override its fields. Adding a method is one entry.
+
+Gradients: `llm-pruner-taylor` uses the cached G (per-weight l2 norm of the gradient over the
+calibration windows) in place of LLM-Pruner's gradient summed over the batch, i.e. |W|*G summed
+over the coupled group; both are first-order Taylor estimates of the loss change.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from metricgp.errors import MetricGPError
+
+
+@dataclass(frozen=True)
+class Method:
+    spec: dict = field(default_factory=dict)  # StructuredSpec fields
+    metric: str | None = None  # a built-in, a formula, or a path to a best.json
+    about: str = ""
+
+
+METHODS: dict[str, Method] = {
+    "magnitude-uniform": Method({"reduction": "l2", "allocation": "uniform"}, "magnitude",
+                                "Torch-Pruning's LLM default: group L2 magnitude, the same ratio per layer"),
+    "llm-pruner-taylor": Method({"reduction": "sum", "allocation": "uniform"}, "mul(abs(W), G)",
+                                "LLM-Pruner: element-wise first-order Taylor |W*dL/dW| summed over the group"),
+    "flap": Method({"importance": "flap", "reduction": "sum", "normalisation": "module-zscore",
+                    "allocation": "global", "bias_compensation": True}, None,
+                   "FLAP: fluctuation var(x_j)*||W_:,j||^2, standardised per layer, global, bias compensation"),
+    "shortgpt": Method({"importance": "shortgpt", "structures": "depth"}, None,
+                       "ShortGPT: remove the blocks with the lowest block influence"),
+    "wanda": Method({}, "wanda", "Wanda's |W|*sqrt(X) with the evaluator's default reduction and allocation"),
+    "evolved": Method({}, "results/smollm2-default-s0/best.json",
+                      "the committed search run's best formula with the evaluator's defaults"),
+}
+
+
+def get_method(name: str) -> Method:
+    if name not in METHODS:
+        raise MetricGPError(f"unknown method '{name}' (choose from {', '.join(METHODS)})")
+    return METHODS[name]

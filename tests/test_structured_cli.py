@@ -1,0 +1,82 @@
+"""`python -m metricgp.apply --structured` end to end on a tiny saved model, and its user errors."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from metricgp.apply import main
+
+
+@pytest.fixture()
+def base_args(tiny_llama_dir, text_files, isolated_cache):
+    return ["--structured", "--model", str(tiny_llama_dir), "--calib", str(text_files["calib"]), "--n-calib", "4",
+            "--seqlen", "32", "--dataset", str(text_files["test"]), "--eval-windows", "4"]
+
+
+def test_structured_apply_writes_a_smaller_reloadable_model(tmp_path, base_args, text_files):
+    import metricgp
+
+    out = tmp_path / "s70"
+    assert main([*base_args, "--metric", "wanda", "--keep", "0.7", "--out", str(out)]) == 0
+    report = json.loads((out / "report.json").read_text())
+    size = report["size"]
+    assert size["decoder_params"]["pruned"] < size["decoder_params"]["dense"]
+    assert size["achieved_keep"] == size["decoder_params"]["pruned"] / size["decoder_params"]["dense"]
+    assert abs(size["achieved_keep"] - 0.7) < 0.05
+    assert report["structured"]["keep"] == 0.7 and report["metric"]["functional"] == "mul(abs(W), sqrt(X))"
+    model = metricgp.load_pruned(out)
+    assert sum(p.numel() for p in model.parameters()) == size["params"]["pruned"]
+    dataset = str(text_files["test"])
+    assert report["perplexity"]["pruned"][dataset] > 1
+
+
+def test_structured_methods_and_depth(tmp_path, base_args):
+    out = tmp_path / "flap"
+    assert main([*base_args, "--method", "flap", "--keep", "0.8", "--out", str(out), "--no-save-model"]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["structured"]["importance"] == "flap" and report["structured"]["bias_compensation"]
+    out = tmp_path / "depth"
+    assert main([*base_args, "--method", "shortgpt", "--keep", "0.5", "--out", str(out), "--no-save-model"]) == 0
+    size = json.loads((out / "report.json").read_text())["size"]
+    assert len(size["removed_blocks"]) == 1 and len(size["block_scores"]) == 2  # the tiny model has 2 blocks
+    assert size["removed_blocks"][0] == min(range(2), key=lambda i: size["block_scores"][i])
+    assert size["achieved_keep"] == 0.5
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--metric", "wanda", "--keep", "1.5"], "--keep must be in (0, 1]"),
+        (["--metric", "wanda", "--keep", "0"], "--keep must be in (0, 1]"),
+        (["--metric", "wanda", "--allocation", "sideways"], "unknown allocation 'sideways'"),
+        (["--metric", "wanda", "--keep-map", "KEEPMAP"], "keep map names unknown module(s) model.layers.7.mlp"),
+        (["--keep", "0.7"], "importance 'metric' needs --metric or --metric-file"),
+        (["--method", "nope"], "unknown method 'nope'"),
+        (["--metric", "wanda", "--reduction", "median"], "unknown reduction 'median'"),
+    ],
+)
+def test_structured_user_errors(tmp_path, base_args, capsys, extra, message):
+    keep_map = tmp_path / "map.json"
+    keep_map.write_text(json.dumps({"model.layers.7.mlp": 0.5}))
+    extra = [str(keep_map) if e == "KEEPMAP" else e for e in extra]
+    out = tmp_path / "out"
+    assert main([*base_args, *extra, "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and message in errors[0] and "Traceback" not in err
+    assert not out.exists() and not list(tmp_path.glob(".out*"))
+
+
+def test_keep_map_drives_the_pruning(tmp_path, base_args):
+    keep_map = tmp_path / "map.json"
+    keep_map.write_text(json.dumps({"model.layers.0.mlp": 0.5, "model.layers.1.self_attn": 0.5}))
+    out = tmp_path / "km"
+    assert main([*base_args, "--metric", "magnitude", "--keep-map", str(keep_map), "--out", str(out)]) == 0
+    report = json.loads((out / "report.json").read_text())
+    removed = report["size"]["removed_units"]
+    assert removed["model.layers.0.mlp"]["elements"] == 32  # half of 64 channels
+    assert removed["model.layers.1.self_attn"]["elements"] == 2  # one query head of each KV group
+    assert set(removed) == {"model.layers.0.mlp", "model.layers.1.self_attn"}
+    assert report["per_layer"] == {"0": {"intermediate_size": 32}, "1": {"num_attention_heads": 2}}
