@@ -64,6 +64,12 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--valid", default="wikitext2", help="fitness data (keep it apart from the test split)")
     add_pattern_options(e)
     e.add_argument("--fitness", choices=tuple(FITNESSES), default="ppl")
+    e.add_argument("--structured", action="store_true",
+                   help="evolve a metric for structured pruning: fitness of the model with the heads and "
+                   "channels the metric ranks lowest removed (same evaluator as apply --structured)")
+    e.add_argument("--keep", type=float, default=None, help="--structured: fraction of decoder parameters kept")
+    for opt in ("reduction", "normalisation", "allocation", "head-mode"):
+        e.add_argument(f"--{opt}", default=None, help=f"--structured: the evaluator's {opt} (default: its own)")
     e.add_argument("--synthetic-delay", type=float, default=0.0, help=argparse.SUPPRESS)
     # --calib-seed is kept apart from --gp-seed, so that runs with different search seeds optimise
     # the same fitness (the synthetic evaluator draws its layers from it)
@@ -80,12 +86,29 @@ def evaluator_spec(args: argparse.Namespace, fidelities: tuple[int, ...]) -> dic
     """The evaluator's spec fields from the command line (model wiring lives here and in
     `run.evaluator_factory`); the pattern is parsed and validated once, here, and the spec holds
     its resolved name and sparsity (so the run's summary states what was searched)."""
+    if args.structured:
+        return {**model_data_fields(args), "valid": args.valid, "fitness": args.fitness, "fidelities": fidelities,
+                "structured": structured_fields(args)}
     pattern = pattern_from_args(args)
     if args.evaluator == "synthetic":
         return {"seed": args.calib_seed, "sparsity": pattern.sparsity, "fidelities": fidelities,
                 "delay": args.synthetic_delay}
     return {**model_data_fields(args), "valid": args.valid, "sparsity": pattern.sparsity, "pattern": pattern.name,
             "fitness": args.fitness, "fidelities": fidelities}
+
+
+def structured_fields(args: argparse.Namespace) -> dict[str, Any]:
+    """The StructuredSpec fields given on the command line, validated."""
+    from metricgp.structured.evaluator import StructuredSpec
+
+    if args.pattern != "unstructured" or args.sparsity is not None:
+        raise MetricGPError("--structured sets its size with --keep, not --pattern/--sparsity")
+    fields = {"keep": 0.7 if args.keep is None else args.keep}
+    for opt in ("reduction", "normalisation", "allocation", "head_mode"):
+        if getattr(args, opt) is not None:
+            fields[opt] = getattr(args, opt)
+    StructuredSpec(**fields).validate()
+    return fields
 
 
 def _fresh(args: argparse.Namespace) -> RunConfig:
@@ -99,7 +122,9 @@ def _fresh(args: argparse.Namespace) -> RunConfig:
     if args.workers is not None and args.workers < 1:
         raise MetricGPError(f"--workers must be >= 1, got {args.workers}")
     name = (args.out.name if args.out else f"{space.name}-s{space.gp.seed}")
-    return RunConfig(space=space, evaluator=args.evaluator,
+    if args.keep is not None and not args.structured:
+        raise MetricGPError("--keep needs --structured")
+    return RunConfig(space=space, evaluator="structured" if args.structured else args.evaluator,
                      evaluator_spec=evaluator_spec(args, tuple(space.fidelity.windows)),
                      backend=args.backend or "serial", workers=1 if args.workers is None else args.workers,
                      gpus_per_worker=args.gpus_per_worker or 0.0, time_budget_min=args.time_budget, name=name)

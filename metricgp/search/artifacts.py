@@ -146,6 +146,13 @@ def write_summary(run_dir: Path, run_name: str, records: Sequence[dict[str, Any]
                   f"{spec['n_calib']} `{spec['calib']}` windows (calibration seed {spec['seed']}); "
                   f"N races through {config.get('fidelities')}. "
                   "Test-split numbers are in report.md (made afterwards by `python -m metricgp.compare --run`).", ""]
+    if run_config.get("evaluator") == "structured":
+        spec = run_config.get("evaluator_spec", {})
+        st = spec.get("structured", {})
+        lines += [f"Fitness: {spec.get('fitness', 'ppl')} on validation windows of `{spec.get('valid')}`, model "
+                  f"`{spec.get('model')}` with the heads and MLP channels the metric ranks lowest removed "
+                  f"(structured, {st.get('keep')} of decoder parameters kept; evaluator options {st}); "
+                  f"N races through {config.get('fidelities')}. Simplification scope: global.", ""]
     lines += [f"Stopped: {stopped}. Generations: {last.get('gen', 0)} in {seconds / 60:.1f} min "
              "(search time, not counting the model and statistics load). "
              f"Evaluations: {counters.get('evaluations', 0)} ({counters.get('windows', 0)} windows). "

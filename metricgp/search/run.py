@@ -61,8 +61,19 @@ def _model(spec: dict[str, Any]) -> EvaluatorFactory:
 
 
 # evaluator name -> fn(spec fields) -> a picklable evaluator factory; one entry adds an evaluator.
+def _structured(spec: dict[str, Any]) -> EvaluatorFactory:
+    from metricgp.evaluate import EvaluatorSpec
+    from metricgp.structured.evaluator import StructuredSpec
+    from metricgp.structured.fitness import StructuredMetricEvaluator
+
+    spec = dict(spec)
+    structured = StructuredSpec(**spec.pop("structured", {})).validate()
+    return functools.partial(StructuredMetricEvaluator, EvaluatorSpec(**spec), structured)
+
+
 EVALUATORS: dict[str, Callable[[dict[str, Any]], EvaluatorFactory]] = {
     "model": _model,  # prune a language model one-shot, fitness on validation text
+    "structured": _structured,  # remove heads/channels by the metric's structure importance (scope "global")
     "synthetic": _synthetic,  # model-free, for tests and demos
 }
 
