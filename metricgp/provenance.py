@@ -42,10 +42,13 @@ def versions() -> dict[str, str]:
 
 
 def command_line() -> str:
-    prog = Path(sys.argv[0])
-    head = f"python -m metricgp.{prog.stem}" if prog.parent.name == "metricgp" else shlex.quote(sys.argv[0])
-    if prog.name == "__main__.py":
-        head = f"python -m metricgp.{prog.parent.name}"
+    """The command as a user would type it: `python -m metricgp.<module>` for our own modules."""
+    prog = Path(sys.argv[0]).resolve()
+    package = Path(__file__).resolve().parent
+    head = shlex.quote(sys.argv[0])
+    if prog.is_relative_to(package):
+        parts = ["metricgp", *prog.relative_to(package).with_suffix("").parts]
+        head = "python -m " + ".".join(parts[:-1] if parts[-1] == "__main__" else parts)
     return " ".join([head, *map(shlex.quote, sys.argv[1:])])
 
 

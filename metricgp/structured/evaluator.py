@@ -6,7 +6,8 @@
     model, report = pruner.build(removed, spec)   # a physically smaller copy; the dense model stays
 
 `prune(setup, tree, spec)` does all three. SAAP and the DarwinLM search call the same three
-steps with their own importances (`IMPORTANCES`) and keep maps.
+steps with their own importances (`IMPORTANCES`, or `UNIT_IMPORTANCES` for importances scored per
+unit, as SAAP's fusion) and keep maps (given, or made by a `PLANNERS` allocation).
 """
 
 from __future__ import annotations
@@ -32,21 +33,24 @@ STRUCTURES = ("width", "depth")  # width: heads + channels; depth: whole decoder
 class StructuredSpec:
     keep: float = 0.7  # fraction of decoder parameters kept
     importance: str = "metric"
-    reduction: str = "sum"
-    normalisation: str = "per-param"
+    # defaults chosen by experiment (results/structured/defaults.md: wanda at 70% kept, validation ppl)
+    reduction: str = "max"
+    normalisation: str = "module-mean"
     allocation: str = "global"
     head_mode: str = "per-group"
     structures: str = "width"
     bias_compensation: bool = False  # FLAP: removed channels' mean output folded into a bias
     keep_map: dict[str, float] | None = field(default=None, hash=False)
+    options: dict | None = field(default=None, hash=False)  # method-specific (SAAP: estimators, spread ...)
 
     def validate(self) -> StructuredSpec:
         if not 0.0 < self.keep <= 1.0:
             raise MetricGPError(f"--keep must be in (0, 1], got {self.keep}")
         for name, value, choices in (
-            ("importance", self.importance, IMPORTANCES if self.structures == "width" else BLOCK_IMPORTANCES),
+            ("importance", self.importance,
+             {**IMPORTANCES, **UNIT_IMPORTANCES} if self.structures == "width" else BLOCK_IMPORTANCES),
             ("reduction", self.reduction, REDUCTIONS), ("normalisation", self.normalisation, NORMALISATIONS),
-            ("allocation", self.allocation, ALLOCATIONS), ("head mode", self.head_mode, HEAD_MODES),
+            ("allocation", self.allocation, {**ALLOCATIONS, **PLANNERS}), ("head mode", self.head_mode, HEAD_MODES),
             ("structures", self.structures, STRUCTURES),
         ):
             if value not in choices:
@@ -83,6 +87,24 @@ IMPORTANCES: dict[str, Callable[..., dict[str, torch.Tensor]]] = {
 }
 
 
+def _saap_units(pruner: StructuredPruner, tree, spec: StructuredSpec) -> list[Unit]:
+    from metricgp.structured.saap import saap_units
+
+    return saap_units(pruner, tree, spec)
+
+
+def _stability_keep_map(pruner: StructuredPruner, units: list[Unit], spec: StructuredSpec) -> dict[str, float]:
+    from metricgp.structured.saap import stability_keep_map
+
+    return stability_keep_map(pruner, units, spec)
+
+
+# name -> fn(pruner, metric tree or None, spec) -> scored units: importances fused at unit level
+UNIT_IMPORTANCES: dict[str, Callable[..., list[Unit]]] = {"saap": _saap_units}
+# allocation name -> fn(pruner, units, spec) -> keep map: allocations that need more than the units
+PLANNERS: dict[str, Callable[..., dict[str, float]]] = {"stability": _stability_keep_map}
+
+
 def _metric_blocks(pruner: StructuredPruner, tree) -> list[float]:
     """Mean element score of each block's linears."""
     from metricgp.models import find_blocks
@@ -113,6 +135,8 @@ class StructuredPruner:
         self.linears = linears_by_name(setup.model)
         self.dense_decoder_params = decoder_params(setup.model)
         self._means: dict[str, torch.Tensor] | None = None
+        self.memo: dict[str, object] = {}  # derived results an importance computes once (SAAP's fusion)
+        self.notes: dict[str, object] = {}  # what importances and planners decided, for the report
 
     def output_means(self) -> dict[str, torch.Tensor]:
         """Mean input of every output projection (o/down), one forward pass, computed once."""
@@ -122,6 +146,8 @@ class StructuredPruner:
         return self._means
 
     def score(self, tree, spec: StructuredSpec) -> list[Unit]:
+        if spec.importance in UNIT_IMPORTANCES:
+            return UNIT_IMPORTANCES[spec.importance](self, tree, spec)
         names = {s.linear for m in self.modules for s in m.slices + m.kv_slices}
         scores = IMPORTANCES[spec.importance](self, tree, names)
         return score_units(self.modules, self.linears, scores, spec.reduction, spec.normalisation, spec.head_mode)
@@ -132,6 +158,8 @@ class StructuredPruner:
     def plan(self, units: list[Unit], spec: StructuredSpec) -> list[Unit]:
         if spec.keep_map is not None:
             return from_keep_map(units, spec.keep_map)
+        if spec.allocation in PLANNERS:
+            return from_keep_map(units, PLANNERS[spec.allocation](self, units, spec))
         return allocate(units, self.budget(spec), spec.allocation)
 
     def build(self, removed: list[Unit], spec: StructuredSpec) -> nn.Module:
@@ -182,7 +210,7 @@ def prune(setup, tree, spec: StructuredSpec) -> tuple[nn.Module, dict]:
     else:
         removed = pruner.plan(pruner.score(tree, spec), spec)
         model = pruner.build(removed, spec)
-        detail = {"removed_units": _removed_summary(removed)}
+        detail = {"removed_units": _removed_summary(removed), **pruner.notes}
     return model, {**size_report(setup.model, model, spec.keep), **detail}
 
 

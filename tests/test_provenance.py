@@ -1,0 +1,23 @@
+"""The recorded command is what a user would type, for modules at any depth of the package."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+import metricgp.provenance as provenance
+
+ROOT = Path(provenance.__file__).resolve().parent
+
+
+@pytest.mark.parametrize(("argv0", "head"), [
+    (ROOT / "apply.py", "python -m metricgp.apply"),
+    (ROOT / "search" / "__main__.py", "python -m metricgp.search"),
+    (ROOT / "structured" / "experiments.py", "python -m metricgp.structured.experiments"),
+    (Path("/usr/local/bin/somewhere"), "/usr/local/bin/somewhere"),
+])
+def test_command_line(monkeypatch, argv0, head):
+    monkeypatch.setattr(sys, "argv", [str(argv0), "--out", "a b"])
+    assert provenance.command_line() == f"{head} --out 'a b'"
