@@ -184,11 +184,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--metric", default="wanda", help="defaults: the metric whose structures are scored")
     p.add_argument("--keep", type=float, default=0.7, help="defaults: the keep level")
     p.add_argument("--valid-windows", type=int, default=16, help="defaults: validation windows")
-    p.add_argument("--keeps", default="0.9,0.8,0.7,0.5", help="table: keep levels")
+    p.add_argument("--keeps", default="0.7,0.5,0.8,0.9",
+                   help="table: keep levels (the key one first, so an interrupted run has it)")
     p.add_argument("--methods", default=",".join(METHODS), help="table: methods")
     p.add_argument("--dataset", default="wikitext2,c4,ptb", help="table: test data")
     p.add_argument("--eval-windows", type=int, default=8, help="table: test windows per dataset")
-    p.add_argument("--recover-tokens", type=int, default=16384, help="table: recovery budget (0: none)")
+    p.add_argument("--recover-tokens", type=int, default=8192, help="table: recovery budget (0: none)")
     p.add_argument("--speed", action="store_true", help="table: measure prefill/decode speed ratios")
     p.add_argument("--method", default="wanda", help="speed: the method whose pruned model is timed")
     return p
