@@ -149,41 +149,55 @@ class MetricEvaluator:
     def __init__(self, spec: EvaluatorSpec, setup: PruningSetup | None = None):
         from metricgp.prune.patterns import parse_pattern
 
+        self._check(spec)
+        self.pattern = parse_pattern(spec.pattern, spec.sparsity)
+        self.scope = self.pattern.simplify_scope
+        self._load(setup)
+
+    def _check(self, spec: EvaluatorSpec) -> None:
         if spec.fitness not in FITNESSES:
             raise MetricGPError(f"unknown fitness '{spec.fitness}' (choose from {', '.join(FITNESSES)})")
         if list(spec.fidelities) != sorted(set(spec.fidelities)) or min(spec.fidelities) < 1:
             raise MetricGPError(f"fidelities must be increasing positive window counts, got {spec.fidelities}")
         self.spec = spec
         self.objective = FITNESSES[spec.fitness]
-        self.pattern = parse_pattern(spec.pattern, spec.sparsity)
-        self.scope = self.pattern.simplify_scope
-        self.setup = setup or PruningSetup.from_spec(spec)
-        self.fidelities = tuple(spec.fidelities)
-        self.valid = self.setup.fitness_windows(max(self.fidelities))
-        self.fidelities = tuple(min(f, len(self.valid)) for f in self.fidelities)
+
+    def _load(self, setup: PruningSetup | None) -> None:
+        """The model, statistics, validation windows and the fitness's dense reference, once."""
+        self.setup = setup or PruningSetup.from_spec(self.spec)
+        self.valid = self.setup.fitness_windows(max(self.spec.fidelities))
+        self.fidelities = tuple(min(f, len(self.valid)) for f in self.spec.fidelities)
         build = self.objective.reference
         self.reference = build(self.setup.model, self.valid) if build is not None else None
         self.timings: dict[str, float] = defaultdict(float)
 
-    def evaluate(self, tree, n_windows: int) -> FitnessResult:
+    def prune_with(self, tree) -> float:
+        """Prune the model in place with `tree`; returns the fraction removed. Raises DegenerateMetric."""
         from metricgp.expr import compile_metric
-        from metricgp.prune.engine import DegenerateMetric, prune_oneshot
+        from metricgp.prune.engine import prune_oneshot
+
+        return prune_oneshot(self.setup.dense, self.setup.stats, compile_metric(tree), self.pattern).sparsity
+
+    def evaluate(self, tree, n_windows: int) -> FitnessResult:
+        from metricgp.prune.engine import DegenerateMetric
 
         t0 = time.perf_counter()
         windows = self.valid[:n_windows]
         try:
-            report = prune_oneshot(self.setup.dense, self.setup.stats, compile_metric(tree), self.pattern)
+            removed = self.prune_with(tree)
         except DegenerateMetric as err:
             self.setup.dense.restore()
             return FitnessResult(math.inf, len(windows), str(err), time.perf_counter() - t0, 0.0)
         t1 = time.perf_counter()
         self.timings["score_mask"] += t1 - t0
-        value = self.objective.measure(self.setup.model, windows, self.reference, self.spec.batch_size)
+        try:
+            value = self.objective.measure(self.setup.model, windows, self.reference, self.spec.batch_size)
+        finally:
+            self.setup.dense.restore()
         self.timings["forward"] += time.perf_counter() - t1
-        self.setup.dense.restore()
         reason = None if math.isfinite(value) else "non-finite fitness"
         fitness = value if math.isfinite(value) else math.inf
-        return FitnessResult(fitness, len(windows), reason, time.perf_counter() - t0, report.sparsity)
+        return FitnessResult(fitness, len(windows), reason, time.perf_counter() - t0, removed)
 
 
 @dataclass
