@@ -5,6 +5,9 @@
         --recover-tokens 200000 --out runs/s70r
     python -m metricgp.apply --structured --importance flap --bias-compensation --keep 0.7 --out runs/flap70
     python -m metricgp.apply --structured --structures depth --importance shortgpt --keep 0.8 --out runs/short80
+    python -m metricgp.apply --structured --importance saap --keep 0.7 --out runs/saap70
+    python -m metricgp.apply --structured --importance saap --estimators taylor-element,taylor-vector,magnitude,wanda,\
+best.json --keep 0.7 --group-finetune-tokens 200000 --out runs/saap70ft
 
 The result is a physically smaller model that reloads with `metricgp.load_pruned(out)` or, after
 `import metricgp`, with plain `AutoModelForCausalLM.from_pretrained(out)`, plus report.json.
@@ -19,10 +22,18 @@ from pathlib import Path
 
 from metricgp.errors import MetricGPError
 from metricgp.structured.allocate import ALLOCATIONS
-from metricgp.structured.evaluator import BLOCK_IMPORTANCES, IMPORTANCES, STRUCTURES, StructuredSpec
+from metricgp.structured.evaluator import (
+    BLOCK_IMPORTANCES,
+    IMPORTANCES,
+    PLANNERS,
+    STRUCTURES,
+    UNIT_IMPORTANCES,
+    StructuredSpec,
+)
 from metricgp.structured.groups import HEAD_MODES
 from metricgp.structured.importance import NORMALISATIONS, REDUCTIONS
 from metricgp.structured.methods import METHODS, get_method
+from metricgp.structured.saap_estimators import DEFAULT_ESTIMATORS, ESTIMATORS
 
 DEFAULTS = StructuredSpec()
 
@@ -39,10 +50,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--metric-file", type=Path, help="a JSON file with a 'formula' key (a search's best.json)")
     p.add_argument("--keep", type=float, default=DEFAULTS.keep, help="fraction of decoder parameters kept (0, 1]")
     p.add_argument("--importance", default=None,
-                   help=f"width: {', '.join(IMPORTANCES)}; depth: {', '.join(BLOCK_IMPORTANCES)}")
+                   help=f"width: {', '.join([*IMPORTANCES, *UNIT_IMPORTANCES])}; depth: {', '.join(BLOCK_IMPORTANCES)}")
     p.add_argument("--structures", choices=STRUCTURES, default=None,
                    help="width: heads and MLP channels; depth: whole decoder blocks")
-    p.add_argument("--allocation", default=None, help=f"{', '.join(ALLOCATIONS)}")
+    p.add_argument("--allocation", default=None, help=f"{', '.join([*ALLOCATIONS, *PLANNERS])}")
     p.add_argument("--keep-map", type=Path, help="JSON {module name: fraction of its heads/channels kept}; "
                    "overrides --allocation and --keep")
     p.add_argument("--reduction", default=None, help=f"{', '.join(REDUCTIONS)}")
@@ -53,12 +64,46 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--bias-compensation", action="store_true", default=None,
                    help="fold the removed channels' mean output into a bias (FLAP)")
     p.add_argument("--recover-tokens", type=int, default=0, help="recovery fine-tuning budget in tokens (0: none)")
-    p.add_argument("--recover-method", default="lora", help="lora or full")
+    p.add_argument("--recover-method", default="lora", help="lora, group-lora or full")
     p.add_argument("--recover-lr", type=float, default=None, help="learning rate (default per method)")
+    add_saap_options(p)
     p.add_argument("--speed", action="store_true", help="measure prefill/decode throughput, dense vs pruned")
     add_model_data_options(p)
     add_report_options(p)
     return p
+
+
+def add_saap_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("SAAP (--importance saap; metricgp.structured.saap)")
+    g.add_argument("--estimators", default=None,
+                   help=f"comma-separated importance estimators fused by learned uncertainty: {', '.join(ESTIMATORS)}, "
+                   f"metric formulas or JSON files with a 'formula' key (default {','.join(DEFAULT_ESTIMATORS)})")
+    g.add_argument("--skip-edge-blocks", action="store_true", default=None,
+                   help="leave the first and last decoder blocks untouched")
+    g.add_argument("--saap-spread", type=float, default=None,
+                   help="how non-uniform the per-layer ratios are, in [0, 1] (0: uniform; default 0.5)")
+    g.add_argument("--group-finetune-tokens", type=int, default=0,
+                   help="group fine-tuning budget in tokens (--recover-method group-lora; 0: none)")
+    g.add_argument("--group-finetune-groups", type=int, default=4, help="input-column groups per linear (default 4)")
+    g.add_argument("--compare-lora", action="store_true",
+                   help="also recover a copy with plain LoRA at the same budget and trainable-parameter count")
+
+
+def saap_options(args: argparse.Namespace, importance: str, allocation: str) -> dict | None:
+    """SAAP's options from the command line (validated), or None for other importances."""
+    from metricgp.structured.saap import SAAPOptions
+    from metricgp.structured.saap_estimators import split_estimators
+
+    given = {k: v for k, v in (("estimators", args.estimators and split_estimators(args.estimators)),
+                               ("skip_edge_blocks", args.skip_edge_blocks), ("spread", args.saap_spread))
+             if v is not None}
+    if importance != "saap":
+        if given:
+            raise MetricGPError("--estimators, --skip-edge-blocks and --saap-spread need --importance saap")
+        return None
+    if allocation != "stability" and {"skip_edge_blocks", "spread"} & set(given):
+        raise MetricGPError(f"--skip-edge-blocks and --saap-spread shape the stability allocation, not '{allocation}'")
+    return SAAPOptions.from_dict(given).to_dict()
 
 
 def load_keep_map(path: Path | None) -> dict[str, float] | None:
@@ -81,18 +126,40 @@ SPEC_OPTIONS = ("importance", "reduction", "normalisation", "allocation", "head_
 
 def spec_from_args(args: argparse.Namespace) -> StructuredSpec:
     """Explicit options, else the --method preset, else the evaluator's defaults."""
-    preset = get_method(args.method).spec if args.method else {}
+    name = args.method or ("saap" if args.importance == "saap" else None)  # saap: its own allocation too
+    preset = get_method(name).spec if name else {}
     fields = {k: getattr(args, k) if getattr(args, k) is not None else preset.get(k, getattr(DEFAULTS, k))
               for k in SPEC_OPTIONS}
-    return StructuredSpec(keep=args.keep, keep_map=load_keep_map(args.keep_map), **fields).validate()
+    return StructuredSpec(keep=args.keep, keep_map=load_keep_map(args.keep_map),
+                          options=saap_options(args, fields["importance"], fields["allocation"]), **fields).validate()
+
+
+def validate_recovery(args: argparse.Namespace) -> None:
+    """--group-finetune-tokens N is --recover-tokens N --recover-method group-lora."""
+    from metricgp.structured.recover import METHODS as RECOVERY
+
+    for flag, value in (("--recover-tokens", args.recover_tokens), ("--group-finetune-tokens",
+                                                                    args.group_finetune_tokens)):
+        if value < 0:
+            raise MetricGPError(f"{flag} must be >= 0, got {value}")
+    if args.group_finetune_tokens:
+        if args.recover_tokens:
+            raise MetricGPError("give --recover-tokens or --group-finetune-tokens, not both")
+        args.recover_tokens, args.recover_method = args.group_finetune_tokens, "group-lora"
+    if args.recover_method not in RECOVERY:
+        raise MetricGPError(f"unknown recovery method '{args.recover_method}' (choose from {', '.join(RECOVERY)})")
+    if args.compare_lora and not (args.recover_tokens and args.recover_method == "group-lora"):
+        raise MetricGPError("--compare-lora compares group fine-tuning with LoRA: give --group-finetune-tokens")
 
 
 def validate(args: argparse.Namespace):
     from metricgp.apply import load_metric, validate_model_and_report
 
-    if args.recover_tokens < 0:
-        raise MetricGPError(f"--recover-tokens must be >= 0, got {args.recover_tokens}")
+    validate_recovery(args)
     spec = spec_from_args(args)
+    if spec.importance == "saap" and (args.metric is not None or args.metric_file is not None):
+        raise MetricGPError("importance 'saap' takes metric formulas in --estimators (e.g. "
+                            "--estimators taylor-element,best.json), not --metric/--metric-file")
     tree, source = (None, None)
     if args.metric is None and args.metric_file is None and args.method and get_method(args.method).metric:
         preset = get_method(args.method).metric
@@ -151,8 +218,11 @@ def run(args: argparse.Namespace) -> dict:
         ref = parse_data_ref(args.calib, "calibration")
         n_train = -(-args.recover_tokens // args.seqlen)
         train = windows(ref, setup.tokenizer, "calibration", args.seqlen, n_train, args.calib_seed + 1)
+        if args.compare_lora:
+            result["recovery_comparison"] = _compare_lora(args, model, train, setup, evals)
         rec = recover(model, train, method=args.recover_method, tokens=args.recover_tokens, lr=args.recover_lr,
-                      val_windows=setup.fitness_windows(8), seed=args.calib_seed)
+                      val_windows=setup.fitness_windows(8), seed=args.calib_seed,
+                      groups=args.group_finetune_groups)
         timings["recover"] = time.perf_counter() - t4
         result["recovery"] = {**rec.to_dict(), "data": args.calib, "seed": args.calib_seed + 1}
         result["perplexity"]["recovered"] = {d: perplexity(model, w, progress=True) for d, w in evals.items()}
@@ -164,6 +234,17 @@ def run(args: argparse.Namespace) -> dict:
     result["provenance"] = started
     _write(args, model, setup.tokenizer, result)
     return result
+
+
+def _compare_lora(args: argparse.Namespace, model, train, setup, evals: dict) -> dict:
+    """Plain LoRA on a copy at the group fine-tuning's budget and trainable-parameter count."""
+    from metricgp.evaluate import perplexity
+    from metricgp.structured.saap_group import compare_with_lora
+
+    twin, report = compare_with_lora(model, train, tokens=args.recover_tokens, groups=args.group_finetune_groups,
+                                     lr=args.recover_lr, seed=args.calib_seed, val_windows=setup.fitness_windows(8))
+    report["perplexity"] = {d: perplexity(twin, w, progress=True) for d, w in evals.items()}
+    return report
 
 
 def _write(args: argparse.Namespace, model, tokenizer, result: dict) -> None:
@@ -189,6 +270,8 @@ def summary(result: dict) -> str:
         rec = result["perplexity"].get("recovered", {}).get(data)
         lines.append(f"{data:<10} " + (f"dense {dense:.3f}  " if dense is not None else "")
                      + f"pruned {ppl:.3f}" + (f"  recovered {rec:.3f}" if rec is not None else ""))
+    for data, ppl in result.get("recovery_comparison", {}).get("perplexity", {}).items():
+        lines.append(f"{data:<10} plain LoRA (rank {result['recovery_comparison']['lora_rank']}) recovered {ppl:.3f}")
     if "speed" in result:
         s = result["speed"]
         lines.append(f"speed-up prefill {s['prefill_speedup']:.2f}x, decode {s['decode_speedup']:.2f}x "

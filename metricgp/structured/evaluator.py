@@ -94,7 +94,7 @@ def _saap_units(pruner: StructuredPruner, tree, spec: StructuredSpec) -> list[Un
 
 
 def _stability_keep_map(pruner: StructuredPruner, units: list[Unit], spec: StructuredSpec) -> dict[str, float]:
-    from metricgp.structured.saap import stability_keep_map
+    from metricgp.structured.saap_search import stability_keep_map
 
     return stability_keep_map(pruner, units, spec)
 

@@ -31,6 +31,9 @@ METHODS: dict[str, Method] = {
                    "FLAP: fluctuation var(x_j)*||W_:,j||^2, standardised per layer, global, bias compensation"),
     "shortgpt": Method({"importance": "shortgpt", "structures": "depth"}, None,
                        "ShortGPT: remove the blocks with the lowest block influence"),
+    "saap": Method({"importance": "saap", "allocation": "stability"}, None,
+                   "SAAP: Taylor/magnitude/Wanda estimators fused by learned uncertainty, per-layer ratios "
+                   "from batch stability (metricgp.structured.saap)"),
     "wanda": Method({}, "wanda", "Wanda's |W|*sqrt(X) with the evaluator's default reduction and allocation"),
     "evolved": Method({}, "results/smollm2-default-s0/best.json",
                       "the committed search run's best formula with the evaluator's defaults"),

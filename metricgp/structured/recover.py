@@ -1,4 +1,4 @@
-"""Recovery fine-tuning of a causal LM for a token budget: LoRA (merged back) or full.
+"""Recovery fine-tuning of a causal LM for a token budget: LoRA or group LoRA (merged back), or full.
 
 Model-agnostic, so it works on structurally pruned models whose layers have different widths:
 the layers to train are found by `metricgp.models.prunable_layers` (every nn.Linear inside the
@@ -56,6 +56,7 @@ class RecoveryConfig:
     alpha: int
     target: tuple[str, ...] | None  # substrings of full module names; None: every block linear
     seed: int
+    groups: int = 1  # group-lora: input-column groups per linear, each with its own adapter
 
 
 Trainable = tuple[nn.Module, list[nn.Parameter]]  # the module to call, the parameters to step
@@ -90,13 +91,23 @@ def _full(model: nn.Module, layers: dict[str, nn.Linear], config: RecoveryConfig
     yield model, params
 
 
+@contextmanager
+def _group_lora(model: nn.Module, layers: dict[str, nn.Linear], config: RecoveryConfig) -> Iterator[Trainable]:
+    """SAAP's group fine-tuning (`metricgp.structured.saap_group`): merged on success, dropped on error."""
+    from metricgp.structured.saap_group import group_adapters
+
+    with group_adapters(model, layers, config.groups, config.rank, config.alpha) as params:
+        yield model, params
+
+
 @dataclass(frozen=True)
 class Method:
     default_lr: float
     attach: Callable[[nn.Module, dict[str, nn.Linear], RecoveryConfig], AbstractContextManager[Trainable]]
 
 
-METHODS: dict[str, Method] = {"lora": Method(1e-4, _lora), "full": Method(1e-5, _full)}
+METHODS: dict[str, Method] = {"lora": Method(1e-4, _lora), "group-lora": Method(1e-4, _group_lora),
+                              "full": Method(1e-5, _full)}
 
 
 def recover(
@@ -113,6 +124,7 @@ def recover(
     seed: int = 0,
     progress: bool = True,
     val_windows: torch.Tensor | None = None,
+    groups: int = 4,
 ) -> RecoveryReport:
     """Fine-tune `model` in place on `train_windows` (n, seqlen) for about `tokens` tokens.
 
@@ -121,9 +133,10 @@ def recover(
     to MAX_GRAD_NORM. Default lr: 1e-4 for "lora", 1e-5 for "full". `target` restricts training
     to block linears whose full name contains one of the given substrings (e.g. "mlp"); "full"
     without a target trains every block parameter, norms included. With `val_windows`, the
-    report holds the perplexity on them before and after.
+    report holds the perplexity on them before and after. "group-lora" gives each of `groups` groups
+    of a linear's input columns its own rank-`rank` adapter.
     """
-    config = _config(train_windows, method, tokens, lr, batch_size, rank, alpha, target, seed)
+    config = _config(train_windows, method, tokens, lr, batch_size, rank, alpha, target, seed, groups)
     seqlen = train_windows.shape[1]
     steps = max(1, tokens // (batch_size * seqlen))
     before = _val_ppl(model, val_windows)
@@ -142,20 +155,20 @@ def recover(
 
 
 def _config(windows: torch.Tensor, method: str, tokens: int, lr: float | None, batch_size: int, rank: int,
-            alpha: int, target: str | list[str] | None, seed: int) -> RecoveryConfig:
+            alpha: int, target: str | list[str] | None, seed: int, groups: int = 1) -> RecoveryConfig:
     if method not in METHODS:
         raise MetricGPError(f"unknown recovery method '{method}' (choose from {', '.join(METHODS)})")
     if tokens < 1:
         raise MetricGPError(f"recovery tokens must be at least 1, got {tokens}")
     if windows.dim() != 2 or windows.shape[0] == 0 or windows.shape[1] < 2:
         raise MetricGPError(f"recovery needs (n, seqlen >= 2) train windows, got shape {tuple(windows.shape)}")
-    if batch_size < 1 or rank < 1:
-        raise MetricGPError(f"batch_size and rank must be at least 1, got {batch_size} and {rank}")
+    if batch_size < 1 or rank < 1 or groups < 1:
+        raise MetricGPError(f"batch_size, rank and groups must be at least 1, got {batch_size}, {rank} and {groups}")
     lr = METHODS[method].default_lr if lr is None else lr
     if not lr >= 0:
         raise MetricGPError(f"learning rate must be >= 0, got {lr}")
     targets = None if target is None else ((target,) if isinstance(target, str) else tuple(target))
-    return RecoveryConfig(method, tokens, lr, batch_size, rank, alpha, targets, seed)
+    return RecoveryConfig(method, tokens, lr, batch_size, rank, alpha, targets, seed, groups)
 
 
 def _select(model: nn.Module, target: tuple[str, ...] | None) -> dict[str, nn.Linear]:
