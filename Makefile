@@ -51,7 +51,7 @@ bench-fidelity: venv
 # Structured pruning: defaults experiment, then every method x keep level, one-shot and recovered (resumable).
 structured: venv
 	$(PY) -m metricgp.structured.experiments defaults --out results/structured
-	$(PY) -m metricgp.structured.experiments table --speed --keeps 0.7,0.5,0.8,0.9 --recover-tokens 8192 --out results/structured
+	$(PY) -m metricgp.structured.experiments table --out results/structured
 
 bench-structured: venv
 	$(PY) -m metricgp.structured.experiments speed --keep 0.7 --out results/structured

@@ -106,7 +106,8 @@ def _row_command(method: str, keep: float, args, recover: bool) -> str:
 
 
 def run_table(args) -> None:
-    """Every method x keep level: one-shot and after the same recovery budget."""
+    """Every method x keep level one-shot; then, at the recovery keep levels, after the same
+    recovery budget (a second pass, so the cheap one-shot table is complete first)."""
     from metricgp.data import parse_data_ref, parse_report_data, windows
     from metricgp.evaluate import cached_dense_perplexity, perplexity
     from metricgp.structured.recover import recover
@@ -116,42 +117,51 @@ def run_table(args) -> None:
     setup = _setup(args)
     evals = {d: setup.report_windows(d, args.eval_windows) for d in parse_report_data(args.dataset)}
     dense = {d: cached_dense_perplexity(setup, d, w) for d, w in evals.items()}
-    train = windows(parse_data_ref(args.calib, "calibration"), setup.tokenizer, "calibration", args.seqlen,
-                    -(-args.recover_tokens // args.seqlen), args.calib_seed + 1) if args.recover_tokens else None
     meta = {"what": "structured pruning of the default model: test perplexity, size and speed",
             "dense_ppl": dense, "eval_windows": args.eval_windows, "seqlen": args.seqlen,
-            "recover_tokens": args.recover_tokens, "methods": {m: METHODS[m].about for m in args.methods}}
+            "recover_tokens": args.recover_tokens, "recover_keeps": args.recover_keeps,
+            "methods": {m: METHODS[m].about for m in args.methods}, "command": _command()}
     started = time.perf_counter()
-    for keep in args.keeps:
-        for method in args.methods:
-            key = f"{method}|{keep}"
-            if key in rows and ("recovered" in rows[key] or not args.recover_tokens):
+
+    def pruned(method: str, keep: float):
+        m = get_method(method)
+        setup.dense.restore()
+        return prune(setup, _tree(m.metric), StructuredSpec(keep=keep, **m.spec))
+
+    for keep, method in ((k, m) for k in args.keeps for m in args.methods):
+        key = f"{method}|{keep}"
+        if key in rows:
+            continue
+        t0 = time.perf_counter()
+        model, sizes = pruned(method, keep)
+        row = {"method": method, "keep": keep, "achieved_keep": sizes["achieved_keep"],
+               "params": sizes["params"]["pruned"], "decoder_params": sizes["decoder_params"]["pruned"],
+               "oneshot": {d: perplexity(model, w) for d, w in evals.items()},
+               "command": _row_command(method, keep, args, False)}
+        if args.speed:
+            setup.dense.restore()
+            row["speed"] = speed_report(setup.model, model)
+        rows[key] = row | {"seconds": round(time.perf_counter() - t0, 1)}
+        print(f"{key:<28} " + " ".join(f"{d} {v:9.2f}" for d, v in row["oneshot"].items()), flush=True)
+        _save(path, rows, meta)
+    if args.recover_tokens:
+        train = windows(parse_data_ref(args.calib, "calibration"), setup.tokenizer, "calibration", args.seqlen,
+                        -(-args.recover_tokens // args.seqlen), args.calib_seed + 1)
+        for keep, method in ((k, m) for k in args.recover_keeps for m in args.methods):
+            row = rows[f"{method}|{keep}"]
+            if "recovered" in row:
                 continue
             t0 = time.perf_counter()
-            m = get_method(method)
-            spec = StructuredSpec(keep=keep, **m.spec)
-            setup.dense.restore()
-            model, sizes = prune(setup, _tree(m.metric), spec)
-            row = {"method": method, "keep": keep, "achieved_keep": sizes["achieved_keep"],
-                   "params": sizes["params"]["pruned"], "decoder_params": sizes["decoder_params"]["pruned"],
-                   "oneshot": {d: perplexity(model, w) for d, w in evals.items()},
-                   "command": _row_command(method, keep, args, False)}
-            if args.speed:
-                setup.dense.restore()
-                row["speed"] = speed_report(setup.model, model)
-            if train is not None:
-                rec = recover(model, train, tokens=args.recover_tokens, seed=args.calib_seed)
-                row["recovered"] = {d: perplexity(model, w) for d, w in evals.items()}
-                row["recovery"] = rec.to_dict()
-                row["command_recovered"] = _row_command(method, keep, args, True)
-            row["seconds"] = round(time.perf_counter() - t0, 1)
-            rows[key] = row
-            print(f"{key:<28} " + " ".join(f"{d} {v:9.2f}" for d, v in row["oneshot"].items())
-                  + ("  recovered " + " ".join(f"{v:9.2f}" for v in row["recovered"].values())
-                     if "recovered" in row else ""), flush=True)
-            _save(path, rows, meta | {"command": _command()})
+            model, _ = pruned(method, keep)
+            row["recovery"] = recover(model, train, tokens=args.recover_tokens, seed=args.calib_seed).to_dict()
+            row["recovered"] = {d: perplexity(model, w) for d, w in evals.items()}
+            row["command_recovered"] = _row_command(method, keep, args, True)
+            row["seconds_recovery"] = round(time.perf_counter() - t0, 1)
+            print(f"{method}|{keep:<20} recovered " + " ".join(f"{v:9.2f}" for v in row["recovered"].values()),
+                  flush=True)
+            _save(path, rows, meta)
     meta["seconds_this_invocation"] = round(time.perf_counter() - started, 1)
-    _save(path, rows, meta | {"command": _command()})
+    _save(path, rows, meta)
     from metricgp.structured.report import write_table
 
     write_table(args.out, json.loads(path.read_text()))
@@ -190,6 +200,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dataset", default="wikitext2,c4,ptb", help="table: test data")
     p.add_argument("--eval-windows", type=int, default=8, help="table: test windows per dataset")
     p.add_argument("--recover-tokens", type=int, default=8192, help="table: recovery budget (0: none)")
+    p.add_argument("--recover-keeps", default="0.7,0.5", help="table: keep levels that also get recovery")
     p.add_argument("--speed", action="store_true", help="table: measure prefill/decode speed ratios")
     p.add_argument("--method", default="wanda", help="speed: the method whose pruned model is timed")
     return p
@@ -199,6 +210,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     args.keeps = [float(k) for k in args.keeps.split(",")]
+    args.recover_keeps = [float(k) for k in args.recover_keeps.split(",") if k.strip()]
     args.methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     for m in args.methods:
         get_method(m)

@@ -21,7 +21,8 @@ def write_table(out: Path, table: dict) -> None:
         "# Structured pruning of SmolLM2-135M-Instruct",
         "",
         f"Test perplexity on the first {table['eval_windows']} windows of {table['seqlen']} tokens of each test split; "
-        f"recovery: LoRA on {table['recover_tokens']:,} C4 calibration tokens (train split). "
+        f"recovery (at {', '.join(f'{k:.0%}' for k in table.get('recover_keeps', []))} kept): LoRA on "
+        f"{table['recover_tokens']:,} C4 calibration tokens (train split). "
         "Speed: measured ratio dense/pruned in the same run (prefill and decode tokens/s), next to the FLOPs "
         "ratio that bounds it.",
         "",
@@ -53,8 +54,10 @@ def _plot(path: Path, rows: list[dict], data: str, dense: float) -> None:
         mine = sorted((r for r in rows if r["method"] == m), key=lambda r: r["achieved_keep"])
         x = [r["achieved_keep"] * 100 for r in mine]
         ax.plot(x, [r["oneshot"][data] for r in mine], "--o", color=colours(i), alpha=0.6, label=f"{m} one-shot")
-        if all("recovered" in r for r in mine):
-            ax.plot(x, [r["recovered"][data] for r in mine], "-s", color=colours(i), label=f"{m} recovered")
+        rec = [r for r in mine if "recovered" in r]
+        if rec:
+            ax.plot([r["achieved_keep"] * 100 for r in rec], [r["recovered"][data] for r in rec], "-s",
+                    color=colours(i), label=f"{m} recovered")
     ax.axhline(dense, color="black", lw=0.8, label="dense")
     ax.set_yscale("log")
     ax.set_xlabel("decoder parameters kept (%)")
