@@ -80,3 +80,16 @@ def test_keep_map_drives_the_pruning(tmp_path, base_args):
     assert removed["model.layers.1.self_attn"]["elements"] == 2  # one query head of each KV group
     assert set(removed) == {"model.layers.0.mlp", "model.layers.1.self_attn"}
     assert report["per_layer"] == {"0": {"intermediate_size": 32}, "1": {"num_attention_heads": 2}}
+
+
+def test_speed_check_measures_and_reloads_identically(tmp_path, tiny_llama_dir, text_files, isolated_cache):
+    from metricgp.structured.experiments import main as experiments_main
+
+    assert experiments_main(["speed", "--model", str(tiny_llama_dir), "--calib", str(text_files["calib"]),
+                             "--n-calib", "4", "--seqlen", "32", "--keep", "0.7", "--prompt-lens", "16",
+                             "--repeats", "1", "--out", str(tmp_path)]) == 0
+    result = json.loads((tmp_path / "speed.json").read_text())
+    (speed,) = result["speed"]
+    assert speed["flops_ratio"] > 1 and speed["param_ratio"] > 1
+    assert speed["prefill_speedup"] > 0 and speed["decode_speedup"] > 0
+    assert result["reload"] == {"load_pruned_max_abs_diff": 0.0, "auto_from_pretrained_fresh_process_max_abs_diff": 0.0}

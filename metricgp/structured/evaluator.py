@@ -256,12 +256,13 @@ def attention_widths(model: nn.Module) -> list[int]:
     return [m.n_elements * head_dim for m in discover(model) if m.kind == "attention"]
 
 
-def speed_report(dense: nn.Module, pruned: nn.Module) -> dict:
-    """Measured prefill/decode throughput ratios next to the parameter and FLOPs ratios."""
+def speed_report(dense: nn.Module, pruned: nn.Module, **settings) -> dict:
+    """Measured prefill/decode throughput ratios next to the parameter and FLOPs ratios
+    (`settings`: `metricgp.structured.speed.measure_throughput`'s)."""
     from metricgp.structured.speed import compare_speed
 
     return compare_speed(dense, pruned, dense_attn_widths=attention_widths(dense),
-                         pruned_attn_widths=attention_widths(pruned))
+                         pruned_attn_widths=attention_widths(pruned), **settings)
 
 
 def per_layer_sizes(model: nn.Module) -> dict[int, dict[str, int]]:

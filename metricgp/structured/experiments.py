@@ -168,18 +168,52 @@ def run_table(args) -> None:
 
 
 def run_speed(args) -> None:
-    """Measured prefill/decode speed of one pruned model against dense, in the same run."""
+    """The 'done' check of a structured model: physically smaller, measured speed (prefill and
+    decode, dense and pruned interleaved in the same run, next to the FLOPs and parameter ratios),
+    and identical logits after saving and reloading through `load_pruned` and, in a fresh
+    process, through plain `AutoModelForCausalLM.from_pretrained` after `import metricgp`."""
+    import tempfile
+
+    from metricgp.structured.evaluator import per_layer_sizes
+    from metricgp.structured.saving import save_pruned
+
     setup = _setup(args)
     m = get_method(args.method)
     model, sizes = prune(setup, _tree(m.metric), StructuredSpec(keep=args.keep, **m.spec))
     setup.dense.restore()
-    speed = speed_report(setup.model, model)
+    speeds = [speed_report(setup.model, model, prompt_len=p, repeats=args.repeats) for p in args.prompt_lens]
+    with tempfile.TemporaryDirectory() as tmp:
+        save_pruned(model, tmp, tokenizer=setup.tokenizer, per_layer=per_layer_sizes(model))
+        reload = _reload_check(model, Path(tmp), setup.calib[:1, :64])
     result = {"method": args.method, "keep": args.keep, "achieved_keep": sizes["achieved_keep"],
-              "params": sizes["params"], "speed": speed, "command": _command()}
+              "params": sizes["params"], "bytes": sizes["bytes"], "decoder_params": sizes["decoder_params"],
+              "speed": speeds, "reload": reload, "command": _command()}
     _save(args.out / "speed.json", {}, result)
-    print(f"{args.method} at {args.keep:.0%} kept: prefill {speed['prefill_speedup']:.2f}x, decode "
-          f"{speed['decode_speedup']:.2f}x; FLOPs ratio {speed['flops_ratio']:.2f}x, "
-          f"parameter ratio {speed['param_ratio']:.2f}x")
+    for s in speeds:
+        print(f"{args.method} at {args.keep:.0%} kept, prompt {s['dense']['prompt_len']}: prefill "
+              f"{s['prefill_speedup']:.2f}x, decode {s['decode_speedup']:.2f}x; FLOPs ratio {s['flops_ratio']:.2f}x, "
+              f"parameter ratio {s['param_ratio']:.2f}x")
+    print(f"reload: {reload}")
+
+
+def _reload_check(model, path: Path, ids) -> dict:
+    """Max |logit difference| after reloading, in this process and in a fresh one."""
+    import subprocess
+
+    import torch
+
+    import metricgp
+
+    with torch.no_grad():
+        expected = model(input_ids=ids).logits
+        mine = metricgp.load_pruned(path)(input_ids=ids).logits
+    torch.save({"ids": ids, "logits": expected}, path / "expected.pt")
+    script = (f"import metricgp, torch, transformers; e = torch.load({str(path / 'expected.pt')!r}, "
+              f"weights_only=True); m = transformers.AutoModelForCausalLM.from_pretrained({str(path)!r}, "
+              "dtype=torch.float32).eval(); print(float((m(input_ids=e['ids']).logits - e['logits']).abs().max()))")
+    fresh = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
+    return {"load_pruned_max_abs_diff": float((mine - expected).abs().max()),
+            "auto_from_pretrained_fresh_process_max_abs_diff": float(fresh.stdout.strip().splitlines()[-1])}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -203,6 +237,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--recover-keeps", default="0.7,0.5", help="table: keep levels that also get recovery")
     p.add_argument("--speed", action="store_true", help="table: measure prefill/decode speed ratios")
     p.add_argument("--method", default="wanda", help="speed: the method whose pruned model is timed")
+    p.add_argument("--prompt-lens", default="128,512", help="speed: prompt lengths (prefill)")
+    p.add_argument("--repeats", type=int, default=5, help="speed: timed repeats (medians)")
     return p
 
 
@@ -210,6 +246,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     args.keeps = [float(k) for k in args.keeps.split(",")]
+    args.prompt_lens = [int(k) for k in args.prompt_lens.split(",")]
     args.recover_keeps = [float(k) for k in args.recover_keeps.split(",") if k.strip()]
     args.methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     for m in args.methods:
