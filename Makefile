@@ -12,7 +12,7 @@ SEARCH_BUDGET_MIN ?= 23
 SEARCH_OUT ?= runs/search-metric
 SEARCH_ARGS ?=
 
-.PHONY: venv test lint search-metric baselines bench bench-fidelity bench-structured structured clean-venv
+.PHONY: venv test lint search-metric baselines bench bench-fidelity bench-structured structured darwin clean-venv
 
 venv: $(STAMP)
 
@@ -55,6 +55,18 @@ structured: venv
 
 bench-structured: venv
 	$(PY) -m metricgp.structured.experiments speed --keep 0.7 --out results/structured
+
+# DarwinLM search at 60% kept decoder parameters (about 30 minutes here); a second run resumes.
+DARWIN_OUT ?= results/darwin-k60
+DARWIN_ARGS ?=
+darwin: venv
+	if [ -f $(DARWIN_OUT)/checkpoint.pkl ]; then \
+	  $(PY) -m metricgp.darwin --resume $(DARWIN_OUT) $(DARWIN_ARGS); \
+	else \
+	  $(PY) -m metricgp.darwin --keep 0.6 --metric-file results/smollm2-default-s0/best.json \
+	    --offspring 16 --survivors 4,1 --fitness-windows 2,8 --generations 40 --time-budget 25 \
+	    --out $(DARWIN_OUT) $(DARWIN_ARGS); \
+	fi
 
 clean-venv:
 	rm -rf $(VENV)

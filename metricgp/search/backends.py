@@ -1,10 +1,12 @@
 """Where evaluations run: in this process (serial) or on Ray actors, one evaluator per actor.
 
 A backend takes an evaluator *factory* (a picklable zero-argument callable, e.g.
-`functools.partial(build_evaluator, spec)`) and maps `(tree, n_windows)` jobs to `FitnessResult`s
-in job order. An exception raised by `evaluate` never escapes: it becomes a degenerate result
-whose reason names it, so one broken candidate cannot end a long search. A backend also reports
-the evaluator's fidelities and simplification scope (its `scope` attribute; "tensor" without one).
+`functools.partial(build_evaluator, spec)`) and maps `(candidate, n_windows)` jobs to
+`FitnessResult`s in job order. A candidate is whatever the evaluator scores: an expression tree
+for the metric search, a level genome (`metricgp.darwin.fitness.Candidate`) for the level search.
+An exception raised by `evaluate` never escapes: it becomes a degenerate result whose reason
+names it, so one broken candidate cannot end a long search. A backend also reports the
+evaluator's fidelities and simplification scope (its `scope` attribute; "tensor" without one).
 """
 
 from __future__ import annotations
@@ -18,9 +20,8 @@ from typing import Any, Protocol
 from metricgp.errors import MetricGPError
 from metricgp.evaluate import FitnessResult
 from metricgp.expr.simplify import DEFAULT_SCOPE
-from metricgp.expr.tree import Node
 
-Job = tuple[Node, int]
+Job = tuple[Any, int]  # (candidate, windows); the candidate is opaque to the backends
 EvaluatorFactory = Callable[[], Any]
 
 
@@ -29,11 +30,11 @@ def evaluator_scope(evaluator: Any) -> str:
     return getattr(evaluator, "scope", DEFAULT_SCOPE)
 
 
-def safe_evaluate(evaluator: Any, tree: Node, n_windows: int) -> FitnessResult:
+def safe_evaluate(evaluator: Any, candidate: Any, n_windows: int) -> FitnessResult:
     """`evaluator.evaluate`, with exceptions and non-finite values turned into degenerate results."""
     t0 = time.perf_counter()
     try:
-        res = evaluator.evaluate(tree, n_windows)
+        res = evaluator.evaluate(candidate, n_windows)
     except Exception as err:  # noqa: BLE001 - any failure of one candidate is that candidate's fault
         last = traceback.extract_tb(err.__traceback__)[-1:]
         where = f" at {last[0].filename.rsplit('/', 1)[-1]}:{last[0].lineno}" if last else ""
@@ -76,7 +77,7 @@ class SerialBackend:
 
         # disable=None: a bar on a terminal, silence in logs and tests
         bar = tqdm(jobs, desc="candidates", unit="eval", leave=False, disable=None)
-        return [safe_evaluate(self.evaluator, tree, n) for tree, n in bar]
+        return [safe_evaluate(self.evaluator, candidate, n) for candidate, n in bar]
 
     def close(self) -> None:
         self._evaluator = None
@@ -114,8 +115,8 @@ class RayBackend:
             def scope(self) -> str:
                 return evaluator_scope(self.evaluator)
 
-            def evaluate(self, tree: Node, n_windows: int) -> FitnessResult:
-                return safe_evaluate(self.evaluator, tree, n_windows)
+            def evaluate(self, candidate: Any, n_windows: int) -> FitnessResult:
+                return safe_evaluate(self.evaluator, candidate, n_windows)
 
         self.actors = [_EvalActor.remote(factory) for _ in range(workers)]
         self.pool = ActorPool(self.actors)

@@ -1,0 +1,133 @@
+"""The command line of `python -m metricgp.darwin`: options -> a validated `DarwinConfig`.
+
+    python -m metricgp.darwin --keep 0.6 --metric-file results/smollm2-default-s0/best.json \\
+        --offspring 16 --generations 50 --out results/darwin-k60
+    python -m metricgp.darwin --resume results/darwin-k60 --generations 80
+    python -m metricgp.darwin --keep 0.6 --survivors 4,2,1 --fitness-windows 2,4,8 \\
+        --train-tokens 2k,4k,8k --out results/darwin-k60-trained        # training-aware selection
+    python -m metricgp.darwin --unstructured --sparsity 0.7 --metric wanda --out results/evo-unstructured-70
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from metricgp.darwin.config import DarwinConfig
+from metricgp.darwin.database import DEFAULT_LEVELS
+from metricgp.darwin.unstructured import DEFAULT_LEVELS as UNSTRUCTURED_LEVELS
+from metricgp.errors import MetricGPError
+
+DESCRIPTION = ("DarwinLM level search: a database of per-module pruning levels ordered by a metric, searched by "
+               "(1+lambda) evolution on KL to the dense model; --unstructured: EvoPress per-layer sparsity.")
+DEFAULT_METRIC_FILE = Path("results/smollm2-default-s0/best.json")
+# importance names beyond the built-in metrics (metricgp.expr.BUILTIN_METRICS)
+IMPORTANCE_ALIASES = {"taylor": "mul(abs(W), G)"}  # first-order Taylor |W * dL/dW| (LLM-Pruner)
+RESUME_OPTIONS = ("resume", "generations", "backend", "workers", "time_budget", "no_progress")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from metricgp.evaluate import FITNESSES
+    from metricgp.options import add_model_data_options
+    from metricgp.search.backends import BACKENDS
+
+    p = argparse.ArgumentParser(prog="python -m metricgp.darwin", description=DESCRIPTION,
+                                epilog=__doc__.split("\n", 2)[2], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", type=Path, help="run directory (checkpoint, log, plots, final model)")
+    p.add_argument("--resume", type=Path, metavar="DIR", help="continue the run in DIR from its checkpoint")
+    t = p.add_argument_group("target and database")
+    t.add_argument("--keep", type=float, default=0.6, help="structured: fraction of decoder parameters kept")
+    t.add_argument("--unstructured", action="store_true", help="EvoPress: per-layer unstructured sparsity levels")
+    t.add_argument("--sparsity", type=float, default=0.7, help="--unstructured: fraction of weights removed")
+    t.add_argument("--metric", help=f"importance: a built-in metric, {', '.join(IMPORTANCE_ALIASES)}, or a formula")
+    t.add_argument("--metric-file", type=Path, help=f"a search's best.json (default {DEFAULT_METRIC_FILE})")
+    t.add_argument("--levels", type=int, help=f"levels per module (default {DEFAULT_LEVELS}; "
+                   f"--unstructured: {UNSTRUCTURED_LEVELS}, i.e. 5%% steps)")
+    for opt, default in (("reduction", "sum"), ("normalisation", "per-param"), ("head-mode", "per-group")):
+        t.add_argument(f"--{opt}", default=default, help=f"unit importance {opt} (default {default})")
+    s = p.add_argument_group("search")
+    s.add_argument("--offspring", type=int, default=16, help="lambda: offspring per generation (default 16)")
+    s.add_argument("--generations", type=int, default=50)
+    s.add_argument("--search-seed", type=int, default=0, help="seed of the mutation's random choices")
+    s.add_argument("--survivors", default="4,1", help="survivors per stage, down to 1 (default 4,1)")
+    s.add_argument("--fitness-windows", default="2,8", help="fitness windows per stage (default 2,8)")
+    s.add_argument("--train-tokens", default=None,
+                   help="in-loop fine-tuning tokens per stage before scoring, e.g. 2k,4k,8k (default none)")
+    s.add_argument("--train-method", default="full", help="in-loop training: full (DarwinLM, lr 1e-5) or lora")
+    s.add_argument("--train-lr", type=float, default=None)
+    s.add_argument("--fitness", choices=tuple(FITNESSES), default="kl")
+    s.add_argument("--fitness-data", default=None, help="calibration data for fitness and training windows "
+                   "(default: --calib; never a test split)")
+    s.add_argument("--no-prior", action="store_true", help="no metric prior: uniform start, unbiased mutation, "
+                   "no screening (the predicted-vs-measured correlation is still logged)")
+    s.add_argument("--screen", type=int, default=None, help="with the prior: offspring sent to the first stage, "
+                   "lowest predicted loss first (default offspring/2; 0: all)")
+    s.add_argument("--time-budget", type=float, metavar="MIN", help="stop after the generation exceeding it")
+    b = p.add_argument_group("backend")
+    b.add_argument("--backend", choices=tuple(BACKENDS), default="serial")
+    b.add_argument("--workers", type=int, default=1, help="Ray actors (one model each)")
+    f = p.add_argument_group("final model")
+    f.add_argument("--recover-tokens", type=int, default=0, help="recovery fine-tuning of the winner (0: none)")
+    f.add_argument("--recover-method", default="lora", help="lora or full")
+    f.add_argument("--recover-lr", type=float, default=None)
+    f.add_argument("--dataset", default="wikitext2", help="comma-separated test data for the final report")
+    f.add_argument("--eval-windows", type=int, default=32, help="test windows (0: all; default 32)")
+    f.add_argument("--no-save-model", action="store_true")
+    f.add_argument("--no-dense-eval", action="store_true", help="skip the dense model's test perplexity")
+    add_model_data_options(p)
+    p.add_argument("--no-progress", action="store_true")
+    return p
+
+
+def metric_from_args(args: argparse.Namespace) -> tuple[str, str]:
+    """(functional formula, where it came from)."""
+    from metricgp.apply import load_metric
+    from metricgp.expr import to_functional
+
+    if args.metric is not None and args.metric_file is not None:
+        raise MetricGPError("give --metric or --metric-file, not both")
+    if args.metric is None and args.metric_file is None:
+        if not DEFAULT_METRIC_FILE.is_file():
+            raise MetricGPError(f"no --metric or --metric-file, and the default {DEFAULT_METRIC_FILE} is missing")
+        args = argparse.Namespace(**{**vars(args), "metric_file": DEFAULT_METRIC_FILE})
+    if args.metric is not None and args.metric.strip().lower() in IMPORTANCE_ALIASES:
+        args = argparse.Namespace(**{**vars(args), "metric": IMPORTANCE_ALIASES[args.metric.strip().lower()]})
+    tree, source = load_metric(args)
+    return to_functional(tree), source
+
+
+def config_from_args(args: argparse.Namespace) -> DarwinConfig:
+    from metricgp.darwin.stages import make_schedule, schedule_dict
+    from metricgp.options import model_data_fields
+
+    if args.out is None:
+        raise MetricGPError("--out is required (or --resume DIR)")
+    metric, source = metric_from_args(args)
+    stages = make_schedule(args.survivors, args.fitness_windows, args.train_tokens)
+    screen = args.screen if args.screen is not None else max(stages[0].survivors, args.offspring // 2)
+    screen = None if args.no_prior else screen
+    levels = args.levels if args.levels is not None else (UNSTRUCTURED_LEVELS if args.unstructured else DEFAULT_LEVELS)
+    return DarwinConfig(
+        spec=model_data_fields(args), metric=metric, metric_source=source, unstructured=args.unstructured,
+        keep=args.keep, sparsity=args.sparsity, levels=levels, reduction=args.reduction,
+        normalisation=args.normalisation, head_mode=args.head_mode, stages=tuple(schedule_dict(stages)),
+        offspring=args.offspring, generations=args.generations, seed=args.search_seed, prior=not args.no_prior,
+        screen=screen or None, fitness=args.fitness, fitness_data=args.fitness_data or args.calib,
+        train_method=args.train_method, train_lr=args.train_lr, backend=args.backend, workers=args.workers,
+        time_budget_min=args.time_budget, recover_tokens=args.recover_tokens, recover_method=args.recover_method,
+        recover_lr=args.recover_lr, dataset=args.dataset, eval_windows=args.eval_windows,
+        save_model=not args.no_save_model, dense_eval=not args.no_dense_eval, name=args.out.name).validate()
+
+
+def resume_overrides(parser: argparse.ArgumentParser, args: argparse.Namespace) -> dict:
+    """What a resume may change; any other option given is an error (the run continues as configured)."""
+    given = [k for k, v in vars(args).items() if v != parser.get_default(k) and k not in RESUME_OPTIONS]
+    if given:
+        names = ", ".join(f"--{k.replace('_', '-')}" for k in given)
+        raise MetricGPError(f"--resume continues the run as configured; drop {names} "
+                            "(only --generations, --time-budget, --backend, --workers may change)")
+    defaults = {k: parser.get_default(k) for k in ("generations", "backend", "workers", "time_budget")}
+    return {"generations": args.generations if args.generations != defaults["generations"] else None,
+            "backend": args.backend if args.backend != defaults["backend"] else None,
+            "workers": args.workers if args.workers != defaults["workers"] else None,
+            "time_budget_min": args.time_budget}

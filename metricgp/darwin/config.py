@@ -1,0 +1,184 @@
+"""Everything that defines a level-search run (`DarwinConfig`, plain and picklable), and `prepare`:
+the loaded model, its level database, the metric prior and the start genome.
+
+Seeds: `spec["seed"]` (--calib-seed) draws the statistics' calibration windows; fitness windows
+use calib-seed + 2 and in-loop training windows calib-seed + 1, all from the calibration split of
+`fitness_data` (never a test split); `seed` (--search-seed) drives mutation.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from metricgp.darwin.fitness import Recipe, Training
+from metricgp.darwin.levels import Genome, LevelSpace, start_genome
+from metricgp.darwin.prior import MetricPrior, allocation_start, structured_prior
+from metricgp.darwin.search import SearchConfig
+from metricgp.darwin.stages import Stage, make_schedule
+from metricgp.errors import MetricGPError
+
+DATABASE = "database.json"
+
+
+@dataclass(frozen=True)
+class DarwinConfig:
+    spec: dict[str, Any]  # EvaluatorSpec fields: model, dtype, device, calib, n_calib, seqlen, seed
+    metric: str  # functional formula: unit importance (structured) or weight scores (unstructured)
+    metric_source: str = "command line"
+    unstructured: bool = False
+    keep: float = 0.6  # structured: fraction of decoder parameters kept
+    sparsity: float = 0.7  # unstructured: fraction of prunable weights removed
+    levels: int = 10
+    reduction: str = "sum"
+    normalisation: str = "per-param"
+    head_mode: str = "per-group"
+    stages: tuple[dict[str, int], ...] = ({"survivors": 4, "windows": 2, "train_tokens": 0},
+                                          {"survivors": 1, "windows": 8, "train_tokens": 0})
+    offspring: int = 16
+    generations: int = 50
+    seed: int = 0
+    prior: bool = True  # metric prior: start genome, mutation bias, screening
+    screen: int | None = None  # children sent to the first stage (with the prior); None: all
+    fitness: str = "kl"
+    fitness_data: str = "c4"
+    train_method: str = "full"
+    train_lr: float | None = None
+    backend: str = "serial"
+    workers: int = 1
+    time_budget_min: float | None = None
+    recover_tokens: int = 0
+    recover_method: str = "lora"
+    recover_lr: float | None = None
+    dataset: str = "wikitext2"
+    eval_windows: int = 32
+    save_model: bool = True
+    dense_eval: bool = True
+    name: str = "darwin"
+
+    @property
+    def kind(self) -> str:
+        return "unstructured" if self.unstructured else "structured"
+
+    def schedule(self) -> tuple[Stage, ...]:
+        return make_schedule([s["survivors"] for s in self.stages], [s["windows"] for s in self.stages],
+                             [s.get("train_tokens", 0) for s in self.stages])
+
+    def search_config(self) -> SearchConfig:
+        return SearchConfig(self.schedule(), self.offspring, self.generations, self.seed,
+                            self.screen if self.prior else None, self.prior)
+
+    def recipe(self, database) -> Recipe:
+        from metricgp.evaluate import EvaluatorSpec
+
+        stages = self.schedule()
+        return Recipe(EvaluatorSpec(**self.spec), self.kind, database, self.fitness, self.fitness_data,
+                      max(s.windows for s in stages), self.spec.get("seed", 0) + 2,
+                      max(s.train_tokens for s in stages), self.spec.get("seed", 0) + 1,
+                      Training(self.train_method, self.train_lr, 1, self.seed), self.uses_grads())
+
+    def uses_grads(self) -> bool:
+        from metricgp.expr import parse
+
+        return "G" in parse(self.metric).leaves_used()
+
+    def validate(self) -> DarwinConfig:
+        from metricgp.data import parse_data_ref, parse_report_data
+        from metricgp.evaluate import FITNESSES
+        from metricgp.search.backends import BACKENDS
+        from metricgp.structured.recover import METHODS
+
+        if not self.unstructured and not 0.0 < self.keep <= 1.0:
+            raise MetricGPError(f"--keep must be in (0, 1], got {self.keep}")
+        if self.unstructured and not 0.0 < self.sparsity < 1.0:
+            raise MetricGPError(f"--sparsity must be strictly between 0 and 1, got {self.sparsity}")
+        stages = self.schedule()
+        if self.unstructured and any(s.train_tokens for s in stages):
+            raise MetricGPError("--train-tokens (in-loop training) needs structured pruning: masked weights "
+                                "would grow back")
+        self.search_config().validate()
+        checks = ((self.fitness, FITNESSES, "fitness"), (self.backend, BACKENDS, "backend"),
+                  (self.train_method, METHODS, "training method"), (self.recover_method, METHODS, "recovery method"))
+        for value, choices, what in checks:
+            if value not in choices:
+                raise MetricGPError(f"unknown {what} '{value}' (choose from {', '.join(choices)})")
+        if self.workers < 1 or self.recover_tokens < 0 or self.eval_windows < 0:
+            raise MetricGPError("--workers must be >= 1, --recover-tokens and --eval-windows >= 0")
+        parse_data_ref(self.fitness_data, "calibration")
+        parse_report_data(self.dataset)
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> DarwinConfig:
+        raw = dict(raw)
+        raw["stages"] = tuple(dict(s) for s in raw["stages"])
+        return cls(**raw)
+
+
+@dataclass
+class Prepared:
+    setup: Any  # PruningSetup
+    database: Any  # LevelDatabase | UnstructuredDatabase
+    space: LevelSpace
+    prior: MetricPrior
+    start: Genome
+    budget: int  # parameters the target removes
+
+
+def _load_setup(config: DarwinConfig):
+    from metricgp.evaluate import EvaluatorSpec, PruningSetup
+
+    return PruningSetup.from_spec(EvaluatorSpec(**config.spec), grads=config.uses_grads())
+
+
+def _structured(config: DarwinConfig, setup, db_path: Path | None):
+    from metricgp.darwin.database import LevelDatabase, build_database
+    from metricgp.expr import parse
+    from metricgp.structured.evaluator import StructuredPruner, StructuredSpec
+
+    if db_path is not None:
+        db = LevelDatabase.load(db_path)
+    else:
+        spec = StructuredSpec(reduction=config.reduction, normalisation=config.normalisation,
+                              head_mode=config.head_mode).validate()
+        pruner = StructuredPruner(setup)
+        meta = {"metric": config.metric, "source": config.metric_source, "reduction": spec.reduction,
+                "normalisation": spec.normalisation, "head_mode": spec.head_mode}
+        db = build_database(pruner, pruner.score(parse(config.metric), spec), config.levels, meta)
+    budget = db.total - round(config.keep * db.total)
+    return db, structured_prior(db), budget
+
+
+def _unstructured(config: DarwinConfig, setup, db_path: Path | None):
+    from metricgp.darwin.unstructured import UnstructuredDatabase, build_unstructured
+    from metricgp.expr import parse
+
+    db = UnstructuredDatabase.load(db_path) if db_path is not None else build_unstructured(
+        setup, parse(config.metric), config.levels)
+    return db, MetricPrior(db.costs), round(config.sparsity * db.total)
+
+
+def _start(config: DarwinConfig, setup, db, space: LevelSpace, budget: int) -> Genome:
+    what = (f"--sparsity {config.sparsity:g}" if config.unstructured else f"--keep {config.keep:g}")
+    if not config.prior:
+        return start_genome(space, budget, what=what)
+    if config.unstructured:  # OWL's outlier-weighted allocation, on the level grid
+        from metricgp.darwin.owl import owl_layer_sparsities
+
+        return start_genome(space, budget, owl_layer_sparsities(setup, config.sparsity), what=what)
+    weights, kinds = allocation_start(db, budget)
+    return start_genome(space, budget, weights, kinds, what=what)
+
+
+def prepare(config: DarwinConfig, db_path: Path | None = None, setup=None) -> Prepared:
+    """Load the model and statistics; build the database (or read `db_path`), the prior and the
+    start genome. Raises MetricGPError for a target the database cannot reach."""
+    setup = setup if setup is not None else _load_setup(config)
+    db, prior, budget = (_unstructured if config.unstructured else _structured)(config, setup, db_path)
+    space = db.space
+    return Prepared(setup, db, space, prior, _start(config, setup, db, space, budget), budget)

@@ -1,0 +1,98 @@
+"""The winner as a model: physically shrunk (structured) or masked (unstructured), optionally recovered,
+saved, reloaded and evaluated on test perplexity, next to the dense model and the baselines.
+
+Structured: `StructuredPruner.build` gives the smaller copy, `recover` fine-tunes it on calibration
+windows (--recover-tokens), `save_pruned` writes it to `out/model` and `metricgp.load_pruned` reads
+it back; the reported perplexity is the reloaded model's. Unstructured: the winner is masked on the
+dense model; uniform sparsity and OWL's allocation are scored alongside (KL on the fitness
+windows, test perplexity), as EvoPress compares.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+from metricgp.darwin.config import DarwinConfig, Prepared
+from metricgp.darwin.levels import Genome
+
+MODEL_DIR = "model"
+
+
+def _test_windows(config: DarwinConfig, setup) -> dict[str, Any]:
+    from metricgp.data import parse_report_data
+
+    return {d: setup.report_windows(d, config.eval_windows or None) for d in parse_report_data(config.dataset)}
+
+
+def _dense_ppl(config: DarwinConfig, setup, evals: dict) -> dict[str, float]:
+    from metricgp.evaluate import cached_dense_perplexity
+
+    return {d: cached_dense_perplexity(setup, d, w) for d, w in evals.items()} if config.dense_eval else {}
+
+
+def structured_model(config: DarwinConfig, prep: Prepared, genome: Genome, out: Path) -> dict[str, Any]:
+    from metricgp import load_pruned
+    from metricgp.darwin.fitness import calibration_windows
+    from metricgp.evaluate import perplexity
+    from metricgp.structured.evaluator import StructuredPruner, StructuredSpec, per_layer_sizes, size_report
+    from metricgp.structured.recover import recover
+    from metricgp.structured.saving import save_pruned
+
+    setup, t0 = prep.setup, time.perf_counter()
+    setup.dense.restore()
+    model = StructuredPruner(setup).build(prep.database.removed(genome), StructuredSpec())
+    report: dict[str, Any] = {"size": size_report(setup.model, model, config.keep)}
+    evals = _test_windows(config, setup)
+    report["perplexity"] = {"dense": _dense_ppl(config, setup, evals)}
+    report["perplexity"]["pruned"] = {d: perplexity(model, w) for d, w in evals.items()}
+    if config.recover_tokens:
+        n = -(-config.recover_tokens // setup.spec.seqlen)
+        train = calibration_windows(setup, config.fitness_data, n, setup.spec.seed + 1)
+        rec = recover(model, train, method=config.recover_method, tokens=config.recover_tokens, lr=config.recover_lr,
+                      seed=config.seed, progress=False)
+        report["recovery"] = rec.to_dict()
+        report["perplexity"]["recovered"] = {d: perplexity(model, w) for d, w in evals.items()}
+    report["per_layer"] = {str(k): v for k, v in per_layer_sizes(model).items()}
+    if config.save_model:
+        save_pruned(model, out / MODEL_DIR, tokenizer=setup.tokenizer, per_layer=per_layer_sizes(model))
+        reloaded = load_pruned(out / MODEL_DIR)
+        report["reloaded"] = {
+            "path": MODEL_DIR, "params": sum(p.numel() for p in reloaded.parameters()),
+            "perplexity": {d: perplexity(reloaded, w) for d, w in evals.items()}}
+    report["evaluation"] = {d: {"windows": len(w), "tokens": int(w.numel())} for d, w in evals.items()}
+    report["seconds"] = round(time.perf_counter() - t0, 2)
+    return report
+
+
+def unstructured_model(config: DarwinConfig, prep: Prepared, genome: Genome, out: Path, evaluator) -> dict[str, Any]:
+    """`evaluator`: a LevelEvaluator on `prep.setup` (its masks, windows and dense reference)."""
+    from metricgp.darwin.owl import owl_layer_sparsities
+    from metricgp.evaluate import perplexity
+
+    setup, t0 = prep.setup, time.perf_counter()
+    masks = evaluator.masks
+    evals = _test_windows(config, setup)
+    n = len(evaluator.windows)
+    report: dict[str, Any] = {"perplexity": {"dense": _dense_ppl(config, setup, evals)}, "fitness": {}}
+    uniform = [config.sparsity] * len(prep.database.names)
+    for name, sparsities in (("uniform", uniform), ("owl", owl_layer_sparsities(setup, config.sparsity))):
+        masks.reset()
+        masks.apply_sparsities(sparsities)
+        report["fitness"][name] = evaluator.objective.measure(setup.model, evaluator.windows, evaluator.reference, 4)
+        report["perplexity"][name] = {d: perplexity(setup.model, w) for d, w in evals.items()}
+    masks.reset()
+    masks.apply(genome)
+    report["fitness"]["evopress"] = evaluator.objective.measure(setup.model, evaluator.windows, evaluator.reference, 4)
+    report["perplexity"]["evopress"] = {d: perplexity(setup.model, w) for d, w in evals.items()}
+    report["sparsity"] = 1 - prep.space.kept_fraction(genome)
+    report["fitness_windows"] = n
+    if config.save_model:
+        setup.model.save_pretrained(out / MODEL_DIR)
+        setup.tokenizer.save_pretrained(out / MODEL_DIR)
+        report["saved"] = MODEL_DIR
+    masks.reset()
+    report["evaluation"] = {d: {"windows": len(w), "tokens": int(w.numel())} for d, w in evals.items()}
+    report["seconds"] = round(time.perf_counter() - t0, 2)
+    return report

@@ -1,0 +1,150 @@
+"""Fitness of a level genome: KL(dense || pruned) on calibration windows (or another `FITNESSES` entry).
+
+The evaluator follows the backends' interface (`evaluate(candidate, n_windows) -> FitnessResult`),
+so offspring run serially or on Ray actors exactly as metric candidates do. A `Candidate` with
+`train_tokens > 0` is fine-tuned first (training-aware selection, DarwinLM) on a physically shrunk
+copy, so pruned structures stay pruned; otherwise the genome is masked on the dense model, only
+the genes that changed since the previous candidate being swapped.
+
+`Recipe` is everything an evaluator is built from (picklable: each Ray actor builds its own). The
+dense reference is computed once per evaluator.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections import defaultdict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from metricgp.darwin.levels import Genome, LevelSpace
+from metricgp.errors import MetricGPError
+from metricgp.evaluate import FITNESSES, EvaluatorSpec, FitnessResult, PruningSetup
+
+
+@dataclass(frozen=True)
+class Candidate:
+    genome: Genome
+    train_tokens: int = 0  # fine-tune a shrunk copy for this many tokens before scoring
+
+
+@dataclass(frozen=True)
+class Training:
+    """In-loop fine-tuning of a candidate (metricgp.structured.recover): DarwinLM trains every
+    parameter with AdamW at lr 1e-5 ("full")."""
+
+    method: str = "full"
+    lr: float | None = None  # None: the method's default
+    batch_size: int = 1
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """What an evaluator is built from. `fitness_seed` and `train_seed` draw calibration windows
+    (never the test split) for scoring and for in-loop training."""
+
+    spec: EvaluatorSpec
+    kind: str  # a key of MASKS: "structured" | "unstructured"
+    database: Any  # LevelDatabase | UnstructuredDatabase
+    fitness: str = "kl"
+    fitness_data: str = "c4"
+    fitness_windows: int = 8
+    fitness_seed: int = 2
+    train_tokens: int = 0  # the largest in-loop budget (0: no training)
+    train_seed: int = 1
+    training: Training = field(default_factory=Training)
+    grads: bool = False  # the statistics need G (a metric using it, for unstructured masks)
+
+    def __call__(self) -> LevelEvaluator:
+        return build_evaluator(self)
+
+
+def _structured_masks(setup: PruningSetup, database):
+    from metricgp.darwin.masking import StructuredMasks
+    from metricgp.structured.evaluator import StructuredPruner
+
+    return StructuredMasks(StructuredPruner(setup), database)
+
+
+def _unstructured_masks(setup: PruningSetup, database):
+    from metricgp.darwin.unstructured import UnstructuredMasks
+
+    return UnstructuredMasks(setup, database)
+
+
+# space kind -> fn(setup, database) -> masks with apply(genome) / reset() / build(genome)
+MASKS: dict[str, Callable[[PruningSetup, Any], Any]] = {
+    "structured": _structured_masks,
+    "unstructured": _unstructured_masks,
+}
+
+
+def calibration_windows(setup: PruningSetup, data: str, n: int, seed: int) -> torch.Tensor:
+    """`n` seeded random windows of the calibration split of `data`."""
+    from metricgp.data import parse_data_ref, windows
+
+    ref = parse_data_ref(data, "calibration")
+    return windows(ref, setup.tokenizer, "calibration", setup.spec.seqlen, n, seed)
+
+
+class LevelEvaluator:
+    def __init__(self, recipe: Recipe, setup: PruningSetup):
+        if recipe.fitness not in FITNESSES:
+            raise MetricGPError(f"unknown fitness '{recipe.fitness}' (choose from {', '.join(FITNESSES)})")
+        self.recipe = recipe
+        self.setup = setup
+        self.space: LevelSpace = recipe.database.space
+        self.masks = MASKS[recipe.kind](setup, recipe.database)
+        self.masks.reset()
+        self.objective = FITNESSES[recipe.fitness]
+        self.windows = calibration_windows(setup, recipe.fitness_data, recipe.fitness_windows, recipe.fitness_seed)
+        self.fidelities = (len(self.windows),)
+        build = self.objective.reference
+        self.reference = build(setup.model, self.windows) if build is not None else None
+        self.train_windows = None
+        if recipe.train_tokens:
+            n = -(-recipe.train_tokens // setup.spec.seqlen)
+            self.train_windows = calibration_windows(setup, recipe.fitness_data, n, recipe.train_seed)
+        self.timings: dict[str, float] = defaultdict(float)
+        self.swapped = 0  # genes re-masked over all evaluations
+
+    def evaluate(self, candidate: Candidate, n_windows: int) -> FitnessResult:
+        t0 = time.perf_counter()
+        genome = self.space.check(candidate.genome)
+        windows = self.windows[:n_windows]
+        if candidate.train_tokens:
+            model = self.trained(genome, candidate.train_tokens)
+        else:
+            self.swapped += self.masks.apply(genome)
+            model = self.setup.model
+        t1 = time.perf_counter()
+        self.timings["prepare"] += t1 - t0
+        value = self.objective.measure(model, windows, self.reference, self.setup.spec.batch_size)
+        self.timings["forward"] += time.perf_counter() - t1
+        reason = None if math.isfinite(value) else "non-finite fitness"
+        return FitnessResult(value if math.isfinite(value) else math.inf, len(windows), reason,
+                             time.perf_counter() - t0, 1 - self.space.kept_fraction(genome))
+
+    def trained(self, genome: Genome, tokens: int):
+        """A physically shrunk copy of the genome, fine-tuned on calibration windows for `tokens`."""
+        from metricgp.structured.recover import recover
+
+        if self.train_windows is None or tokens > self.recipe.train_tokens:
+            raise MetricGPError(f"in-loop training of {tokens} tokens exceeds the recipe's {self.recipe.train_tokens}")
+        model = self.masks.build(genome)
+        t = self.recipe.training
+        recover(model, self.train_windows, method=t.method, tokens=tokens, lr=t.lr, batch_size=t.batch_size,
+                seed=t.seed, progress=False)
+        return model
+
+
+def build_evaluator(recipe: Recipe, setup: PruningSetup | None = None) -> LevelEvaluator:
+    """The evaluator on `setup` (serial: the driver's model) or on a freshly loaded one (Ray)."""
+    if setup is None:
+        setup = PruningSetup.from_spec(recipe.spec, grads=recipe.grads)
+    return LevelEvaluator(recipe, setup)

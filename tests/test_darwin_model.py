@@ -1,0 +1,294 @@
+"""The level search on a tiny 4-block Llama: the database, masking = shrinking, KL by hand, in-loop
+training that cannot regrow pruned structures, exact resume, the command line and its errors."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from metricgp.darwin.config import DarwinConfig, prepare
+from metricgp.darwin.database import LevelDatabase
+from metricgp.darwin.fitness import Candidate, build_evaluator
+from metricgp.structured.groups import decoder_params
+
+SEQLEN = 32
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny matmuls on a shared, busy CPU: one thread is ~100x faster than two contending ones."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def module_cache(tmp_path_factory):
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("METRICGP_CACHE", str(tmp_path_factory.mktemp("cache")))
+        yield
+
+
+@pytest.fixture(scope="module")
+def tiny4_dir(tmp_path_factory, tiny_llama_dir):
+    """The shared tiny Llama's tokenizer with a 4-block model (more genes to search)."""
+    from conftest import tiny_config
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = tmp_path_factory.mktemp("tiny4")
+    tokenizer = AutoTokenizer.from_pretrained(tiny_llama_dir)
+    config = tiny_config("llama", len(tokenizer))
+    config.num_hidden_layers = 4
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def make_config(model, text_files, **fields) -> DarwinConfig:
+    base = dict(spec={"model": str(model), "calib": str(text_files["calib"]), "n_calib": 4, "seqlen": SEQLEN,
+                      "seed": 0}, metric="mul(abs(W), sqrt(X))", keep=0.7, fitness_data=str(text_files["calib"]),
+                dataset=str(text_files["test"]), eval_windows=2, offspring=6, generations=3,
+                stages=({"survivors": 3, "windows": 1, "train_tokens": 0}, {"survivors": 1, "windows": 2,
+                                                                            "train_tokens": 0}), screen=4)
+    return DarwinConfig(**{**base, **fields}).validate()
+
+
+@pytest.fixture(scope="module")
+def prepared(tiny4_dir, text_files, module_cache):
+    config = make_config(tiny4_dir, text_files)
+    prep = prepare(config)
+    return config, prep, build_evaluator(config.recipe(prep.database), prep.setup)
+
+
+def random_genomes(space, n: int, seed: int = 0):
+    rng = random.Random(seed)
+    return [tuple(rng.randint(0, g.max_level) for g in space.genes) for _ in range(n)]
+
+
+def test_database_levels_are_evenly_spaced_and_stored_compactly(prepared, tmp_path):
+    config, prep, evaluator = prepared
+    db, space = prep.database, prep.space
+    assert [g.kind for g in space.genes] == ["attention", "mlp"] * 4
+    assert db.step_units == {"attention": 1, "mlp": 6}  # 2 head units (1 head per KV group) and 64 channels
+    assert [g.max_level for g in space.genes[:2]] == [1, 10]
+    for i, gene in enumerate(space.genes):
+        norms = [u.norm for u in db.order[i]]
+        assert norms == sorted(norms)  # least important first
+        members = [m for u in db.order[i] for m in u.members]
+        assert len(members) == len(set(members))
+        for level in range(gene.max_level + 1):  # the same parameter step at every level of a type
+            assert sum(u.params for u in db.units_at(i, level)) == level * gene.step
+        assert gene.step == space.genes[i % 2].step
+    for genome in random_genomes(space, 3):  # the size bookkeeping is exact on the shrunk model
+        model = evaluator.masks.build(genome)
+        assert decoder_params(model) == space.total - space.removed(genome)
+    stored = db.save(tmp_path / "db.json")
+    again = LevelDatabase.load(tmp_path / "db.json")
+    assert again.order == db.order and again.space == space
+    disk = db.disk_report(stored, 4)
+    assert disk["stored_bytes"] == (tmp_path / "db.json").stat().st_size < disk["full_copies_bytes"]
+
+
+def test_prior_start_follows_the_importances_at_the_same_size(prepared):
+    from metricgp.darwin.levels import start_genome
+    from metricgp.darwin.prior import allocation_start
+
+    config, prep, _ = prepared
+    space, db = prep.space, prep.database
+    uniform = start_genome(space, prep.budget)
+    finest = min(g.step for g in space.genes)
+    for genome in (prep.start, uniform):  # the same size, to half the finest step
+        assert abs(space.removed(genome) - prep.budget) * 2 <= finest
+    assert prep.start != uniform  # the global ranking of units does not prune every module alike
+    weights, _ = allocation_start(db, prep.budget)
+    mlp = [i for i, k in enumerate(db.kinds) if k == "mlp"]
+    heaviest = max(mlp, key=lambda i: weights[i])
+    assert prep.start[heaviest] == max(prep.start[i] for i in mlp)
+
+
+def test_masking_swaps_only_changed_modules_and_equals_shrinking(prepared):
+    config, prep, evaluator = prepared
+    masks, model = evaluator.masks, prep.setup.model
+    ids = evaluator.windows[:2]
+    a, b = random_genomes(prep.space, 2, seed=3)
+    masks.reset()
+    masks.apply(a)
+    swapped = masks.apply(b)
+    assert swapped == sum(x != y for x, y in zip(a, b, strict=True))
+    incremental = {n: p.detach().clone() for n, p in model.named_parameters()}
+    masks.reset()
+    masks.apply(b)
+    assert all(torch.equal(p, incremental[n]) for n, p in model.named_parameters())
+    with torch.no_grad():
+        masked = model(input_ids=ids).logits
+        shrunk = masks.build(b)(input_ids=ids).logits
+    torch.testing.assert_close(masked, shrunk, rtol=1e-5, atol=1e-5)
+
+
+def test_kl_fitness_matches_a_hand_computation(prepared):
+    config, prep, evaluator = prepared
+    genome = random_genomes(prep.space, 1, seed=5)[0]
+    got = evaluator.evaluate(Candidate(genome), 2)
+    assert got.n_windows == 2 and got.reason is None
+    assert got.sparsity == pytest.approx(prep.space.removed(genome) / prep.space.total)
+    shrunk = evaluator.masks.build(genome)  # resets the masks: the model is dense again
+    total, exact, count = 0.0, 0.0, 0
+    with torch.no_grad():
+        for window in evaluator.windows[:2]:
+            logp = F.log_softmax(prep.setup.model(input_ids=window[None]).logits[0].double(), -1)
+            logq = F.log_softmax(shrunk(input_ids=window[None]).logits[0].double(), -1)
+            top = logp.topk(256, dim=-1).indices  # the dense top-256 support, the rest one bucket
+            p, lp, lq = logp.exp().gather(-1, top), logp.gather(-1, top), logq.gather(-1, top)
+            p_tail, q_tail = 1 - p.sum(-1), 1 - lq.exp().sum(-1)
+            kl = (p * (lp - lq)).sum(-1) + p_tail * (p_tail.log() - q_tail.log())
+            total += kl.sum().item()
+            exact += (logp.exp() * (logp - logq)).sum().item()
+            count += kl.numel()
+    assert got.fitness == pytest.approx(total / count, rel=1e-4)
+    assert 0 < got.fitness <= exact / count * (1 + 1e-4)  # a coarser partition: never above the full KL
+    zero = evaluator.evaluate(Candidate(tuple(0 for _ in genome)), 2).fitness
+    assert abs(zero) < 1e-6  # the dense genome
+
+
+def test_in_loop_training_keeps_pruned_structures_pruned(tiny4_dir, text_files, module_cache):
+    from metricgp.structured.evaluator import per_layer_sizes
+
+    config = make_config(tiny4_dir, text_files, stages=(
+        {"survivors": 2, "windows": 1, "train_tokens": 64}, {"survivors": 1, "windows": 2, "train_tokens": 128}))
+    prep = prepare(config)
+    evaluator = build_evaluator(config.recipe(prep.database), prep.setup)
+    genome = prep.start
+    dense = {n: p.detach().clone() for n, p in prep.setup.model.named_parameters()}
+    untrained = evaluator.masks.build(genome)
+    trained = evaluator.trained(genome, 128)
+    sizes = per_layer_sizes(trained)
+    db = prep.database
+    for i, (name, level) in enumerate(zip(db.names, genome, strict=True)):
+        block = int(name.split(".")[2])
+        kept = len(db.order[i]) - len(db.units_at(i, level))
+        key = "num_attention_heads" if db.kinds[i] == "attention" else "intermediate_size"
+        full = 4 if db.kinds[i] == "attention" else 64
+        per_unit = 2 if db.kinds[i] == "attention" else 1  # a head unit: one query head of each KV group
+        assert sizes.get(block, {}).get(key, full) == kept * per_unit
+    assert decoder_params(trained) == prep.space.total - prep.space.removed(genome)
+    changed = [n for n, p in trained.named_parameters() if not torch.equal(p, untrained.get_parameter(n))]
+    assert changed  # training happened, on the smaller shapes only
+    assert all(torch.equal(p, dense[n]) for n, p in prep.setup.model.named_parameters())  # dense untouched
+    result = evaluator.evaluate(Candidate(genome, 64), 1)
+    assert result.reason is None and result.fitness > 0
+
+
+def _log(out):
+    return [{k: v for k, v in json.loads(line).items() if k != "seconds"}
+            for line in (out / "log.jsonl").read_text().splitlines()]
+
+
+def test_resume_equals_an_uninterrupted_training_aware_run(tiny4_dir, text_files, module_cache, tmp_path):
+    from metricgp.darwin.run import resume, start
+
+    config = make_config(tiny4_dir, text_files, generations=4, save_model=False, stages=(
+        {"survivors": 3, "windows": 1, "train_tokens": 32}, {"survivors": 2, "windows": 1, "train_tokens": 64},
+        {"survivors": 1, "windows": 2, "train_tokens": 64}))
+    full, part = tmp_path / "full", tmp_path / "part"
+    start(config, full)
+    start(config, part, stop_after=2)
+    assert len(_log(part)) == 3 and not (part / "report.json").exists()
+    search = resume(part)
+    assert search.gen == 4
+    assert _log(part) == _log(full)
+    for name in ("best.json", "levels.txt"):
+        assert (part / name).read_text() == (full / name).read_text()
+    report = lambda d: {k: v for k, v in json.loads((d / "report.json").read_text()).items() if k != "seconds"}  # noqa: E731
+    assert report(part) == report(full)
+    log = _log(full)
+    assert all(r["evaluations_per_stage"][0] <= 4 for r in log[1:])  # screened: 4 of 6 offspring
+    assert len({r["kept"] for r in log}) == 1
+    saved = json.loads((full / "config.json").read_text())
+    assert [s["train_tokens"] for s in saved["schedule"]] == [32, 64, 64]
+    assert saved["fitness_windows"]["split"] == "calibration"
+
+
+def test_cli_run_resume_and_reload(tiny4_dir, text_files, module_cache, tmp_path, capsys):
+    import metricgp
+    from metricgp.darwin.__main__ import main
+
+    out = tmp_path / "darwin-k70"
+    args = ["--model", str(tiny4_dir), "--calib", str(text_files["calib"]), "--n-calib", "4", "--seqlen",
+            str(SEQLEN), "--dataset", str(text_files["test"]), "--eval-windows", "2", "--keep", "0.7",
+            "--metric", "taylor", "--offspring", "4", "--generations", "2", "--survivors", "2,1",
+            "--fitness-windows", "1,2", "--no-prior", "--recover-tokens", "64", "--no-progress", "--out", str(out)]
+    assert main(args) == 0
+    assert "best: kept" in capsys.readouterr().out
+    config = json.loads((out / "config.json").read_text())
+    assert config["config"]["metric"] == "mul(abs(W), G)" and not config["config"]["prior"]
+    assert config["config"]["screen"] is None and "command" in config and "git" in config
+    assert config["database"]["full_copies_bytes"] > config["database"]["stored_bytes"]
+    log = _log(out)
+    assert [r["gen"] for r in log] == [0, 1, 2] and all("spearman_predicted_vs_first_stage" in r for r in log)
+    for name in ("fitness.png", "levels.png"):
+        assert (out / name).stat().st_size > 1000
+    assert main(["--resume", str(out), "--generations", "3", "--no-progress"]) == 0
+    assert [r["gen"] for r in _log(out)] == [0, 1, 2, 3]
+    resumed = json.loads((out / "config.json").read_text())["resumes"]
+    assert resumed[0]["from_generation"] == 2 and resumed[0]["overrides"] == {"generations": 3}
+    report = json.loads((out / "report.json").read_text())
+    best = json.loads((out / "best.json").read_text())
+    assert report["genome"] == best["genome"] and abs(best["kept"] - 0.7) < 0.02
+    model = metricgp.load_pruned(out / "model")
+    assert decoder_params(model) == report["size"]["decoder_params"]["pruned"]
+    assert report["recovery"]["tokens"] == 64 and report["recovery"]["steps"] == 2
+    assert report["reloaded"]["perplexity"] == report["perplexity"]["recovered"]  # the recovered model, saved
+    levels = (out / "levels.txt").read_text().splitlines()
+    assert len(levels) == 1 + 8 + 1 and levels[1].startswith("model.layers.0.self_attn  attention")
+
+
+@pytest.mark.parametrize(("extra", "message"), [
+    (["--keep", "0.1"], "--keep 0.1 is unreachable: the level database spans kept fractions"),
+    (["--keep", "1.5"], "--keep must be in (0, 1]"),
+    (["--survivors", "2,2"], "--survivors must decrease strictly to 1"),
+    (["--unstructured", "--train-tokens", "1k,2k"], "needs structured pruning"),
+])
+def test_cli_bad_input_exits_2_with_one_error_line(tiny4_dir, text_files, module_cache, tmp_path, capsys, extra,
+                                                   message):
+    from metricgp.darwin.__main__ import main
+
+    out = tmp_path / "bad"
+    args = ["--model", str(tiny4_dir), "--calib", str(text_files["calib"]), "--n-calib", "4", "--seqlen",
+            str(SEQLEN), "--metric", "wanda", "--no-progress", "--out", str(out), *extra]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and message in errors[0] and "Traceback" not in err
+    assert not out.exists()
+
+
+def test_evopress_unstructured_levels_are_exact_with_baselines(tiny4_dir, text_files, module_cache,
+                                                                         tmp_path):
+    from metricgp.darwin.run import start
+
+    config = make_config(tiny4_dir, text_files, unstructured=True, sparsity=0.5, levels=20, generations=3,
+                         save_model=False)
+    out = tmp_path / "evo"
+    search = start(config, out)
+    space = search.space
+    assert abs(space.removed(search.parent) - 0.5 * space.total) * 2 <= min(g.step for g in space.genes)
+    prep = prepare(config)
+    evaluator = build_evaluator(config.recipe(prep.database), prep.setup)
+    for genome in [search.parent, *random_genomes(space, 2)]:  # zeros counted on the masked model
+        evaluator.masks.apply(genome)
+        zeros = sum(int((layer.weight == 0).sum()) for layer in prep.setup.layers.values())
+        assert zeros == space.removed(genome)
+    report = json.loads((out / "report.json").read_text())
+    assert set(report["fitness"]) == {"uniform", "owl", "evopress"}
+    assert set(report["perplexity"]) == {"dense", "uniform", "owl", "evopress"}
+    kinds = {g.kind for g in space.genes}
+    assert kinds == {"self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+                     "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"}
+    best = json.loads((out / "best.json").read_text())
+    assert len(best["sparsity_per_layer"]) == len(space.genes)
