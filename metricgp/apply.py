@@ -13,14 +13,13 @@ under a temporary name and moved into place at the end, so an error leaves nothi
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
 import sys
 import time
 from pathlib import Path
 
 from metricgp.errors import MetricGPError, cli_entry
-from metricgp.expr import BUILTIN_METRICS, OPERATORS, Node, describe, resolve_metric
+from metricgp.expr import BUILTIN_METRICS, OPERATORS, Node, describe, formula_from_file, resolve_metric
 from metricgp.options import add_model_data_options, add_pattern_options, evaluator_spec, pattern_from_args
 from metricgp.prune.engine import PRUNE_MODES
 
@@ -82,15 +81,7 @@ def load_metric(args: argparse.Namespace) -> tuple[Node, str]:
     if args.metric is not None:
         return resolve_metric(args.metric), "command line"
     path: Path = args.metric_file
-    if not path.is_file():
-        raise MetricGPError(f"metric file not found: {path}")
-    try:
-        payload = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise MetricGPError(f"metric file {path} is not valid JSON: {err}") from None
-    formula = payload.get("formula") if isinstance(payload, dict) else None
-    if not isinstance(formula, str):
-        raise MetricGPError(f"metric file {path} has no string 'formula' key")
+    formula = formula_from_file(path)
     return resolve_metric(formula), str(path)
 
 

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from metricgp.errors import MetricGPError, cli_entry
-from metricgp.expr import BUILTIN_METRICS, Node, describe, resolve_metric, to_functional
+from metricgp.expr import BUILTIN_METRICS, Node, describe, formula_from_file, resolve_metric, to_functional
 from metricgp.options import add_model_data_options, evaluator_spec, model_data_fields
 from metricgp.prune.engine import PRUNE_MODES
 from metricgp.prune.patterns import parse_setting
@@ -43,12 +43,7 @@ def parse_metric_arg(text: str) -> Entry:
         label, body = text, text
     path = Path(body)
     if body.endswith(".json"):
-        if not path.is_file():
-            raise MetricGPError(f"metric file not found: {body}")
-        formula = json.loads(path.read_text(encoding="utf-8")).get("formula")
-        if not isinstance(formula, str):
-            raise MetricGPError(f"{body} has no string 'formula' key")
-        return Entry(label.strip(), resolve_metric(formula))
+        return Entry(label.strip(), resolve_metric(formula_from_file(path)))
     return Entry(label.strip(), resolve_metric(body))
 
 

@@ -78,18 +78,31 @@ def collect_activation_stats(
     return {n: (sums[n] / max(counts[n], 1)).unsqueeze(0).cpu() for n in layers}
 
 
+@contextmanager
+def gradients_of(model: nn.Module, linears: dict[str, nn.Linear], grads: bool = True):
+    """The model in float32 (bf16 gradients underflow) with gradients for the linears' weights
+    only (none when not `grads`); dtype, flags and .grad restored afterwards."""
+    dtype = next(model.parameters()).dtype
+    flags = {n: p.requires_grad for n, p in model.named_parameters()}
+    model.float()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for m in linears.values():
+        m.weight.requires_grad_(grads)
+    try:
+        yield
+    finally:
+        for n, p in model.named_parameters():
+            p.requires_grad_(flags[n])
+            p.grad = None
+        model.to(dtype)
+
+
 def compute_stats(
     model: nn.Module, layers: dict[str, nn.Linear], calib: torch.Tensor, grads: bool = True, desc: str = "stats"
 ) -> dict[str, dict[str, torch.Tensor]]:
     """One pass over the calibration windows: X always, G when `grads`. Model left as it was."""
-    orig_dtype = next(model.parameters()).dtype
     device = next(model.parameters()).device
-    requires = {n: p.requires_grad for n, p in model.named_parameters()}
-    model.float()
-    for p in model.parameters():
-        p.requires_grad_(False)
-    for m in layers.values():
-        m.weight.requires_grad_(grads)
     grad_sq = {n: torch.zeros_like(m.weight, dtype=torch.float32) for n, m in layers.items()} if grads else {}
 
     def passes():
@@ -106,13 +119,8 @@ def compute_stats(
                     model(input_ids=ids)
             yield None
 
-    try:
+    with gradients_of(model, layers, grads):
         x_stats = collect_activation_stats(layers, passes())
-    finally:
-        for n, p in model.named_parameters():
-            p.requires_grad_(requires[n])
-            p.grad = None
-        model.to(orig_dtype)
     out = {n: {"X": x_stats[n]} for n in layers}
     for n in grad_sq:
         out[n]["G"] = grad_sq[n].sqrt().cpu()

@@ -68,7 +68,7 @@ def test_estimator_parsing():
         True, False, False]
     with pytest.raises(MetricGPError, match="unknown estimator 'nope'"):
         parse_estimators(["nope"])
-    with pytest.raises(MetricGPError, match="estimator file not found"):
+    with pytest.raises(MetricGPError, match="metric file not found"):
         parse_estimators(["missing/best.json"])
     with pytest.raises(MetricGPError, match="given twice"):
         parse_estimators(["wanda", "wanda"])
@@ -240,7 +240,7 @@ def test_saap_command_lines(tmp_path, base_args):
     ("extra", "message"),
     [
         (["--importance", "saap", "--estimators", "nope"], "unknown estimator 'nope'"),
-        (["--importance", "saap", "--estimators", "wanda,missing.json"], "estimator file not found"),
+        (["--importance", "saap", "--estimators", "wanda,missing.json"], "metric file not found"),
         (["--metric", "wanda", "--estimators", "wanda"], "need --importance saap"),
         (["--importance", "saap", "--metric", "wanda"], "takes metric formulas in --estimators"),
         (["--importance", "saap", "--compare-lora"], "--compare-lora compares group fine-tuning"),

@@ -25,6 +25,26 @@ BUILTIN_METRICS: dict[str, str] = {
 }
 
 
+def formula_from_file(path) -> str:
+    """The 'formula' string of a JSON file (a search's best.json), or a one-line MetricGPError."""
+    import json
+    from pathlib import Path
+
+    from metricgp.errors import MetricGPError
+
+    path = Path(path)
+    if not path.is_file():
+        raise MetricGPError(f"metric file not found: {path}")
+    try:
+        payload = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise MetricGPError(f"metric file {path} is not valid JSON: {err}") from None
+    formula = payload.get("formula") if isinstance(payload, dict) else None
+    if not isinstance(formula, str):
+        raise MetricGPError(f"metric file {path} has no string 'formula' key")
+    return formula
+
+
 def resolve_metric(text: str) -> Node:
     """A built-in metric name (case-insensitive, '_' or '-') or a formula, as a tree."""
     if not isinstance(text, str) or not text.strip():

@@ -41,13 +41,11 @@ def _setup(args):
 
 
 def _tree(metric: str | None):
-    from metricgp.expr import resolve_metric
+    from metricgp.expr import formula_from_file, resolve_metric
 
     if metric is None:
         return None
-    if metric.endswith(".json"):
-        return resolve_metric(json.loads(Path(metric).read_text())["formula"])
-    return resolve_metric(metric)
+    return resolve_metric(formula_from_file(metric) if metric.endswith(".json") else metric)
 
 
 def run_defaults(args) -> None:

@@ -19,8 +19,7 @@ import hashlib
 import json
 import math
 import os
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,6 +28,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from metricgp.errors import MetricGPError
+from metricgp.stats import gradients_of
 from metricgp.structured.groups import Module
 from metricgp.structured.importance import REDUCTIONS, module_partial
 
@@ -74,16 +74,9 @@ def _formula_estimator(name: str, formula: str) -> Estimator:
 
 
 def _file_estimator(path: Path) -> Estimator:
-    if not path.is_file():
-        raise MetricGPError(f"estimator file not found: {path}")
-    try:
-        payload = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise MetricGPError(f"estimator file {path} is not valid JSON: {err}") from None
-    formula = payload.get("formula") if isinstance(payload, dict) else None
-    if not isinstance(formula, str):
-        raise MetricGPError(f"estimator file {path} has no string 'formula' key")
-    return _formula_estimator(str(path), formula)
+    from metricgp.expr import formula_from_file
+
+    return _formula_estimator(str(path), formula_from_file(path))
 
 
 def parse_estimator(name: str) -> Estimator:
@@ -149,25 +142,6 @@ def _window_scores(modules: list[Module], linears: dict[str, nn.Linear], x: dict
     return torch.cat(cols, dim=1)
 
 
-@contextmanager
-def _gradients_of(model: nn.Module, linears: dict[str, nn.Linear]) -> Iterator[None]:
-    """float32, gradients for the linears' weights only; dtype and flags restored afterwards."""
-    dtype = next(model.parameters()).dtype
-    flags = {n: p.requires_grad for n, p in model.named_parameters()}
-    model.float()
-    for p in model.parameters():
-        p.requires_grad_(False)
-    for m in linears.values():
-        m.weight.requires_grad_(True)
-    try:
-        yield
-    finally:
-        for n, p in model.named_parameters():
-            p.requires_grad_(flags[n])
-            p.grad = None
-        model.to(dtype)
-
-
 def compute_batch_scores(model: nn.Module, modules: list[Module], linears: dict[str, nn.Linear],
                          calib: torch.Tensor, estimators: list[Estimator]) -> torch.Tensor:
     """(K, B, N) per-window structure scores: one forward/backward per calibration window."""
@@ -176,7 +150,7 @@ def compute_batch_scores(model: nn.Module, modules: list[Module], linears: dict[
     used = {n: linears[n] for m in modules for n in sorted({s.linear for s in m.slices + m.kv_slices})}
     device = next(model.parameters()).device
     out = []
-    with _gradients_of(model, used):
+    with gradients_of(model, used):
         for window in tqdm(calib, desc="saap estimators", unit="win"):
             x = _window_pass(model, used, window.unsqueeze(0).to(device))
             with torch.no_grad():
