@@ -17,6 +17,7 @@ from metricgp.darwin.config import DarwinConfig
 from metricgp.darwin.database import DEFAULT_LEVELS
 from metricgp.darwin.unstructured import DEFAULT_LEVELS as UNSTRUCTURED_LEVELS
 from metricgp.errors import MetricGPError
+from metricgp.structured.evaluator import StructuredSpec
 
 DESCRIPTION = ("DarwinLM level search: a database of per-module pruning levels ordered by a metric, searched by "
                "(1+lambda) evolution on KL to the dense model; --unstructured: EvoPress per-layer sparsity.")
@@ -43,7 +44,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--metric-file", type=Path, help=f"a search's best.json (default {DEFAULT_METRIC_FILE})")
     t.add_argument("--levels", type=int, help=f"levels per module (default {DEFAULT_LEVELS}; "
                    f"--unstructured: {UNSTRUCTURED_LEVELS}, i.e. 5%% steps)")
-    for opt, default in (("reduction", "sum"), ("normalisation", "per-param"), ("head-mode", "per-group")):
+    for opt, default in (("reduction", StructuredSpec.reduction), ("normalisation", StructuredSpec.normalisation),
+                         ("head-mode", StructuredSpec.head_mode)):
         t.add_argument(f"--{opt}", default=default, help=f"unit importance {opt} (default {default})")
     s = p.add_argument_group("search")
     s.add_argument("--offspring", type=int, default=16, help="lambda: offspring per generation (default 16)")

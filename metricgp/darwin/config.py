@@ -19,6 +19,7 @@ from metricgp.darwin.prior import MetricPrior, allocation_start, structured_prio
 from metricgp.darwin.search import SearchConfig
 from metricgp.darwin.stages import Stage, make_schedule
 from metricgp.errors import MetricGPError
+from metricgp.structured.evaluator import StructuredSpec
 
 DATABASE = "database.json"
 
@@ -32,9 +33,9 @@ class DarwinConfig:
     keep: float = 0.6  # structured: fraction of decoder parameters kept
     sparsity: float = 0.7  # unstructured: fraction of prunable weights removed
     levels: int = 10
-    reduction: str = "sum"
-    normalisation: str = "per-param"
-    head_mode: str = "per-group"
+    reduction: str = StructuredSpec.reduction  # the structured evaluator's defaults (chosen by experiment)
+    normalisation: str = StructuredSpec.normalisation
+    head_mode: str = StructuredSpec.head_mode
     stages: tuple[dict[str, int], ...] = ({"survivors": 4, "windows": 2, "train_tokens": 0},
                                           {"survivors": 1, "windows": 8, "train_tokens": 0})
     offspring: int = 16
