@@ -16,15 +16,14 @@ def write_table(out: Path, table: dict) -> None:
     rows = sorted(table["rows"].values(), key=lambda r: (-r["keep"], r["method"]))
     datasets = list(table["dense_ppl"])
     head = ["method", "keep", "kept", "params"] + [f"{d} one-shot" for d in datasets]
-    head += [f"{d} recovered" for d in datasets] + ["prefill x", "decode x", "FLOPs x"]
+    head += [f"{d} recovered" for d in datasets]
     lines = [
         "# Structured pruning of SmolLM2-135M-Instruct",
         "",
         f"Test perplexity on the first {table['eval_windows']} windows of {table['seqlen']} tokens of each test split; "
         f"recovery (at {', '.join(f'{k:.0%}' for k in table.get('recover_keeps', []))} kept): LoRA on "
         f"{table['recover_tokens']:,} C4 calibration tokens (train split). "
-        "Speed: measured ratio dense/pruned in the same run (prefill and decode tokens/s), next to the FLOPs "
-        "ratio that bounds it.",
+        "Measured speed against dense is in speed.json (`make bench-structured`, on a quiet machine).",
         "",
         "Dense: " + ", ".join(f"{d} {_fmt(v)}" for d, v in table["dense_ppl"].items()),
         "",
@@ -34,11 +33,9 @@ def write_table(out: Path, table: dict) -> None:
         "|" + "---|" * len(head),
     ]
     for r in rows:
-        s = r.get("speed", {})
         cells = [r["method"], f"{r['keep']:.0%}", f"{r['achieved_keep']:.4f}", f"{r['params'] / 1e6:.1f}M"]
         cells += [_fmt(r["oneshot"].get(d)) for d in datasets]
         cells += [_fmt(r.get("recovered", {}).get(d)) for d in datasets]
-        cells += [_fmt(s.get("prefill_speedup")), _fmt(s.get("decode_speedup")), _fmt(s.get("flops_ratio"))]
         lines.append("| " + " | ".join(cells) + " |")
     lines += ["", "Methods:", ""] + [f"- `{m}`: {about}" for m, about in table.get("methods", {}).items()]
     (out / "table.md").write_text("\n".join(lines) + "\n")
