@@ -25,6 +25,11 @@ def _load_rows(path: Path) -> dict[str, dict]:
     return json.loads(path.read_text())["rows"] if path.is_file() else {}
 
 
+def _earlier(path: Path) -> dict:
+    """What earlier invocations wrote to the table besides its rows (commands, methods)."""
+    return {k: v for k, v in json.loads(path.read_text()).items() if k != "rows"} if path.is_file() else {}
+
+
 def _save(path: Path, rows: dict, meta: dict) -> None:
     from metricgp.provenance import write_json_atomic
 
@@ -115,10 +120,14 @@ def run_table(args) -> None:
     setup = _setup(args)
     evals = {d: setup.report_windows(d, args.eval_windows) for d in parse_report_data(args.dataset)}
     dense = {d: cached_dense_perplexity(setup, d, w) for d, w in evals.items()}
+    earlier = _earlier(path)
+    commands = [c for c in earlier.get("commands", [earlier.get("command")]) if c] + [_command()]
     meta = {"what": "structured pruning of the default model: test perplexity, size and speed",
             "dense_ppl": dense, "eval_windows": args.eval_windows, "seqlen": args.seqlen,
-            "recover_tokens": args.recover_tokens, "recover_keeps": args.recover_keeps,
-            "methods": {m: METHODS[m].about for m in args.methods}, "command": _command()}
+            "recover_tokens": args.recover_tokens,
+            "recover_keeps": sorted(set(earlier.get("recover_keeps", [])) | set(args.recover_keeps), reverse=True),
+            "methods": earlier.get("methods", {}) | {m: METHODS[m].about for m in args.methods},
+            "commands": commands}
     started = time.perf_counter()
 
     def pruned(method: str, keep: float):

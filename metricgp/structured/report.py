@@ -27,7 +27,8 @@ def write_table(out: Path, table: dict) -> None:
         "",
         "Dense: " + ", ".join(f"{d} {_fmt(v)}" for d, v in table["dense_ppl"].items()),
         "",
-        f"Made by: `{table['command']}`; each row's JSON entry has the `apply` command that reproduces it.",
+        "Made by: " + "; then ".join(f"`{c}`" for c in table.get("commands", [table.get("command")]))
+        + ". Each row's JSON entry has the `apply` command that reproduces it.",
         "",
         "| " + " | ".join(head) + " |",
         "|" + "---|" * len(head),
