@@ -64,7 +64,8 @@ darwin: venv
 	  $(PY) -m metricgp.darwin --resume $(DARWIN_OUT) $(DARWIN_ARGS); \
 	else \
 	  $(PY) -m metricgp.darwin --keep 0.6 --metric-file results/smollm2-default-s0/best.json \
-	    --offspring 16 --survivors 4,1 --fitness-windows 2,8 --generations 40 --time-budget 25 \
+	    --offspring 16 --survivors 4,1 --fitness-windows 2,8 --generations 60 --time-budget 25 \
+	    --recover-tokens 8192 --dataset wikitext2,c4,ptb --eval-windows 8 \
 	    --out $(DARWIN_OUT) $(DARWIN_ARGS); \
 	fi
 

@@ -55,7 +55,7 @@ def make_config(model, text_files, **fields) -> DarwinConfig:
                       "seed": 0}, metric="mul(abs(W), sqrt(X))", keep=0.7, fitness_data=str(text_files["calib"]),
                 dataset=str(text_files["test"]), eval_windows=2, offspring=6, generations=3,
                 stages=({"survivors": 3, "windows": 1, "train_tokens": 0}, {"survivors": 1, "windows": 2,
-                                                                            "train_tokens": 0}), screen=4)
+                                                                            "train_tokens": 0}), screen=4, speed=False)
     return DarwinConfig(**{**base, **fields}).validate()
 
 
@@ -244,6 +244,10 @@ def test_cli_run_resume_and_reload(tiny4_dir, text_files, module_cache, tmp_path
     assert decoder_params(model) == report["size"]["decoder_params"]["pruned"]
     assert report["recovery"]["tokens"] == 64 and report["recovery"]["steps"] == 2
     assert report["reloaded"]["perplexity"] == report["perplexity"]["recovered"]  # the recovered model, saved
+    speed = report["speed"]  # timed against dense in the same run, next to the ratios that bound it
+    assert speed["param_ratio"] == pytest.approx(report["size"]["params"]["dense"] / report["size"]["params"]["pruned"])
+    assert speed["prefill_speedup"] > 0 and speed["flops_ratio"] > 1
+    assert "| recovered |" in (out / "README.md").read_text() and "Speed vs dense" in (out / "README.md").read_text()
     levels = (out / "levels.txt").read_text().splitlines()
     assert len(levels) == 1 + 8 + 1 and levels[1].startswith("model.layers.0.self_attn  attention")
 

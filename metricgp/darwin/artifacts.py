@@ -80,6 +80,28 @@ def _size(n: float) -> str:
     return ""
 
 
+def final_lines(final: dict[str, Any]) -> list[str]:
+    """The final model's test perplexity (one row per model, one column per dataset), size and speed."""
+    ppl = final.get("perplexity", {})
+    datasets = sorted({d for row in ppl.values() for d in row})
+    lines = []
+    if datasets:
+        lines += ["| test perplexity | " + " | ".join(datasets) + " |", "|---" * (len(datasets) + 1) + "|"]
+        lines += [f"| {name} | " + " | ".join(f"{row[d]:.2f}" if d in row else "" for d in datasets) + " |"
+                  for name, row in ppl.items() if row]
+        lines.append("")
+    size = final.get("size")
+    if size:
+        lines += [f"Decoder parameters kept {size['achieved_keep']:.4f} (target {size['target_keep']}); parameters "
+                  f"{size['params']['dense']:,} -> {size['params']['pruned']:,}.", ""]
+    speed = final.get("speed")
+    if speed:
+        lines += [f"Speed vs dense (measured in the same run): prefill {speed['prefill_speedup']:.2f}x, decode "
+                  f"{speed['decode_speedup']:.2f}x; FLOPs ratio {speed['flops_ratio']:.2f}x, parameter ratio "
+                  f"{speed['param_ratio']:.2f}x.", ""]
+    return lines
+
+
 def write_summary(run_dir: Path, config: dict[str, Any], records: Sequence[dict[str, Any]], stopped: str,
                   spearman_all: float | None, final: dict[str, Any] | None) -> None:
     last = records[-1] if records else {}
@@ -102,7 +124,7 @@ def write_summary(run_dir: Path, config: dict[str, Any], records: Sequence[dict[
                       f"against {_size(disk['full_copies_bytes'])} for full-size copies of every level "
                       f"({disk['ratio']:.0f}x).", ""]
     if final:
-        lines += ["Test perplexity: " + ", ".join(f"{k} {v}" for k, v in final.get("perplexity", {}).items()), ""]
+        lines += final_lines(final)
     lines += ["Files: log.jsonl, best.json, levels.txt, fitness.png, levels.png, database.json, config.json"
               + (", report.json" if final else "") + (", model/" if (Path(run_dir) / "model").is_dir() else "")
               + ".", ""]

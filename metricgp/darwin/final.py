@@ -36,7 +36,13 @@ def structured_model(config: DarwinConfig, prep: Prepared, genome: Genome, out: 
     from metricgp import load_pruned
     from metricgp.darwin.fitness import calibration_windows
     from metricgp.evaluate import perplexity
-    from metricgp.structured.evaluator import StructuredPruner, StructuredSpec, per_layer_sizes, size_report
+    from metricgp.structured.evaluator import (
+        StructuredPruner,
+        StructuredSpec,
+        per_layer_sizes,
+        size_report,
+        speed_report,
+    )
     from metricgp.structured.recover import recover
     from metricgp.structured.saving import save_pruned
 
@@ -62,6 +68,8 @@ def structured_model(config: DarwinConfig, prep: Prepared, genome: Genome, out: 
             "path": MODEL_DIR, "params": sum(p.numel() for p in reloaded.parameters()),
             "perplexity": {d: perplexity(reloaded, w) for d, w in evals.items()}}
     report["evaluation"] = {d: {"windows": len(w), "tokens": int(w.numel())} for d, w in evals.items()}
+    if config.speed:
+        report["speed"] = speed_report(setup.model, model)
     report["seconds"] = round(time.perf_counter() - t0, 2)
     return report
 
