@@ -277,7 +277,7 @@ def test_evopress_unstructured_levels_are_exact_with_baselines(tiny4_dir, text_f
     from metricgp.darwin.run import start
 
     config = make_config(tiny4_dir, text_files, unstructured=True, sparsity=0.5, levels=20, generations=3,
-                         save_model=False)
+                         save_model=False, reconstruct=True)
     out = tmp_path / "evo"
     search = start(config, out)
     space = search.space
@@ -289,10 +289,36 @@ def test_evopress_unstructured_levels_are_exact_with_baselines(tiny4_dir, text_f
         zeros = sum(int((layer.weight == 0).sum()) for layer in prep.setup.layers.values())
         assert zeros == space.removed(genome)
     report = json.loads((out / "report.json").read_text())
-    assert set(report["fitness"]) == {"uniform", "owl", "evopress"}
-    assert set(report["perplexity"]) == {"dense", "uniform", "owl", "evopress"}
+    allocations = {"uniform", "owl", "evopress"}
+    assert set(report["fitness"]) == allocations | {f"{a}+reconstruct" for a in allocations}
+    assert set(report["perplexity"]) == {"dense"} | set(report["fitness"])
+    assert report["fitness"]["uniform+reconstruct"] != report["fitness"]["uniform"]
+    evopress = report["layer_sparsity"]["evopress"]
+    assert list(evopress.values()) == [prep.database.sparsity_of(i, lv) for i, lv in enumerate(search.parent)]
     kinds = {g.kind for g in space.genes}
     assert kinds == {"self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
                      "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"}
     best = json.loads((out / "best.json").read_text())
     assert len(best["sparsity_per_layer"]) == len(space.genes)
+
+
+def test_reconstruction_at_per_layer_sparsities_keeps_each_layers_mask(tiny4_dir, text_files, module_cache):
+    """EvoPress/OWL allocations + least-squares refit: each layer pruned at its own sparsity (zeros
+    counted per row), the kept weights moved off their dense values, and the dense model restorable."""
+    from metricgp.darwin.final import _reconstruct
+
+    config = make_config(tiny4_dir, text_files, unstructured=True, sparsity=0.5, levels=20)
+    prep = prepare(config)
+    masks = build_evaluator(config.recipe(prep.database), prep.setup).masks
+    setup = prep.setup
+    names = prep.database.names
+    sparsities = {n: (0.25, 0.5, 0.75)[i % 3] for i, n in enumerate(names)}
+    _reconstruct(setup, masks.metric, sparsities)
+    for name in names:
+        weight, dense = setup.layers[name].weight, setup.dense.weights[name]
+        per_row = (weight == 0).sum(dim=1)
+        assert (per_row == round(sparsities[name] * weight.shape[1])).all()
+        kept = weight != 0
+        assert not torch.equal(weight[kept], dense[kept])  # refitted, not just masked
+    masks.reset()
+    assert all(torch.equal(setup.layers[n].weight, setup.dense.weights[n]) for n in names)

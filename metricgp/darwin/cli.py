@@ -76,6 +76,8 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--eval-windows", type=int, default=32, help="test windows (0: all; default 32)")
     f.add_argument("--no-save-model", action="store_true")
     f.add_argument("--no-dense-eval", action="store_true", help="skip the dense model's test perplexity")
+    f.add_argument("--reconstruct", action="store_true", help="--unstructured: also score uniform, OWL and the "
+                   "winner with sequential pruning + least-squares reconstruction of the kept weights")
     f.add_argument("--no-speed", action="store_true", help="structured: skip timing the final model against dense")
     add_model_data_options(p)
     p.add_argument("--no-progress", action="store_true")
@@ -120,6 +122,7 @@ def config_from_args(args: argparse.Namespace) -> DarwinConfig:
         time_budget_min=args.time_budget, recover_tokens=args.recover_tokens, recover_method=args.recover_method,
         recover_lr=args.recover_lr, dataset=args.dataset, eval_windows=args.eval_windows,
         save_model=not args.no_save_model, dense_eval=not args.no_dense_eval, speed=not args.no_speed,
+        reconstruct=args.reconstruct,
         name=args.out.name).validate()
 
 

@@ -57,6 +57,7 @@ class DarwinConfig:
     eval_windows: int = 32
     save_model: bool = True
     dense_eval: bool = True
+    reconstruct: bool = False  # unstructured: also every allocation + least-squares reconstruction
     speed: bool = True  # structured: prefill/decode throughput of the final model vs dense
     name: str = "darwin"
 

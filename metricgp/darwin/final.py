@@ -75,7 +75,11 @@ def structured_model(config: DarwinConfig, prep: Prepared, genome: Genome, out: 
 
 
 def unstructured_model(config: DarwinConfig, prep: Prepared, genome: Genome, out: Path, evaluator) -> dict[str, Any]:
-    """`evaluator`: a LevelEvaluator on `prep.setup` (its masks, windows and dense reference)."""
+    """`evaluator`: a LevelEvaluator on `prep.setup` (its masks, windows and dense reference).
+
+    Every allocation (uniform, OWL, the winner) is scored with the metric's masks on the dense model
+    and, with `config.reconstruct`, again after sequential pruning with a least-squares refit of the
+    kept weights (`metricgp.prune.engine.prune_sequential`), named `<allocation>+reconstruct`."""
     from metricgp.darwin.owl import owl_layer_sparsities
     from metricgp.evaluate import perplexity
 
@@ -84,17 +88,28 @@ def unstructured_model(config: DarwinConfig, prep: Prepared, genome: Genome, out
     evals = _test_windows(config, setup)
     n = len(evaluator.windows)
     report: dict[str, Any] = {"perplexity": {"dense": _dense_ppl(config, setup, evals)}, "fitness": {}}
-    uniform = [config.sparsity] * len(prep.database.names)
-    for name, sparsities in (("uniform", uniform), ("owl", owl_layer_sparsities(setup, config.sparsity))):
-        masks.reset()
-        masks.apply_sparsities(sparsities)
+    db = prep.database
+    allocations = {"uniform": [config.sparsity] * len(db.names),
+                   "owl": owl_layer_sparsities(setup, config.sparsity),
+                   "evopress": [db.sparsity_of(i, level) for i, level in enumerate(genome)]}
+
+    def score(name: str) -> None:
         report["fitness"][name] = evaluator.objective.measure(setup.model, evaluator.windows, evaluator.reference, 4)
         report["perplexity"][name] = {d: perplexity(setup.model, w) for d, w in evals.items()}
+
+    for name, sparsities in allocations.items():
+        masks.reset()
+        masks.apply_sparsities(sparsities)
+        score(name)
+    if config.reconstruct:
+        for name, sparsities in allocations.items():
+            masks.reset()
+            _reconstruct(setup, masks.metric, dict(zip(db.names, sparsities, strict=True)))
+            score(f"{name}+reconstruct")
     masks.reset()
     masks.apply(genome)
-    report["fitness"]["evopress"] = evaluator.objective.measure(setup.model, evaluator.windows, evaluator.reference, 4)
-    report["perplexity"]["evopress"] = {d: perplexity(setup.model, w) for d, w in evals.items()}
     report["sparsity"] = 1 - prep.space.kept_fraction(genome)
+    report["layer_sparsity"] = {name: dict(zip(db.names, s, strict=True)) for name, s in allocations.items()}
     report["fitness_windows"] = n
     if config.save_model:
         setup.model.save_pretrained(out / MODEL_DIR)
@@ -104,3 +119,12 @@ def unstructured_model(config: DarwinConfig, prep: Prepared, genome: Genome, out
     report["evaluation"] = {d: {"windows": len(w), "tokens": int(w.numel())} for d, w in evals.items()}
     report["seconds"] = round(time.perf_counter() - t0, 2)
     return report
+
+
+def _reconstruct(setup, metric, sparsities: dict[str, float]) -> None:
+    """Sequential pruning at per-layer sparsities with the least-squares refit, on the dense model."""
+    from metricgp.prune.engine import prune_sequential
+    from metricgp.prune.patterns import Unstructured
+
+    patterns = {name: Unstructured(s) for name, s in sparsities.items()}
+    prune_sequential(setup.model, setup.calib, setup.stats, metric, patterns.__getitem__, reconstruct=True)

@@ -135,12 +135,15 @@ def prune_sequential(
     calib: torch.Tensor,
     grad_stats: Mapping[str, Mapping[str, torch.Tensor]] | None,
     metric: MetricFn,
-    pattern: Pattern,
+    pattern: Pattern | Callable[[str], Pattern],
     reconstruct: bool = False,
 ) -> PruneReport:
     """Block-by-block pruning: X is recomputed on the already-pruned prefix; G stays the dense one.
-    With `reconstruct`, the kept weights get a least-squares update (prune/reconstruct.py)."""
+    With `reconstruct`, the kept weights get a least-squares update (prune/reconstruct.py).
+    `pattern` may be a function of the layer's name (non-uniform sparsity: OWL, EvoPress)."""
     from metricgp.prune.reconstruct import hessian_hooks, least_squares_update
+
+    pattern_of = pattern if callable(pattern) else (lambda name: pattern)
 
     prefix, blocks = find_blocks(model)
     inputs = capture_block_inputs(model, blocks[0], calib)
@@ -155,7 +158,7 @@ def prune_sequential(
                 name = f"{prefix}.{i}.{rel}"
                 stats = {"X": x_stats[rel], **{k: v for k, v in (grad_stats or {}).get(name, {}).items() if k != "X"}}
                 w = module.weight.detach().clone()
-                keep = pattern.mask(layer_scores(metric, w, stats, name))
+                keep = pattern_of(name).mask(layer_scores(metric, w, stats, name))
                 if reconstruct:
                     module.weight.copy_(least_squares_update(w, keep, hessians.pop(rel)))
                 else:
