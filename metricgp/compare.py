@@ -3,10 +3,14 @@
     python -m metricgp.compare --out results/baselines                 # the built-ins (make baselines)
     python -m metricgp.compare --run results/smollm2-default-s0 \\
         --settings 0.5,2:4,4:8,0.6 --dataset wikitext2,c4,ptb           # a search's report.md
+    python -m metricgp.compare --calib-seeds 0,1,2 --window-sets 2 ...  # the noise floor (make noise-floor)
 
 The model and its statistics load once; every row restores the dense weights, prunes and
 evaluates. Rows are written to the JSON table as they finish, so an interrupted comparison
-continues where it stopped when run again with the same arguments.
+continues where it stopped when run again with the same arguments. With `--calib-seeds` and/or
+`--window-sets` a row is one (metric, setting, mode, calibration seed, window set) cell and the
+report is the noise floor of metricgp/noise.py: mean ± std over seeds and paired differences to
+`--reference`.
 """
 
 from __future__ import annotations
@@ -16,14 +20,20 @@ import json
 import math
 import sys
 import time
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
+from metricgp import noise as floor
 from metricgp.errors import MetricGPError, cli_entry
 from metricgp.expr import BUILTIN_METRICS, Node, describe, formula_from_file, resolve_metric, to_functional
 from metricgp.options import add_model_data_options, evaluator_spec, model_data_fields
 from metricgp.prune.engine import PRUNE_MODES
 from metricgp.prune.patterns import parse_setting
+
+if TYPE_CHECKING:
+    from metricgp.evaluate import EvaluatorSpec, PruningSetup
 
 BASELINES = tuple(BUILTIN_METRICS)
 
@@ -96,6 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dataset", default="wikitext2", help="comma-separated test data (default wikitext2)")
     p.add_argument("--eval-windows", type=int, default=32, help="first N test windows (0: all; default 32)")
     add_model_data_options(p)
+    floor.add_noise_options(p)
     p.add_argument("--out", type=Path, help="output directory (default: --run's directory)")
     p.add_argument("--reuse", type=Path, action="append", metavar="TABLE_JSON",
                    help="take finished rows from another table made with the same model and data settings")
@@ -103,17 +114,37 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def context_of(args: argparse.Namespace, fingerprint: str) -> dict:
+def context_of(args: argparse.Namespace, fingerprint: str, noise: floor.NoiseOptions | None = None) -> dict:
     """What makes two tables' numbers comparable; a resumed table must match it. ("seed" is the
-    calibration seed: the key keeps its name so that earlier tables stay reusable.)"""
+    calibration seed: the key keeps its name so that earlier tables stay reusable. A noise table
+    keeps the seed in each row key instead, so that more seeds can join it, and adds its window sets.)"""
     fields = model_data_fields(args)
-    return {"model": fields["model"], "fingerprint": fingerprint, "dtype": fields["dtype"], "calib": fields["calib"],
-            "n_calib": fields["n_calib"], "seqlen": fields["seqlen"], "seed": fields["seed"],
-            "eval_windows": args.eval_windows}
+    context = {"model": fields["model"], "fingerprint": fingerprint, "dtype": fields["dtype"],
+               "calib": fields["calib"], "n_calib": fields["n_calib"], "seqlen": fields["seqlen"],
+               "seed": fields["seed"], "eval_windows": args.eval_windows}
+    if noise is not None:
+        context.update(seed=None, window_sets=noise.window_sets)
+    return context
 
 
 def row_key(functional: str, setting: str, mode: str) -> str:
     return f"{functional}|{setting}|{mode}"
+
+
+def reference_entry(entries: list[Entry], name: str) -> Entry:
+    """The compared metric `--reference` names, by label or by formula."""
+    for e in entries:
+        if e.label == name:
+            return e
+    try:
+        wanted = to_functional(resolve_metric(name))
+    except MetricGPError:
+        wanted = None
+    for e in entries:
+        if to_functional(e.tree) == wanted:
+            return e
+    labels = ", ".join(e.label for e in entries)
+    raise MetricGPError(f"--reference '{name}' is not among the compared metrics ({labels})")
 
 
 def output_of(args: argparse.Namespace) -> tuple[Path, str]:
@@ -125,17 +156,17 @@ def output_of(args: argparse.Namespace) -> tuple[Path, str]:
 
 
 def run(args: argparse.Namespace) -> dict:
-    from tqdm.auto import tqdm
-
     from metricgp.data import parse_report_data
-    from metricgp.evaluate import PruningSetup, cached_dense_perplexity, perplexity
+    from metricgp.evaluate import PruningSetup, cached_dense_perplexity
     from metricgp.provenance import provenance, write_json_atomic
 
+    noise = floor.noise_options(args)  # None: the classic single-seed table
     entries = [parse_metric_arg(m) for m in (args.metric or ([] if args.run else BASELINES))]
     if args.run is not None:
         entries = run_entries(args.run, args.top) + entries
         if not args.metric:
             entries += [parse_metric_arg(m) for m in BASELINES]
+    reference = reference_entry(entries, noise.reference).label if noise else None
     settings = parse_settings(args.settings)
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
     for mode in modes:
@@ -148,8 +179,11 @@ def run(args: argparse.Namespace) -> dict:
     spec = evaluator_spec(args)
     grads = any("G" in e.tree.leaves_used() for e in entries)
     setup = PruningSetup.from_spec(spec, grads=grads)
-    context = context_of(args, setup.fingerprint)
-    out.mkdir(parents=True, exist_ok=True)  # only now: a bad model or data leaves no directory behind
+    evals = {d: setup.report_windows(d, args.eval_windows or None) for d in datasets}
+    k = noise.window_sets if noise else 1
+    ranges = {d: floor.split_windows(len(w), k, d) for d, w in evals.items()}
+    context = context_of(args, setup.fingerprint, noise)
+    out.mkdir(parents=True, exist_ok=True)  # only now: a bad model, data or split leaves no directory behind
     table = {"context": context, "rows": {}, "dense": {}}
     if table_path.is_file():
         previous = json.loads(table_path.read_text(encoding="utf-8"), parse_constant=_non_finite)
@@ -164,39 +198,73 @@ def run(args: argparse.Namespace) -> dict:
     # several invocations may fill one table (e.g. all datasets at 50%, WikiText-2 only elsewhere):
     # the layout and the metric list are the union, in order of first appearance
     layout = table.setdefault("layout", {"settings": [], "modes": [], "datasets": []})
-    for key, values in (("settings", settings), ("modes", modes), ("datasets", datasets)):
+    for key, values in (("settings", settings), ("modes", modes), ("datasets", datasets),
+                        *((("seeds", noise.seeds),) if noise else ())):
+        layout.setdefault(key, [])
         layout[key] += [v for v in values if v not in layout[key]]
     table["metrics"] = {**table.get("metrics", {}), **{e.label: describe(e.tree) for e in entries}}
 
-    evals = {d: setup.report_windows(d, args.eval_windows or None) for d in datasets}
     for d, w in evals.items():
         if d not in table["dense"]:
             table["dense"][d] = cached_dense_perplexity(setup, d, w)
-    jobs = [(e, s, m) for e in entries for s in settings for m in modes]
-    bar = tqdm(jobs, desc="compare", unit="row")
-    for entry, setting, mode in bar:
-        key = row_key(to_functional(entry.tree), setting, mode)
-        row = table["rows"].get(key, {})
-        missing = [d for d in datasets if d not in row.get("perplexity", {})]
-        if not missing:
-            continue
-        bar.set_postfix_str(f"{entry.label} {setting_label(setting)} {mode}")
-        t0 = time.perf_counter()
-        report = setup.prune(entry.tree, parse_setting(setting), mode)
-        ppl = dict(row.get("perplexity", {}))
-        ppl.update({d: perplexity(setup.model, evals[d]) for d in missing})
-        table["rows"][key] = {"label": entry.label, "formula": to_functional(entry.tree), "setting": setting,
-                              "mode": mode, "sparsity": report.sparsity, "perplexity": ppl,
-                              "seconds": round(time.perf_counter() - t0, 1)}
-        write_json_atomic(table_path, table)
+    seeds = noise.seeds if noise else (spec.seed,)
+    jobs = [(seed, e, s, m) for seed in seeds for e in entries for s in settings for m in modes]
+    setup = measure(table, jobs, setup, spec, grads, evals, ranges, noise is not None,
+                    save=lambda: write_json_atomic(table_path, table))
     setup.dense.restore()
     table["windows"] = {d: len(w) for d, w in evals.items()}
-    write_json_atomic(table_path, table)
     every = [Entry(label, resolve_metric(d["functional"])) for label, d in table["metrics"].items()]
     shown = (every, layout["settings"], layout["modes"], layout["datasets"])
+    if noise is not None:
+        table["noise"] = floor.summarise(table, *shown, layout["seeds"], k, reference)
+        write_json_atomic(table_path, table)
+        (out / f"{name}.md").write_text(floor.markdown(table, table["noise"]), encoding="utf-8")
+        floor.plot_relative(table["noise"], out / f"{name}-relative.png")
+        return table
+    write_json_atomic(table_path, table)
     (out / f"{name}.md").write_text(markdown(table, *shown), encoding="utf-8")
     plot(table, *shown, out / f"{name}.png")
     return table
+
+
+def measure(table: dict, jobs: list, setup: PruningSetup, spec: EvaluatorSpec, grads: bool, evals: dict,
+            ranges: dict, per_seed: bool, save: Callable[[], None]) -> PruningSetup:
+    """Prune for each (seed, entry, setting, mode) job that has an unmeasured cell and fill its row(s):
+    when `per_seed`, one row per window set (`ranges[dataset]`: [start, end) of each set), keyed by
+    seed and set; else the classic row over all windows (one range). `save()` after every job.
+    Loads another seed's statistics when the jobs reach it; returns the setup in use at the end."""
+    from tqdm.auto import tqdm
+
+    from metricgp.evaluate import PruningSetup, perplexity
+
+    k = len(next(iter(ranges.values())))  # window sets: the same number for every dataset
+    bar = tqdm(jobs, desc="compare", unit="row")
+    for seed, entry, setting, mode in bar:
+        base = row_key(to_functional(entry.tree), setting, mode)
+        keys = [floor.set_key(base, seed, j, k) for j in range(k)] if per_seed else [base]
+        missing = [[d for d in evals if d not in table["rows"].get(key, {}).get("perplexity", {})] for key in keys]
+        if not any(missing):
+            continue
+        if setup.spec.seed != seed:
+            setup = None  # drop this reference to the previous seed's model and statistics first
+            setup = PruningSetup.from_spec(replace(spec, seed=seed), grads=grads)
+        bar.set_postfix_str(f"{entry.label} {setting_label(setting)} {mode}" + (f" seed {seed}" if per_seed else ""))
+        t0 = time.perf_counter()
+        report = setup.prune(entry.tree, parse_setting(setting), mode)
+        shared = (time.perf_counter() - t0) / len(keys)  # the prune's time, split over its rows
+        for j, (key, todo) in enumerate(zip(keys, missing, strict=True)):
+            t1 = time.perf_counter()
+            row = table["rows"].get(key, {})
+            ppl = dict(row.get("perplexity", {}))
+            ppl.update({d: perplexity(setup.model, evals[d][slice(*ranges[d][j])]) for d in todo})
+            cell = {"label": entry.label, "formula": to_functional(entry.tree), "setting": setting, "mode": mode}
+            if per_seed:
+                windows = {**row.get("windows", {}), **{d: list(ranges[d][j]) for d in todo}}
+                cell.update(seed=seed, window_set=f"{j + 1}/{k}", windows=windows)
+            table["rows"][key] = {**cell, "sparsity": report.sparsity, "perplexity": ppl,
+                                  "seconds": round(shared + time.perf_counter() - t1, 1)}
+        save()
+    return setup
 
 
 def reuse_rows(table: dict, path: Path) -> int:
@@ -314,10 +382,14 @@ def plot(table: dict, entries: list[Entry], settings: list[str], modes: list[str
 
 @cli_entry
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = floor.parse_args(build_parser(), argv)
     table = run(args)
     out, name = output_of(args)
-    print(f"{len(table['rows'])} rows -> {out}/{name}.md, {name}.json, {name}.png")
+    if "noise" not in table:
+        print(f"{len(table['rows'])} rows -> {out}/{name}.md, {name}.json, {name}.png")
+        return 0
+    print(f"{len(table['rows'])} rows -> {out}/{name}.md, {name}.json, {name}-relative.png")
+    print("\n".join(line.removeprefix("- ") for line in floor.verdict_lines(table["noise"])))
     return 0
 
 
