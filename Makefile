@@ -12,7 +12,7 @@ SEARCH_BUDGET_MIN ?= 23
 SEARCH_OUT ?= runs/search-metric
 SEARCH_ARGS ?=
 
-.PHONY: venv test lint search-metric baselines bench bench-fidelity bench-structured structured darwin clean-venv
+.PHONY: venv test lint search-metric baselines noise-floor bench bench-fidelity bench-structured structured saap-ablation darwin clean-venv
 
 venv: $(STAMP)
 
@@ -42,6 +42,13 @@ search-metric: venv
 baselines: venv
 	$(PY) -m metricgp.compare --out results/baselines
 
+# The noise floor of those comparisons: the five built-ins and the search's top two formulas, every cell
+# once per calibration seed and on two disjoint halves of the test windows; paired differences to wanda
+# and which of them exceed 2 std over seeds (results/noise-floor/table.md). Resumable; about 1-2 hours here.
+noise-floor: venv
+	$(PY) -m metricgp.compare --run results/smollm2-default-s0 --top 2 --settings 0.5,2:4 --modes oneshot \
+	  --dataset wikitext2,c4,ptb --calib-seeds 0,1,2 --window-sets 2 --eval-windows 32 --out results/noise-floor
+
 bench: venv
 	$(PY) -m metricgp.bench throughput --out results/bench
 
@@ -52,6 +59,11 @@ bench-fidelity: venv
 structured: venv
 	$(PY) -m metricgp.structured.experiments defaults --out results/structured
 	$(PY) -m metricgp.structured.experiments table --out results/structured
+
+# SAAP ablation at 70% kept: fused vs single estimators, stability vs uniform/global, edge blocks, group FT vs LoRA
+# (resumable; results/structured/saap.md, saap.json, saap-sigma.png).
+saap-ablation: venv
+	$(PY) -m metricgp.structured.experiments saap --out results/structured
 
 bench-structured: venv
 	$(PY) -m metricgp.structured.experiments speed --keep 0.7 --out results/structured

@@ -113,6 +113,29 @@ def test_per_batch_scores_are_per_window_structure_sums(setup):
     assert (scores[1] > 0).all()
 
 
+def test_scores_are_cached_per_estimator_and_only_missing_ones_computed(setup, monkeypatch):
+    from metricgp.structured import saap_estimators
+
+    modules, linears = discover(setup.model), linears_by_name(setup.model)
+    calls = []
+    real = saap_estimators.compute_batch_scores
+
+    def counting(model, mods, lins, calib, estimators):
+        calls.append([e.name for e in estimators])
+        return real(model, mods, lins, calib, estimators)
+
+    monkeypatch.setattr(saap_estimators, "compute_batch_scores", counting)
+    pair, cached = saap_estimators.cached_batch_scores(setup, modules, linears,
+                                                       parse_estimators(["magnitude", "taylor-element"]))
+    assert not cached and calls == [["magnitude", "taylor-element"]]
+    one, cached = saap_estimators.cached_batch_scores(setup, modules, linears, parse_estimators(["taylor-element"]))
+    assert cached and calls == [["magnitude", "taylor-element"]] and torch.equal(one[0], pair[1])
+    three, cached = saap_estimators.cached_batch_scores(
+        setup, modules, linears, parse_estimators(["taylor-element", "wanda", "magnitude"]))
+    assert not cached and calls[-1] == ["wanda"]  # only the new estimator is computed
+    assert torch.equal(three[0], pair[1]) and torch.equal(three[2], pair[0])
+
+
 def test_stability_keep_map_meets_the_global_target(setup):
     dense = decoder_params(setup.model)
     for keep in (0.7, 0.5):

@@ -2,10 +2,13 @@
 
     python -m metricgp.structured.experiments defaults --out results/structured   # choose reduction/normalisation
     python -m metricgp.structured.experiments table --out results/structured      # make structured
+    python -m metricgp.structured.experiments saap --out results/structured       # make saap-ablation
 
 The model and its statistics load once. Every row prunes a copy of the dense model and is
 written to the JSON table when it finishes, so an interrupted run continues where it stopped.
-Each row carries the `python -m metricgp.apply --structured ...` command that reproduces it.
+Each row of the table carries the `python -m metricgp.apply --structured ...` command that
+reproduces it. The SAAP ablation is in `metricgp.structured.saap_experiments`; the helpers here
+(setup, test windows, row sizes and perplexities, recovery windows) serve every subcommand.
 """
 
 from __future__ import annotations
@@ -20,29 +23,68 @@ from metricgp.errors import MetricGPError, cli_entry
 from metricgp.structured.evaluator import StructuredSpec, prune, speed_report
 from metricgp.structured.methods import METHODS, get_method
 
+DEFAULT_KEEPS = {"table": "0.7,0.5,0.8,0.9", "saap": "0.7"}  # the key level first, so an interrupted run has it
 
-def _load_rows(path: Path) -> dict[str, dict]:
+
+def load_rows(path: Path) -> dict[str, dict]:
     return json.loads(path.read_text())["rows"] if path.is_file() else {}
 
 
-def _earlier(path: Path) -> dict:
+def earlier(path: Path) -> dict:
     """What earlier invocations wrote to the table besides its rows (commands, methods)."""
     return {k: v for k, v in json.loads(path.read_text()).items() if k != "rows"} if path.is_file() else {}
 
 
-def _save(path: Path, rows: dict, meta: dict) -> None:
+def save_rows(path: Path, rows: dict, meta: dict) -> None:
     from metricgp.provenance import write_json_atomic
 
     path.parent.mkdir(parents=True, exist_ok=True)
     write_json_atomic(path, {**meta, "rows": rows})
 
 
-def _setup(args):
+def pruning_setup(args):
     from metricgp.evaluate import EvaluatorSpec, PruningSetup
 
     spec = EvaluatorSpec(model=args.model, calib=args.calib, n_calib=args.n_calib, seqlen=args.seqlen,
                          seed=args.calib_seed)
     return PruningSetup.from_spec(spec, grads=True)
+
+
+def evaluation_windows(setup, args) -> tuple[dict, dict]:
+    """The first `--eval-windows` test windows of every `--dataset`, and the dense model's perplexity
+    on them (cached on disk)."""
+    from metricgp.data import parse_report_data
+    from metricgp.evaluate import cached_dense_perplexity
+
+    evals = {d: setup.report_windows(d, args.eval_windows) for d in parse_report_data(args.dataset)}
+    return evals, {d: cached_dense_perplexity(setup, d, w) for d, w in evals.items()}
+
+
+def size_fields(sizes: dict) -> dict:
+    """What a row records of a pruned model's size (`prune`'s report)."""
+    return {"achieved_keep": sizes["achieved_keep"], "params": sizes["params"]["pruned"],
+            "decoder_params": sizes["decoder_params"]["pruned"]}
+
+
+def perplexities(model, evals: dict) -> dict[str, float]:
+    from metricgp.evaluate import perplexity
+
+    return {d: perplexity(model, w) for d, w in evals.items()}
+
+
+def train_windows(setup, args):
+    """Recovery training windows: the calibration source (train split), the next seed, enough for
+    `--recover-tokens`."""
+    from metricgp.data import parse_data_ref, windows
+
+    return windows(parse_data_ref(args.calib, "calibration"), setup.tokenizer, "calibration", args.seqlen,
+                   -(-args.recover_tokens // args.seqlen), args.calib_seed + 1)
+
+
+def commands(path: Path) -> list[str]:
+    """The commands of every invocation that wrote `path`, this one last."""
+    before = earlier(path)
+    return [c for c in before.get("commands", [before.get("command")]) if c] + [_command()]
 
 
 def _tree(metric: str | None):
@@ -58,8 +100,8 @@ def run_defaults(args) -> None:
     from metricgp.evaluate import perplexity
 
     path = args.out / "defaults.json"
-    rows = _load_rows(path)
-    setup = _setup(args)
+    rows = load_rows(path)
+    setup = pruning_setup(args)
     valid = setup.fitness_windows(args.valid_windows)
     tree = _tree(args.metric)
     combos = [(r, n, "global") for r in ("sum", "mean", "l2", "max")
@@ -76,7 +118,7 @@ def run_defaults(args) -> None:
         rows[key] = {"reduction": reduction, "normalisation": norm, "allocation": alloc,
                      "valid_ppl": perplexity(model, valid), "achieved_keep": sizes["achieved_keep"]}
         print(f"{key:<32} {rows[key]['valid_ppl']:10.3f}", flush=True)
-        _save(path, rows, meta | {"command": _command()})
+        save_rows(path, rows, meta | {"command": _command()})
     _write_defaults_md(args.out, rows, meta)
 
 
@@ -100,34 +142,32 @@ def _command() -> str:
     return command_line()
 
 
-def _row_command(method: str, keep: float, args, recover: bool) -> str:
-    parts = ["python -m metricgp.apply --structured", f"--method {method}", f"--keep {keep}",
+def row_command(method: str, keep: float, args, recover: bool, options: tuple[str, ...] = (), name: str = "") -> str:
+    """The `python -m metricgp.apply` command that reproduces a row: the method preset, then `options`
+    (the recovery given by `options` when it is not the plain `--recover-tokens`)."""
+    parts = ["python -m metricgp.apply --structured", f"--method {method}", *options, f"--keep {keep}",
              f"--dataset {args.dataset}", f"--eval-windows {args.eval_windows}", f"--n-calib {args.n_calib}"]
     if recover:
         parts.append(f"--recover-tokens {args.recover_tokens}")
-    return " ".join(parts + [f"--out runs/{method}-{int(keep * 100)}"])
+    return " ".join(parts + [f"--out runs/{name or method}-{int(keep * 100)}"])
 
 
 def run_table(args) -> None:
     """Every method x keep level one-shot; then, at the recovery keep levels, after the same
     recovery budget (a second pass, so the cheap one-shot table is complete first)."""
-    from metricgp.data import parse_data_ref, parse_report_data, windows
-    from metricgp.evaluate import cached_dense_perplexity, perplexity
     from metricgp.structured.recover import recover
 
     path = args.out / "table.json"
-    rows = _load_rows(path)
-    setup = _setup(args)
-    evals = {d: setup.report_windows(d, args.eval_windows) for d in parse_report_data(args.dataset)}
-    dense = {d: cached_dense_perplexity(setup, d, w) for d, w in evals.items()}
-    earlier = _earlier(path)
-    commands = [c for c in earlier.get("commands", [earlier.get("command")]) if c] + [_command()]
+    rows = load_rows(path)
+    setup = pruning_setup(args)
+    evals, dense = evaluation_windows(setup, args)
+    before = earlier(path)
     meta = {"what": "structured pruning of the default model: test perplexity, size and speed",
             "dense_ppl": dense, "eval_windows": args.eval_windows, "seqlen": args.seqlen,
             "recover_tokens": args.recover_tokens,
-            "recover_keeps": sorted(set(earlier.get("recover_keeps", [])) | set(args.recover_keeps), reverse=True),
-            "methods": earlier.get("methods", {}) | {m: METHODS[m].about for m in args.methods},
-            "commands": commands}
+            "recover_keeps": sorted(set(before.get("recover_keeps", [])) | set(args.recover_keeps), reverse=True),
+            "methods": before.get("methods", {}) | {m: METHODS[m].about for m in args.methods},
+            "commands": commands(path)}
     started = time.perf_counter()
 
     def pruned(method: str, keep: float):
@@ -141,19 +181,16 @@ def run_table(args) -> None:
             continue
         t0 = time.perf_counter()
         model, sizes = pruned(method, keep)
-        row = {"method": method, "keep": keep, "achieved_keep": sizes["achieved_keep"],
-               "params": sizes["params"]["pruned"], "decoder_params": sizes["decoder_params"]["pruned"],
-               "oneshot": {d: perplexity(model, w) for d, w in evals.items()},
-               "command": _row_command(method, keep, args, False)}
+        row = {"method": method, "keep": keep, **size_fields(sizes), "oneshot": perplexities(model, evals),
+               "command": row_command(method, keep, args, False)}
         if args.speed:
             setup.dense.restore()
             row["speed"] = speed_report(setup.model, model)
         rows[key] = row | {"seconds": round(time.perf_counter() - t0, 1)}
         print(f"{key:<28} " + " ".join(f"{d} {v:9.2f}" for d, v in row["oneshot"].items()), flush=True)
-        _save(path, rows, meta)
+        save_rows(path, rows, meta)
     if args.recover_tokens:
-        train = windows(parse_data_ref(args.calib, "calibration"), setup.tokenizer, "calibration", args.seqlen,
-                        -(-args.recover_tokens // args.seqlen), args.calib_seed + 1)
+        train = train_windows(setup, args)
         for keep, method in ((k, m) for k in args.recover_keeps for m in args.methods):
             row = rows[f"{method}|{keep}"]
             if "recovered" in row:
@@ -161,14 +198,14 @@ def run_table(args) -> None:
             t0 = time.perf_counter()
             model, _ = pruned(method, keep)
             row["recovery"] = recover(model, train, tokens=args.recover_tokens, seed=args.calib_seed).to_dict()
-            row["recovered"] = {d: perplexity(model, w) for d, w in evals.items()}
-            row["command_recovered"] = _row_command(method, keep, args, True)
+            row["recovered"] = perplexities(model, evals)
+            row["command_recovered"] = row_command(method, keep, args, True)
             row["seconds_recovery"] = round(time.perf_counter() - t0, 1)
             print(f"{method}|{keep:<20} recovered " + " ".join(f"{v:9.2f}" for v in row["recovered"].values()),
                   flush=True)
-            _save(path, rows, meta)
+            save_rows(path, rows, meta)
     meta["seconds_this_invocation"] = round(time.perf_counter() - started, 1)
-    _save(path, rows, meta)
+    save_rows(path, rows, meta)
     from metricgp.structured.report import write_table
 
     write_table(args.out, json.loads(path.read_text()))
@@ -184,7 +221,7 @@ def run_speed(args) -> None:
     from metricgp.structured.evaluator import per_layer_sizes
     from metricgp.structured.saving import save_pruned
 
-    setup = _setup(args)
+    setup = pruning_setup(args)
     m = get_method(args.method)
     model, sizes = prune(setup, _tree(m.metric), StructuredSpec(keep=args.keep, **m.spec))
     setup.dense.restore()
@@ -195,7 +232,7 @@ def run_speed(args) -> None:
     result = {"method": args.method, "keep": args.keep, "achieved_keep": sizes["achieved_keep"],
               "params": sizes["params"], "bytes": sizes["bytes"], "decoder_params": sizes["decoder_params"],
               "speed": speeds, "reload": reload, "command": _command()}
-    _save(args.out / "speed.json", {}, result)
+    save_rows(args.out / "speed.json", {}, result)
     for s in speeds:
         print(f"{args.method} at {args.keep:.0%} kept, prompt {s['dense']['prompt_len']}: prefill "
               f"{s['prefill_speedup']:.2f}x, decode {s['decode_speedup']:.2f}x; FLOPs ratio {s['flops_ratio']:.2f}x, "
@@ -225,7 +262,7 @@ def _reload_check(model, path: Path, ids) -> dict:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m metricgp.structured.experiments")
-    p.add_argument("what", choices=("defaults", "table", "speed"))
+    p.add_argument("what", choices=("defaults", "table", "speed", "saap"))
     p.add_argument("--out", type=Path, default=Path("results/structured"))
     p.add_argument("--model", default="default")
     p.add_argument("--calib", default="c4")
@@ -235,33 +272,45 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--metric", default="wanda", help="defaults: the metric whose structures are scored")
     p.add_argument("--keep", type=float, default=0.7, help="defaults: the keep level")
     p.add_argument("--valid-windows", type=int, default=16, help="defaults: validation windows")
-    p.add_argument("--keeps", default="0.7,0.5,0.8,0.9",
-                   help="table: keep levels (the key one first, so an interrupted run has it)")
+    p.add_argument("--keeps", default=None,
+                   help=f"table, saap: keep levels (default {DEFAULT_KEEPS['table']}, saap {DEFAULT_KEEPS['saap']})")
     p.add_argument("--methods", default=",".join(METHODS), help="table: methods")
-    p.add_argument("--dataset", default="wikitext2,c4,ptb", help="table: test data")
-    p.add_argument("--eval-windows", type=int, default=8, help="table: test windows per dataset")
-    p.add_argument("--recover-tokens", type=int, default=8192, help="table: recovery budget (0: none)")
+    p.add_argument("--dataset", default="wikitext2,c4,ptb", help="table, saap: test data")
+    p.add_argument("--eval-windows", type=int, default=8, help="table, saap: test windows per dataset")
+    p.add_argument("--recover-tokens", type=int, default=8192, help="table, saap: recovery budget (0: none)")
     p.add_argument("--recover-keeps", default="0.7,0.5", help="table: keep levels that also get recovery")
     p.add_argument("--speed", action="store_true", help="table: measure prefill/decode speed ratios")
     p.add_argument("--method", default="wanda", help="speed: the method whose pruned model is timed")
     p.add_argument("--prompt-lens", default="128,512", help="speed: prompt lengths (prefill)")
     p.add_argument("--repeats", type=int, default=5, help="speed: timed repeats (medians)")
+    from metricgp.structured.saap_experiments import add_saap_ablation_options
+
+    add_saap_ablation_options(p)
     return p
 
 
 @cli_entry
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    args.keeps = [float(k) for k in args.keeps.split(",")]
-    args.prompt_lens = [int(k) for k in args.prompt_lens.split(",")]
-    args.recover_keeps = [float(k) for k in args.recover_keeps.split(",") if k.strip()]
+    args.keeps = _numbers(args.keeps or DEFAULT_KEEPS.get(args.what, DEFAULT_KEEPS["table"]), float, "--keeps")
+    args.prompt_lens = _numbers(args.prompt_lens, int, "--prompt-lens")
+    args.recover_keeps = _numbers(args.recover_keeps, float, "--recover-keeps")
     args.methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     for m in args.methods:
         get_method(m)
-    if any(not 0 < k <= 1 for k in args.keeps):
+    if not args.keeps or any(not 0 < k <= 1 for k in args.keeps):
         raise MetricGPError(f"--keeps must be in (0, 1], got {args.keeps}")
-    {"defaults": run_defaults, "table": run_table, "speed": run_speed}[args.what](args)
+    from metricgp.structured.saap_experiments import run_saap
+
+    {"defaults": run_defaults, "table": run_table, "speed": run_speed, "saap": run_saap}[args.what](args)
     return 0
+
+
+def _numbers(text: str, kind: type, flag: str) -> list:
+    try:
+        return [kind(k) for k in text.split(",") if k.strip()]
+    except ValueError:
+        raise MetricGPError(f"{flag} must be comma-separated numbers, got '{text}'") from None
 
 
 if __name__ == "__main__":

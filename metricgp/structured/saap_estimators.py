@@ -167,7 +167,10 @@ def scores_key(stats_key: str, estimators: list[Estimator]) -> str:
 
 def cached_batch_scores(setup, modules: list[Module], linears: dict[str, nn.Linear],
                         estimators: list[Estimator]) -> tuple[torch.Tensor, bool]:
-    """Per-window structure scores from the disk cache, or computed and stored. (scores, was_cached)"""
+    """Per-window structure scores from the disk cache, or computed and stored. (scores, was_cached)
+
+    Cached per estimator, so a set that shares estimators with an earlier one (an ablation of
+    single estimators after the fused set) only computes the missing ones, in one pass."""
     from metricgp.data import parse_data_ref
     from metricgp.models import cache_root
     from metricgp.stats import stats_key
@@ -175,16 +178,21 @@ def cached_batch_scores(setup, modules: list[Module], linears: dict[str, nn.Line
     spec = setup.spec
     base = stats_key(setup.fingerprint, str(parse_data_ref(spec.calib, "calibration")), spec.n_calib,
                      spec.seqlen, spec.seed, True)
-    path = cache_root() / "saap" / f"{scores_key(base, estimators)}.safetensors"
-    shape = (len(estimators), len(setup.calib), int(sum(m.n_elements + m.n_kv for m in modules)))
-    if path.is_file():
-        scores = load_file(str(path))["scores"]
-        if tuple(scores.shape) == shape:
-            return scores, True
-    scores = compute_batch_scores(setup.model, modules, linears, setup.calib, estimators)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    save_file({"scores": scores.contiguous()}, str(tmp),
-              metadata={"estimators": json.dumps([e.key for e in estimators])})
-    os.replace(tmp, path)
-    return scores, False
+    shape = (1, len(setup.calib), int(sum(m.n_elements + m.n_kv for m in modules)))
+    paths = {e.key: cache_root() / "saap" / f"{scores_key(base, [e])}.safetensors" for e in estimators}
+    rows: dict[str, torch.Tensor] = {}
+    for e in estimators:
+        if paths[e.key].is_file():
+            scores = load_file(str(paths[e.key]))["scores"]
+            if tuple(scores.shape) == shape:
+                rows[e.key] = scores
+    missing = [e for e in estimators if e.key not in rows]
+    if missing:
+        fresh = compute_batch_scores(setup.model, modules, linears, setup.calib, missing)
+        paths[missing[0].key].parent.mkdir(parents=True, exist_ok=True)
+        for e, scores in zip(missing, fresh, strict=True):
+            rows[e.key] = scores.unsqueeze(0).contiguous()
+            tmp = paths[e.key].with_suffix(".tmp")
+            save_file({"scores": rows[e.key]}, str(tmp), metadata={"estimators": json.dumps([e.key])})
+            os.replace(tmp, paths[e.key])
+    return torch.cat([rows[e.key] for e in estimators]), not missing
