@@ -85,3 +85,17 @@ def test_compare_speed_reports_ratios_for_a_pruned_model():
 def test_too_few_decode_tokens_is_a_user_error():
     with pytest.raises(MetricGPError):
         measure_throughput(tiny_model("llama"), decode_tokens=1)
+
+
+def test_decode_breakdown_splits_step_time_into_matmuls_and_the_rest():
+    from metricgp.structured.speed import decode_breakdown
+
+    dense, pruned = tiny_model("llama"), halve_mlps(tiny_model("llama"))
+    result = decode_breakdown(dense, pruned, prompt_len=8, steps=3)
+    for side in ("dense", "pruned"):
+        p = result[side]
+        assert p["steps"] == 3 and 0 < p["matmul_share"] < 1
+        assert p["ms_per_step"] == pytest.approx(p["matmul_ms_per_step"] + p["other_ms_per_step"])
+    d, q = result["dense"], result["pruned"]
+    bound = d["ms_per_step"] / (d["other_ms_per_step"] + q["matmul_ms_per_step"])
+    assert result["amdahl_bound"] == pytest.approx(bound)

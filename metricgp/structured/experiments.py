@@ -240,6 +240,29 @@ def run_speed(args) -> None:
     print(f"reload: {reload}")
 
 
+def run_profile(args) -> None:
+    """Why decode gains less than the FLOPs ratio: the op-level time of one cached decode step,
+    dense and pruned (`speed.decode_breakdown`); written to decode-profile.json."""
+    import torch
+
+    from metricgp.structured.speed import decode_breakdown
+
+    setup = pruning_setup(args)
+    m = get_method(args.method)
+    model, sizes = prune(setup, _tree(m.metric), StructuredSpec(keep=args.keep, **m.spec))
+    setup.dense.restore()
+    result = {"method": args.method, "keep": args.keep, "achieved_keep": sizes["achieved_keep"],
+              "params": sizes["params"], "threads": torch.get_num_threads(),
+              "profiles": [decode_breakdown(setup.model, model, prompt_len=p) for p in args.prompt_lens],
+              "command": _command()}
+    save_rows(args.out / "decode-profile.json", {}, result)
+    for b in result["profiles"]:
+        print(f"prompt {b['dense']['prompt_len']}: matmul share dense {b['dense']['matmul_share']:.1%}, pruned "
+              f"{b['pruned']['matmul_share']:.1%}; matmul speed-up {b['matmul_speedup']:.2f}x, other ops "
+              f"{b['dense']['other_ms_per_step']:.1f} -> {b['pruned']['other_ms_per_step']:.1f} ms/step; "
+              f"profiled decode speed-up {b['profiled_speedup']:.2f}x (Amdahl bound {b['amdahl_bound']:.2f}x)")
+
+
 def _reload_check(model, path: Path, ids) -> dict:
     """Max |logit difference| after reloading, in this process and in a fresh one."""
     import subprocess
@@ -262,7 +285,7 @@ def _reload_check(model, path: Path, ids) -> dict:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m metricgp.structured.experiments")
-    p.add_argument("what", choices=("defaults", "table", "speed", "saap"))
+    p.add_argument("what", choices=("defaults", "table", "speed", "profile", "saap"))
     p.add_argument("--out", type=Path, default=Path("results/structured"))
     p.add_argument("--model", default="default")
     p.add_argument("--calib", default="c4")
@@ -280,8 +303,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--recover-tokens", type=int, default=8192, help="table, saap: recovery budget (0: none)")
     p.add_argument("--recover-keeps", default="0.7,0.5", help="table: keep levels that also get recovery")
     p.add_argument("--speed", action="store_true", help="table: measure prefill/decode speed ratios")
-    p.add_argument("--method", default="wanda", help="speed: the method whose pruned model is timed")
-    p.add_argument("--prompt-lens", default="128,512", help="speed: prompt lengths (prefill)")
+    p.add_argument("--method", default="wanda", help="speed, profile: the method whose pruned model is timed")
+    p.add_argument("--prompt-lens", default="128,512", help="speed, profile: prompt lengths")
     p.add_argument("--repeats", type=int, default=5, help="speed: timed repeats (medians)")
     from metricgp.structured.saap_experiments import add_saap_ablation_options
 
@@ -302,7 +325,8 @@ def main(argv: list[str] | None = None) -> int:
         raise MetricGPError(f"--keeps must be in (0, 1], got {args.keeps}")
     from metricgp.structured.saap_experiments import run_saap
 
-    {"defaults": run_defaults, "table": run_table, "speed": run_speed, "saap": run_saap}[args.what](args)
+    {"defaults": run_defaults, "table": run_table, "speed": run_speed, "profile": run_profile,
+     "saap": run_saap}[args.what](args)
     return 0
 
 
