@@ -11,12 +11,10 @@ weight copies; `disk_report` compares its size with EvoPress-style full-size cop
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
-from metricgp.darwin.levels import Gene, Genome, LevelSpace
+from metricgp.darwin.levels import Gene, Genome, JsonDatabase, LevelSpace
 from metricgp.errors import MetricGPError
 from metricgp.structured.importance import Unit
 
@@ -24,7 +22,7 @@ DEFAULT_LEVELS = 10
 
 
 @dataclass
-class LevelDatabase:
+class LevelDatabase(JsonDatabase):
     names: list[str]  # module names: the genes, in the pruner's module order
     kinds: list[str]  # "attention" | "mlp"
     order: list[list[Unit]]  # units of each module, least important first
@@ -78,19 +76,6 @@ class LevelDatabase:
         return cls([m["name"] for m in raw["modules"]], [m["kind"] for m in raw["modules"]], order,
                    dict(raw["step_units"]), raw["levels"], raw["total"], [m["params"] for m in raw["modules"]],
                    raw.get("meta", {}))
-
-    def save(self, path: Path) -> int:
-        """Write JSON; returns its size in bytes."""
-        text = json.dumps(self.to_dict(), separators=(",", ":"))
-        Path(path).write_text(text, encoding="utf-8")
-        return len(text.encode())
-
-    @classmethod
-    def load(cls, path: Path) -> LevelDatabase:
-        try:
-            return cls.from_dict(json.loads(Path(path).read_text(encoding="utf-8")))
-        except (OSError, json.JSONDecodeError, KeyError) as err:
-            raise MetricGPError(f"cannot read the level database {path}: {err}") from None
 
     def disk_report(self, stored_bytes: int, bytes_per_param: int) -> dict[str, Any]:
         """This database on disk against a full-size weight copy of every module at every level."""

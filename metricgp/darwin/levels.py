@@ -11,9 +11,11 @@ those levels spread over the kind's genes in proportion to per-gene weights (`sp
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 from metricgp.errors import MetricGPError
 
@@ -175,3 +177,20 @@ def start_genome(space: LevelSpace, budget: int, gene_weights: Sequence[float] |
         for i, level in zip(idx, spread(per_kind[k], weights, [space.genes[i].max_level for i in idx]), strict=True):
             genome[i] = level
     return space.check(genome)
+
+
+class JsonDatabase:
+    """save/load for a level database that has `to_dict` and `from_dict` (structured and unstructured)."""
+
+    def save(self, path: Path) -> int:
+        """Write compact JSON; returns its size in bytes."""
+        text = json.dumps(self.to_dict(), separators=(",", ":"))
+        Path(path).write_text(text, encoding="utf-8")
+        return len(text.encode())
+
+    @classmethod
+    def load(cls, path: Path):
+        try:
+            return cls.from_dict(json.loads(Path(path).read_text(encoding="utf-8")))
+        except (OSError, json.JSONDecodeError, KeyError) as err:
+            raise MetricGPError(f"cannot read the level database {path}: {err}") from None

@@ -12,22 +12,20 @@ scores per level); masks are recomputed from the cached statistics for the layer
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
 
-from metricgp.darwin.levels import Gene, LevelSpace
+from metricgp.darwin.levels import Gene, JsonDatabase, LevelSpace
 from metricgp.errors import MetricGPError
 
 DEFAULT_LEVELS = 20  # 5% steps
 
 
 @dataclass
-class UnstructuredDatabase:
+class UnstructuredDatabase(JsonDatabase):
     names: list[str]
     kinds: list[str]
     shapes: list[tuple[int, int]]
@@ -59,15 +57,6 @@ class UnstructuredDatabase:
     def from_dict(cls, raw: dict[str, Any]) -> UnstructuredDatabase:
         return cls(list(raw["names"]), list(raw["kinds"]), [tuple(s) for s in raw["shapes"]], dict(raw["per_row"]),
                    raw["levels"], raw["metric"], [list(c) for c in raw["costs"]])
-
-    def save(self, path: Path) -> int:
-        text = json.dumps(self.to_dict(), separators=(",", ":"))
-        Path(path).write_text(text, encoding="utf-8")
-        return len(text.encode())
-
-    @classmethod
-    def load(cls, path: Path) -> UnstructuredDatabase:
-        return cls.from_dict(json.loads(Path(path).read_text(encoding="utf-8")))
 
     def disk_report(self, stored_bytes: int, bytes_per_param: int) -> dict[str, Any]:
         full = sum((g.max_level + 1) * g.full * bytes_per_param for g in self.space.genes)
