@@ -87,3 +87,16 @@ class _DeprecatedAlias(argparse.Action):
 def deprecated_alias(group: argparse._ActionsContainer, old: str, new: str, dest: str, **kwargs: Any) -> None:
     """`old` keeps working as a hidden spelling of `new` (same dest), with a warning."""
     group.add_argument(old, dest=dest, action=_DeprecatedAlias, new=new, help=argparse.SUPPRESS, **kwargs)
+
+
+def split_metrics(text: str) -> tuple[str, ...]:
+    """Split a comma-separated list of metric names or formulas at the commas outside parentheses
+    (a functional formula such as `mul(abs(W), X)` has commas of its own)."""
+    items, depth, start = [], 0, 0
+    for i, ch in enumerate(text):
+        depth += {"(": 1, ")": -1}.get(ch, 0)
+        if ch == "," and depth == 0:
+            items.append(text[start:i])
+            start = i + 1
+    items.append(text[start:])
+    return tuple(item.strip() for item in items if item.strip())

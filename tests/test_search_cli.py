@@ -80,3 +80,40 @@ def test_model_evaluator_spec_holds_the_resolved_pattern():
     assert spec["seqlen"] == 128 and spec["seed"] == 4
     args = build_parser().parse_args(["--pattern", "UNSTRUCTURED"])
     assert evaluator_spec(args, (1,))["pattern"] == "unstructured" and evaluator_spec(args, (1,))["sparsity"] == 0.5
+
+
+def test_references_are_scored_on_the_best_windows_and_survive_resume(tmp_path):
+    from metricgp.expr.builtins import resolve_metric
+    from metricgp.search.synthetic import SyntheticSpec, build_synthetic
+
+    out = tmp_path / "scratch"
+    argv = ["--evaluator", "synthetic", "--space", TINY, "--generations", "2", "--population", "8",
+            "--fidelities", "1,3", "--eta", "2", "--references", "wanda,mul(abs(W), G)", "--out", str(out),
+            "--no-progress"]
+    assert main(argv) == 0
+    log = read_log(out)
+    evaluator = build_synthetic(SyntheticSpec(fidelities=(1, 3)))
+
+    for rec in log:
+        n = rec["best_fidelity"]
+        assert set(rec["references"]) == {"wanda", "mul(abs(W), G)"}
+        # the reference is the evaluator's own fitness of that metric on the best's windows
+        assert rec["references"]["wanda"] == pytest.approx(evaluator.evaluate(resolve_metric("wanda"), n).fitness)
+    # references are not search evaluations
+    assert sum(log[0]["evaluations_per_fidelity"].values()) <= 8 + 4
+    readme = (out / "README.md").read_text()
+    assert "| gen | evaluations so far | best | windows | wanda | mul(abs(W), G) |" in readme
+    assert main(["--resume", str(out), "--generations", "3", "--no-progress"]) == 0
+    last = read_log(out)[-1]
+    assert last["gen"] == 3
+    assert last["references"]["wanda"] == pytest.approx(
+        evaluator.evaluate(resolve_metric("wanda"), last["best_fidelity"]).fitness)
+
+
+def test_a_bad_reference_is_a_one_line_error(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:  # argparse's own usage error
+        main(["--evaluator", "synthetic", "--space", TINY, "--references", "wanda,foo(W)", "--out",
+              str(tmp_path / "r"), "--no-progress"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "reference 'foo(W)'" in err and "Traceback" not in err

@@ -22,6 +22,7 @@ from metricgp.options import (
     deprecated_alias,
     model_data_fields,
     pattern_from_args,
+    split_metrics,
 )
 from metricgp.search.backends import BACKENDS
 from metricgp.search.breeding import ALGORITHMS
@@ -39,6 +40,19 @@ def _fidelities(text: str) -> tuple[int, ...]:
     if not values:
         raise argparse.ArgumentTypeError("expected at least one window count")
     return values
+
+
+def _references(text: str) -> tuple[str, ...]:
+    from metricgp.expr.builtins import resolve_metric
+    from metricgp.expr.parse import FormulaError
+
+    names = split_metrics(text)
+    for name in names:
+        try:
+            resolve_metric(name)
+        except FormulaError as err:
+            raise argparse.ArgumentTypeError(f"reference {name!r}: {err}") from None
+    return names
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -70,6 +84,10 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--keep", type=float, default=None, help="--structured: fraction of decoder parameters kept")
     for opt in ("reduction", "normalisation", "allocation", "head-mode"):
         e.add_argument(f"--{opt}", default=None, help=f"--structured: the evaluator's {opt} (default: its own)")
+    e.add_argument("--references", type=_references, default=(), metavar="M,M,...",
+                   help="metrics (built-in names or formulas) scored on the search's own windows at every "
+                   "fidelity, outside the population: the log and README compare each generation's best "
+                   "with them (e.g. wanda,gblm for a search from scratch)")
     e.add_argument("--synthetic-delay", type=float, default=0.0, help=argparse.SUPPRESS)
     # --calib-seed is kept apart from --gp-seed, so that runs with different search seeds optimise
     # the same fitness (the synthetic evaluator draws its layers from it)
@@ -127,7 +145,8 @@ def _fresh(args: argparse.Namespace) -> RunConfig:
     return RunConfig(space=space, evaluator="structured" if args.structured else args.evaluator,
                      evaluator_spec=evaluator_spec(args, tuple(space.fidelity.windows)),
                      backend=args.backend or "serial", workers=1 if args.workers is None else args.workers,
-                     gpus_per_worker=args.gpus_per_worker or 0.0, time_budget_min=args.time_budget, name=name)
+                     gpus_per_worker=args.gpus_per_worker or 0.0, time_budget_min=args.time_budget, name=name,
+                     references=args.references)
 
 
 @cli_entry

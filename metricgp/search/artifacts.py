@@ -93,6 +93,9 @@ def write_plots(run_dir: Path, records: Sequence[dict[str, Any]], cache: Fitness
     for key, label in curves:
         ys = [r.get(key) for r in records]
         ax.plot(gens, [math.nan if y is None else y for y in ys], marker=".", label=label)
+    for name in dict.fromkeys(n for r in records for n in r.get("references", {})):
+        ys = [r.get("references", {}).get(name, math.nan) for r in records]
+        ax.plot(gens, ys, linestyle="--", label=f"{name} (same windows as best)")
     # log scale: random initial trees sit orders of magnitude above the refined ones
     ax.set(xlabel="generation", ylabel="fitness (lower is better, log scale)", yscale="log",
            title="Fitness over generations")
@@ -163,9 +166,41 @@ def write_summary(run_dir: Path, run_name: str, records: Sequence[dict[str, Any]
     for e in hof_entries[:10]:
         fit = "inf" if e["fitness"] is None or not math.isfinite(e["fitness"]) else f"{e['fitness']:.6g}"
         lines.append(f"| {e['rank']} | `{e['infix']}` | {fit} | {e['fidelity']} | {e['size']} |")
+    lines += reference_lines(records)
     lines += ["", "Plots: fitness.png, size_diversity.png, fitness_vs_size.png. "
               "Per-generation log: log.jsonl. Best formula: best.json.", ""]
     (Path(run_dir) / "README.md").write_text("\n".join(lines), encoding="utf-8")
+
+
+def reference_lines(records: Sequence[dict[str, Any]]) -> list[str]:
+    """Generation by generation (where the best changed), the best fitness against the reference
+    metrics on the same windows, with the evaluations spent so far; empty without references."""
+    names = list(dict.fromkeys(n for r in records for n in r.get("references", {})))
+    if not names:
+        return []
+    lines = ["", "Best so far against the reference metrics, scored on the same validation windows as the best "
+             "(lower is better; a generation is listed when the best changed):", "",
+             "| gen | evaluations so far | best | windows | " + " | ".join(names) + " | best formula |",
+             "|---" * (5 + len(names)) + "|"]
+    spent, previous, reached = 0, None, {}
+    for i, r in enumerate(records):
+        spent += sum(r.get("evaluations_per_fidelity", {}).values())
+        refs, best = r.get("references", {}), r.get("best_fitness")
+        for name in names:
+            if best is not None and name in refs and best <= refs[name] and name not in reached:
+                reached[name] = (r["gen"], spent)
+        key = (best, r.get("best_fidelity"))
+        if best is not None and (key != previous or i == len(records) - 1):
+            cells = [f"{refs[n]:.4g}" if n in refs else "-" for n in names]
+            lines.append(f"| {r['gen']} | {spent} | {best:.4g} | {r.get('best_fidelity')} | "
+                         + " | ".join(cells) + f" | `{r.get('best_formula')}` |")
+        previous = key
+    lines.append("")
+    for name in names:
+        lines.append(f"- {name}: " + (f"matched or beaten at generation {reached[name][0]}, after "
+                                      f"{reached[name][1]} evaluations." if name in reached else
+                                      "not reached in this run."))
+    return lines
 
 
 def load_best(path: Path):

@@ -113,7 +113,7 @@ class GPSearch:
     evaluators."""
 
     def __init__(self, space: SearchSpace, backend: Backend, fidelities: Sequence[int],
-                 scope: str | None = None) -> None:
+                 scope: str | None = None, references: Sequence[str] = ()) -> None:
         fids = tuple(sorted(set(int(f) for f in fidelities)))
         if not fids or fids[0] < 1:
             raise ValueError(f"fidelities must be positive window counts, got {fidelities}")
@@ -124,6 +124,10 @@ class GPSearch:
         self.scope = resolve_scope(scope if scope is not None else backend.scope())
         self.grammar: Grammar = build_grammar(space)
         self.cache = FitnessCache()
+        # Metrics scored on the search's own windows at every fidelity, outside the population, so
+        # each generation's best can be read against them (a from-scratch run vs wanda, gblm).
+        self.reference_names = tuple(references)
+        self.references: dict[str, dict[int, float]] = {}
         self.population: list[Individual] = []
         self.hof = HallOfFame(self.params.hof_size)
         self.records: list[dict[str, Any]] = []  # one per generation, as written to log.jsonl
@@ -190,6 +194,13 @@ class GPSearch:
         return {"evaluations": {str(n): rep.evaluations.get(n, 0) for n in self.fidelities},
                 "degenerate_reasons": dict(rep.degenerate), "eval_seconds": round(rep.seconds, 3)}
 
+    def _evaluate_references(self) -> None:
+        """Every reference metric at every fidelity (not counted as search evaluations)."""
+        jobs = [(name, n) for name in self.reference_names for n in self.fidelities]
+        results = self.backend.evaluate([(resolve_metric(name), n) for name, n in jobs])
+        for (name, n), res in zip(jobs, results, strict=True):
+            self.references.setdefault(name, {})[n] = res.fitness
+
     def initialize(self) -> dict[str, Any]:
         """Seed, draw a ramped half-and-half population of distinct canonical forms, evaluate it."""
         seed_everything(self.params.seed)
@@ -215,6 +226,7 @@ class GPSearch:
         while len(pop) < self.params.population:  # a tiny space has few distinct forms: allow repeats
             pop.append(copy.deepcopy(pop[len(pop) % max(len(seen), 1)]))
         self.population = pop
+        self._evaluate_references()
         before = Counter(self.counters)
         extra = self._evaluate(pop)
         self.hof.update(pop)
@@ -273,6 +285,8 @@ class GPSearch:
             "eval_seconds": extra["eval_seconds"],
             "seconds": round(seconds, 3),
         }
+        if self.references and best is not None:  # on the windows the best was scored on
+            rec["references"] = {name: per[rec["best_fidelity"]] for name, per in self.references.items()}
         self.records.append(rec)
         self.logbook.record(**{k: v for k, v in rec.items() if not isinstance(v, dict)})
         return rec
@@ -291,6 +305,7 @@ class GPSearch:
             "cache": {"results": self.cache.results, "forms": self.cache.forms},
             "counters": dict(self.counters),
             "elapsed": self.elapsed,
+            "references": {name: dict(per) for name, per in self.references.items()},
             "rng": rng_state(),
         }
 
@@ -320,4 +335,6 @@ class GPSearch:
             self.logbook.record(**{k: v for k, v in rec.items() if not isinstance(v, dict)})
         self.counters = Counter(state["counters"])
         self.elapsed = state["elapsed"]
+        self.references = {name: {int(n): v for n, v in per.items()}
+                           for name, per in state.get("references", {}).items()}
         set_rng_state(state["rng"])

@@ -33,6 +33,7 @@ class RunConfig:
     gpus_per_worker: float = 0.0
     time_budget_min: float | None = None
     name: str = "run"
+    references: tuple[str, ...] = ()  # metrics scored on the same windows, for the report only
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -43,6 +44,7 @@ class RunConfig:
         space_raw = dict(raw.pop("space"))
         source = space_raw.pop("source", "<checkpoint>")
         space = dataclasses.replace(space_from_dict(space_raw, f"{source} (from checkpoint)"), source=source)
+        raw["references"] = tuple(raw.get("references", ()))
         return cls(space=space, **raw)
 
 
@@ -105,7 +107,7 @@ def start(config: RunConfig, run_dir: Path, provenance: dict[str, Any] | None = 
     t0 = time.monotonic()
     backend = _backend(config)
     try:
-        search = GPSearch(config.space, backend, backend.fidelities())
+        search = GPSearch(config.space, backend, backend.fidelities(), references=config.references)
         payload = {"config": config.to_dict(), "seed": config.space.gp.seed, "fidelities": search.fidelities,
                    **(provenance or {})}
         artifacts.write_json(run_dir / "config.json", payload)
@@ -134,7 +136,7 @@ def resume(run_dir: Path, overrides: dict[str, Any] | None = None, progress: boo
     config = dataclasses.replace(config, **overrides)
     backend = _backend(config)
     try:
-        search = GPSearch(config.space, backend, payload["search"]["fidelities"])
+        search = GPSearch(config.space, backend, payload["search"]["fidelities"], references=config.references)
         search.load_state_dict(payload["search"])
         artifacts.rewrite_log(run_dir, list(search.records))
         return drive(search, config, run_dir, progress, stop_after)
