@@ -35,7 +35,7 @@ def test_benchmarks_run_on_a_tiny_model(tmp_path, tiny_llama_dir, text_files, is
     assert result["naive"]["validation_windows"] > 2
     assert main(["fidelity", *common, "--full", "4", "--out", str(tmp_path / "f")]) == 0
     fid = json.loads((tmp_path / "f" / "fidelity.json").read_text())
-    assert fid["metrics"] == 10 and set(fid["spearman_vs_full"]) == {"1", "2"}
+    assert fid["metrics"] == len(BUILTIN_METRICS) + 5 and set(fid["spearman_vs_full"]) == {"1", "2"}
     assert (tmp_path / "f" / "fidelity.png").stat().st_size > 1000
 
 

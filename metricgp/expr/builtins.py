@@ -22,6 +22,10 @@ BUILTIN_METRICS: dict[str, str] = {
     "ria": "mul(add(rownorm(abs(W)), colnorm(abs(W))), sqrt(sqrt(X)))",
     # Pruner-Zero (Dong et al. 2024): the searched metric as released.
     "pruner-zero": "mul(abs(mul(W, W)), mms(G))",
+    # SparseGPT (Frantar & Alistarh 2023): the OBS saliency w^2 / [H^-1]_jj as a one-shot mask. SparseGPT
+    # itself also picks masks block by block while it updates the kept weights; that update is the
+    # reconstruct mode's job here (`--mode reconstruct`).
+    "sparsegpt": "div(sqr(W), Hinv)",
 }
 
 

@@ -61,6 +61,7 @@ def compile_metric(node: Node) -> MetricFn:
             w = stats["W"]
             return inner(stats).to(device=w.device, dtype=torch.float32).expand(w.shape)
 
+        fn.leaves = node.leaves_used()  # which statistics it reads (sequential mode recomputes only those)
         if len(_CACHE) >= _CACHE_MAX:  # a GP run sees many trees; a crude bound is enough
             _CACHE.clear()
         _CACHE[key] = fn

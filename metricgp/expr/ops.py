@@ -10,7 +10,7 @@ never NaN or Inf. Metrics are evaluated in float32.
 from __future__ import annotations
 
 import operator
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import sympy
@@ -66,6 +66,12 @@ def _zsn(x: Tensor) -> Tensor:
 def _rownorm(x: Tensor) -> Tensor:
     """x divided by the l1 norm of its row (RIA's 'relative importance' along the output row)."""
     return _finite(x / _safe_denominator(x.abs().sum(dim=-1, keepdim=True)))
+
+
+def _meannorm(x: Tensor) -> Tensor:
+    """x divided by the mean of |x| over the whole tensor: a per-layer rescaling of a statistic,
+    so a metric built from meannorm'd terms does not depend on that layer's scale."""
+    return _finite(x / _safe_denominator(x.abs().mean()))
 
 
 def _colnorm(x: Tensor) -> Tensor:
@@ -137,22 +143,93 @@ class Operator:
 
 
 @dataclass(frozen=True)
+class Statistic:
+    """How a leaf is accumulated over calibration data, one layer at a time: `start(shape, device)`
+    makes the running state, `add(state, t)` folds in one batch (in place), `finish(state, count)`
+    turns it into the leaf. For an "inputs" leaf t is the layer's input (tokens, in_features) in
+    float32, shape is (in_features,) and count the number of tokens; for a "gradients" leaf t is
+    the weight's gradient of one window, shape is W's and count the number of windows."""
+
+    start: Callable[[tuple[int, ...], torch.device], Tensor]
+    add: Callable[[Tensor, Tensor], object]
+    finish: Callable[[Tensor, int], Tensor]
+
+
+# SparseGPT's dampening: lambda = HESSIAN_DAMP * mean(diag H) is added to H's diagonal before inversion.
+HESSIAN_DAMP = 0.01
+
+
+def _inverse_hessian_diagonal(gram: Tensor, tokens: int) -> Tensor:
+    """diag((XᵀX/n + lambda I)^-1) as (1, in); a feature that never fires gets H_jj = 1 (SparseGPT)."""
+    h = gram.double() / max(tokens, 1)
+    diag = h.diagonal()
+    diag[diag <= 0] = 1.0
+    damp = HESSIAN_DAMP * float(diag.mean())
+    for _ in range(6):  # raise the dampening until H is numerically positive definite
+        chol, info = torch.linalg.cholesky_ex(h + damp * torch.eye(h.shape[0], dtype=h.dtype, device=h.device))
+        if int(info) == 0:
+            return torch.cholesky_inverse(chol).diagonal().float().unsqueeze(0)
+        damp *= 10.0
+    raise ValueError("input Hessian is not positive definite even after dampening")
+
+
+MEAN_SQUARE = Statistic(start=lambda shape, dev: torch.zeros(shape, device=dev),
+                        add=lambda s, x: s.add_(x.square().sum(dim=0)),
+                        finish=lambda s, n: (s / max(n, 1)).unsqueeze(0))
+INVERSE_HESSIAN_DIAGONAL = Statistic(start=lambda shape, dev: torch.zeros(shape * 2, device=dev),
+                                     add=lambda s, x: s.addmm_(x.T, x),
+                                     finish=_inverse_hessian_diagonal)
+GRADIENT_NORM = Statistic(start=lambda shape, dev: torch.zeros(shape, device=dev),
+                          add=lambda s, g: s.add_(g.float().square()),
+                          finish=lambda s, n: s.sqrt())
+
+SOURCES = ("weight", "inputs", "gradients")
+
+
+@dataclass(frozen=True)
 class Leaf:
-    """A per-weight statistic of a linear layer."""
+    """A per-weight statistic of a linear layer: the one record the parser, printers, compiler,
+    statistics pass and cache, and search spaces read, so a new leaf is one entry in `LEAVES`.
+
+    source:    "weight" (read from the layer), "inputs" (accumulated from the layer's calibration
+               inputs by `statistic`) or "gradients" (from the per-window gradients of its weight,
+               which need a backward pass).
+    latex:     how the printers write it in LaTeX (default: the name).
+    """
 
     name: str
     nonnegative: bool
     doc: str
+    source: str = "weight"
+    statistic: Statistic | None = None
+    latex: str = ""  # default: the name
+
+    def __post_init__(self) -> None:
+        if self.source not in SOURCES:
+            raise ValueError(f"leaf {self.name!r}: source must be one of {SOURCES}, got {self.source!r}")
+        if (self.source == "weight") != (self.statistic is None):
+            raise ValueError(f"leaf {self.name!r}: a statistic is needed exactly when source is not 'weight'")
 
 
 LEAVES: dict[str, Leaf] = {
     leaf.name: leaf
     for leaf in (
         Leaf("W", False, "the weight matrix (out, in), signed"),
-        Leaf("X", True, "mean squared input activation per input feature (1, in); Wanda uses sqrt(X)"),
-        Leaf("G", True, "per-weight l2 norm of the causal-LM gradient over calibration windows (out, in)"),
+        Leaf("X", True, "mean squared input activation per input feature (1, in); Wanda uses sqrt(X)",
+             "inputs", MEAN_SQUARE),
+        Leaf("G", True, "per-weight l2 norm of the causal-LM gradient over calibration windows (out, in)",
+             "gradients", GRADIENT_NORM),
+        Leaf("Hinv", True, f"diagonal of the damped inverse input Hessian, [(XᵀX/n + λI)⁻¹]_jj with "
+             f"λ = {HESSIAN_DAMP:g}·mean diag (1, in); SparseGPT's saliency is W²/Hinv",
+             "inputs", INVERSE_HESSIAN_DIAGONAL, r"\left[H^{-1}\right]_{jj}"),
     )
 }
+
+
+def leaves_from(source: str, names: Iterable[str] | None = None) -> dict[str, Leaf]:
+    """The leaves of one source (restricted to `names` when given), in registry order."""
+    wanted = None if names is None else set(names)
+    return {n: lf for n, lf in LEAVES.items() if lf.source == source and (wanted is None or n in wanted)}
 
 
 _LOG_EPS_EXACT = sympy.Rational(repr(LOG_EPS))  # 1/1000: the protected log is exactly log(|x| + 1/1000)
@@ -190,6 +267,9 @@ OPERATORS: dict[str, Operator] = {
                  elementwise=False, doc="x / l1 norm of its output row"),
         Operator("colnorm", 1, _colnorm, latex=r"\operatorname{{coln}}\left({0}\right)", sign=FOLLOWS,
                  elementwise=False, doc="x / l1 norm of its input column"),
+        # unary (scale-free leaves: each statistic relative to its per-layer mean)
+        Operator("meannorm", 1, _meannorm, latex=r"\operatorname{{meann}}\left({0}\right)", sign=FOLLOWS,
+                 elementwise=False, doc="x / mean |x| over the whole tensor (per-layer scale removed)"),
         # binary
         Operator("add", 2, lambda x, y: _finite(x + y), "+", 1, "{0} + {1}", sympy_fn=operator.add, sign=FOLLOWS,
                  doc="x + y"),

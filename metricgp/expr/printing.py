@@ -66,7 +66,7 @@ def to_latex(node: Node) -> str:
     if node.is_const:
         return f"{node.value:g}"
     if node.is_leaf:
-        return node.op
+        return LEAVES[node.op].latex or node.op
     op = OPERATORS[node.op]
     parts = [to_latex(c) for c in node.children]
     if op.symbol and op.arity == 2 and not op.latex_grouped:
@@ -78,10 +78,11 @@ def to_latex(node: Node) -> str:
 
 # ---------------------------------------------------------------------------------------- sympy
 
-_SYMBOLS = {
-    name: sympy.Symbol(name, real=True) if not lf.nonnegative else sympy.Symbol(name, nonnegative=True)
-    for name, lf in LEAVES.items()
-}
+def leaf_symbol(name: str) -> sympy.Symbol:
+    """The sympy symbol of a leaf, read from `LEAVES` when asked (so a leaf added there is known);
+    sympy caches symbols by name and assumptions, so this returns the same object every time."""
+    lf = LEAVES[name]
+    return sympy.Symbol(name, nonnegative=True) if lf.nonnegative else sympy.Symbol(name, real=True)
 _OPAQUE: dict[tuple[str, bool], type[sympy.Function]] = {}
 
 
@@ -111,7 +112,7 @@ def to_sympy(node: Node) -> sympy.Expr:
     if node.is_const:
         return _sympy_const(node.value if node.value is not None else 0.0)
     if node.is_leaf:
-        return _SYMBOLS[node.op]
+        return leaf_symbol(node.op)
     args = [to_sympy(c) for c in node.children]
     op = OPERATORS[node.op]
     if op.sympy_fn is None:

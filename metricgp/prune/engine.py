@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 from metricgp.errors import MetricGPError
 from metricgp.models import block_linears, find_blocks
 from metricgp.prune.patterns import Pattern
-from metricgp.stats import collect_activation_stats
+from metricgp.stats import collect_input_stats, input_leaf_names
 
 MetricFn = Callable[[Mapping[str, torch.Tensor]], torch.Tensor]
 
@@ -138,13 +138,17 @@ def prune_sequential(
     pattern: Pattern | Callable[[str], Pattern],
     reconstruct: bool = False,
 ) -> PruneReport:
-    """Block-by-block pruning: X is recomputed on the already-pruned prefix; G stays the dense one.
+    """Block-by-block pruning: the input leaves (X, Hinv) are recomputed on the already-pruned prefix;
+    G stays the dense one.
     With `reconstruct`, the kept weights get a least-squares update (prune/reconstruct.py).
     `pattern` may be a function of the layer's name (non-uniform sparsity: OWL, EvoPress)."""
     from metricgp.prune.reconstruct import hessian_hooks, least_squares_update
 
     pattern_of = pattern if callable(pattern) else (lambda name: pattern)
 
+    input_leaves = set(input_leaf_names())
+    # the input leaves the metric reads (compile_metric records them), recomputed on the pruned prefix
+    needed = input_leaf_names(getattr(metric, "leaves", None))
     prefix, blocks = find_blocks(model)
     inputs = capture_block_inputs(model, blocks[0], calib)
     report = PruneReport()
@@ -153,10 +157,11 @@ def prune_sequential(
             linears = block_linears(block)
             hessians: dict[str, torch.Tensor] = {}
             with hessian_hooks(linears, hessians) if reconstruct else nullcontext():
-                x_stats = collect_activation_stats(linears, (_run_block(block, a, k) for a, k in inputs))
+                fresh = collect_input_stats(linears, (_run_block(block, a, k) for a, k in inputs), needed)
             for rel, module in linears.items():
                 name = f"{prefix}.{i}.{rel}"
-                stats = {"X": x_stats[rel], **{k: v for k, v in (grad_stats or {}).get(name, {}).items() if k != "X"}}
+                dense_stats = (grad_stats or {}).get(name, {})
+                stats = {**{k: v for k, v in dense_stats.items() if k not in input_leaves}, **fresh[rel]}
                 w = module.weight.detach().clone()
                 keep = pattern_of(name).mask(layer_scores(metric, w, stats, name))
                 if reconstruct:

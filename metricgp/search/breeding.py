@@ -12,13 +12,18 @@ from typing import Any
 
 from deap import gp
 
+from metricgp.expr.invariance import is_scale_free
+
 Individual = Any  # metricgp.search.trees.Individual (not imported: trees.py imports space.py, which imports this)
 
 
-def rank_key(ind: Individual) -> tuple[float, float, int]:
-    """Sort key, best first: higher stage, lower fitness, smaller tree."""
+def rank_key(ind: Individual) -> tuple[float, float, bool, int]:
+    """Sort key, best first: higher stage, lower fitness, then (on a tie, which is common: two
+    forms that prune the same weights score exactly alike) a scale-free metric before one that
+    depends on the statistics' scale (`metricgp.expr.invariance`), then the smaller tree."""
     stage, value = ind.fitness.values
-    return (-stage, value, len(ind))
+    scale_free = ind.node is not None and is_scale_free(ind.node)
+    return (-stage, value, not scale_free, len(ind))
 
 
 # ----------------------------------------------------------------------------------- mutations

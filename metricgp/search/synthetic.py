@@ -21,6 +21,7 @@ import torch
 
 from metricgp.evaluate import FitnessResult
 from metricgp.expr.compile import compile_metric
+from metricgp.expr.ops import leaves_from
 from metricgp.expr.tree import Node
 
 
@@ -36,6 +37,16 @@ class SyntheticSpec:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+def _input_leaves(calib: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Every registered input leaf of one synthetic layer, from its calibration inputs."""
+    out = {}
+    for name, lf in leaves_from("inputs").items():
+        state = lf.statistic.start((calib.shape[1],), calib.device)
+        lf.statistic.add(state, calib)
+        out[name] = lf.statistic.finish(state, calib.shape[0])
+    return out
 
 
 class SyntheticEvaluator:
@@ -63,7 +74,7 @@ class SyntheticEvaluator:
             x_stat = (calib**2).mean(0, keepdim=True)
             noise = torch.exp(0.75 * torch.randn(out_f, in_f, generator=gen, dtype=torch.float64))
             g_stat = w.abs() * x_stat.sqrt() * noise
-            stats = {"W": w.float(), "X": x_stat.float(), "G": g_stat.float()}
+            stats = {"W": w.float(), **_input_leaves(calib.float()), "X": x_stat.float(), "G": g_stat.float()}
             self.layers.append((stats, inputs(n_eval)))
 
     def _mask(self, scores: torch.Tensor) -> torch.Tensor:
