@@ -33,6 +33,9 @@ def test_benchmarks_run_on_a_tiny_model(tmp_path, tiny_llama_dir, text_files, is
     result = json.loads((tmp_path / "b" / "throughput.json").read_text())
     assert result["speedup_vs_naive"] > 1
     assert result["naive"]["validation_windows"] > 2
+    profile = result["score_and_mask_profile_wanda"]
+    assert set(profile) >= {"metric", "checks", "select", "select_torch_kthvalue", "mask_and_apply"}
+    assert profile["select"] > 0 and profile["select_speedup_vs_torch_kthvalue"] > 0
     assert main(["fidelity", *common, "--full", "4", "--out", str(tmp_path / "f")]) == 0
     fid = json.loads((tmp_path / "f" / "fidelity.json").read_text())
     assert fid["metrics"] == len(BUILTIN_METRICS) + 5 and set(fid["spearman_vs_full"]) == {"1", "2"}

@@ -99,3 +99,27 @@ def test_settings_text():
         parse_setting("unstructured")
     with pytest.raises(MetricGPError, match="bad sparsity"):
         parse_setting("unstructured@half")
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_kth_smallest_equals_kthvalue_and_masks_match_a_stable_sort(threads):
+    from metricgp.prune.patterns import _prune_lowest, kth_smallest
+
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        gen = torch.Generator().manual_seed(threads)
+        # big enough for the threaded path; coarse values make many ties at the threshold
+        scores = torch.randint(0, 7, (512, 640), generator=gen).float()
+        scores[:256] = torch.randn(256, 640, generator=gen)
+        scores[3, 5] = float("nan")
+        for k in (1, 320, 639):
+            clean = torch.nan_to_num(scores, nan=float("-inf"))
+            assert torch.equal(kth_smallest(clean, k), clean.kthvalue(k, dim=-1, keepdim=True).values)
+            keep = _prune_lowest(scores, k)
+            order = torch.argsort(clean, dim=-1, stable=True)
+            expected = torch.ones_like(keep)
+            expected.scatter_(-1, order[:, :k], False)
+            assert torch.equal(keep, expected), k
+    finally:
+        torch.set_num_threads(old)

@@ -67,9 +67,11 @@ def layer_scores(
         scores = metric(leaves)
     except KeyError as err:
         raise MetricGPError(f"metric needs statistic {err} which was not computed for {name}") from err
-    if not torch.isfinite(scores).all():
+    # one pass for both checks: a row's min or max is NaN/inf exactly when the row holds one
+    row_min, row_max = torch.aminmax(scores, dim=-1)
+    if not (torch.isfinite(row_min).all() and torch.isfinite(row_max).all()):
         raise DegenerateMetric(f"non-finite scores in {name}")
-    if (scores.amax(dim=-1) == scores.amin(dim=-1)).all():
+    if (row_min == row_max).all():
         raise DegenerateMetric(f"constant scores in every row of {name}")
     return scores
 

@@ -10,29 +10,65 @@ goes through it): a pattern that fixes its own sparsity (N:M) refuses a differen
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import ClassVar
 
+import numpy as np
 import torch
 
 from metricgp.errors import MetricGPError
+
+
+def kth_smallest(values: torch.Tensor, k: int) -> torch.Tensor:
+    """The k-th smallest entry (1-based) of each row along the last dim, keepdim; exact.
+
+    On the CPU numpy's introselect (np.partition) is ~4x faster than torch.kthvalue, which also
+    tracks indices we do not need; rows are split across torch's threads (numpy releases the GIL).
+    Elsewhere (CUDA) torch.kthvalue."""
+    if values.device.type != "cpu" or values.dim() != 2 or values.dtype not in (torch.float32, torch.float64):
+        return values.kthvalue(k, dim=-1, keepdim=True).values
+    array = values.detach().numpy()
+    threads = min(torch.get_num_threads(), max(values.shape[0] // 64, 1))
+    if threads <= 1 or values.numel() < (1 << 18):
+        return torch.from_numpy(np.partition(array, k - 1, axis=-1)[:, k - 1 : k])
+    bounds = np.linspace(0, array.shape[0], threads + 1).astype(int)
+    out = np.empty((array.shape[0], 1), dtype=array.dtype)
+
+    def part(i: int) -> None:
+        lo, hi = bounds[i], bounds[i + 1]
+        out[lo:hi] = np.partition(array[lo:hi], k - 1, axis=-1)[:, k - 1 : k]
+
+    list(_pool(threads).map(part, range(threads)))
+    return torch.from_numpy(out)
+
+
+@functools.lru_cache(maxsize=4)
+def _pool(threads: int) -> ThreadPoolExecutor:
+    return ThreadPoolExecutor(max_workers=threads, thread_name_prefix="kth")
 
 
 def _prune_lowest(scores: torch.Tensor, k: int) -> torch.Tensor:
     """Keep-mask that drops the k lowest entries along the last dim (NaN lowest; among equal
     scores the earliest positions go first, as a stable sort would order them).
 
-    A k-th value threshold plus a cumulative count of ties costs a fraction of a full sort
-    (measured 1.7 s vs 2.9-4.2 s over SmolLM2-135M's layers), which matters in the search's hot path.
+    A k-th value threshold (kth_smallest) plus, only for rows with ties at the threshold, a
+    cumulative count of the tied entries: a fraction of a full sort, in the search's hot path.
     """
     if k <= 0:
         return torch.ones_like(scores, dtype=torch.bool)
     clean = scores.float()
-    if torch.isnan(clean).any():
+    # a NaN anywhere makes the sum NaN (a false alarm from overflow only costs the nan_to_num pass);
+    # a reduction without a boolean temporary is the cheaper test in the hot path
+    if torch.isnan(clean.sum()):
         clean = torch.nan_to_num(clean, nan=float("-inf"))
-    threshold = clean.kthvalue(k, dim=-1, keepdim=True).values
+    threshold = kth_smallest(clean, k).to(clean.device)
+    drop = clean <= threshold
+    if bool((drop.sum(dim=-1) == k).all()):  # no row has surplus ties at its threshold (the usual case)
+        return ~drop
     below = clean < threshold
     tied = clean == threshold
     need = k - below.sum(dim=-1, keepdim=True)  # how many of the tied entries must go
