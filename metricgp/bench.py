@@ -2,6 +2,7 @@
 
     python -m metricgp.bench throughput      # make bench: evaluations/hour and the naive ratio
     python -m metricgp.bench fidelity --out results/fidelity   # Spearman of cheap vs full fitness
+    python -m metricgp.bench refit-fidelity --fidelities 2,4,8 --full 16 --out results/refit-fidelity
 
 `throughput` measures, in one run, (a) the search's way of evaluating a candidate: statistics
 loaded from the cache once, compiled metric, exact masks, perplexity on the first fidelity's
@@ -181,11 +182,61 @@ def fidelity(args: argparse.Namespace) -> dict:
             "spearman_vs_full_better_half": rho_good, "rows": rows}
 
 
+def refit_fidelity(args: argparse.Namespace) -> dict:
+    """How well the refit-residual fitness (`metricgp.refit_fitness`, on 1..N sampled blocks) ranks a
+    metric panel against what it stands for: validation perplexity after full reconstruct mode
+    (sequential pruning + least-squares refit of every layer) on `--full` windows. Spearman rho."""
+    from tqdm.auto import tqdm
+
+    from metricgp.evaluate import perplexity
+    from metricgp.prune.engine import DegenerateMetric
+    from metricgp.refit_fitness import RefitResidualEvaluator
+
+    pattern = pattern_from_args(args)
+    spec = evaluator_spec(args, sparsity=pattern.sparsity, pattern=pattern.name, fidelities=tuple(args.fidelities))
+    proxy = RefitResidualEvaluator(spec)
+    setup = proxy.setup
+    valid = setup.fitness_windows(args.full)
+    panel = metric_panel(args.random, args.panel_seed, args.panel_from, args.top)
+    rows = []
+    for name, tree in tqdm(panel, desc="panel", unit="metric"):
+        values = {n: proxy.evaluate(tree, n).fitness for n in proxy.fidelities}
+        try:
+            setup.prune(tree, pattern, mode="reconstruct")
+            values["full"] = perplexity(setup.model, valid, 4)
+        except DegenerateMetric as err:  # no reconstruct-mode perplexity
+            values["full"] = math.inf
+            print(f"{name}: {err}", file=sys.stderr)
+        finally:
+            setup.dense.restore()
+        rows.append({"name": name, "formula": to_functional(tree), "fitness": values})
+    finite = [r for r in rows if all(math.isfinite(v) for v in r["fitness"].values())]
+    if len(finite) < 3:
+        raise MetricGPError("fewer than 3 non-degenerate metrics in the panel")
+    full = [r["fitness"]["full"] for r in finite]
+    rho = {n: spearman([r["fitness"][n] for r in finite], full) for n in proxy.fidelities}
+    good = sorted(finite, key=lambda r: r["fitness"]["full"])[: max(3, len(finite) // 2)]
+    rho_good = {n: spearman([r["fitness"][n] for r in good], [r["fitness"]["full"] for r in good])
+                for n in proxy.fidelities}
+    seconds = {n: round(statistics.mean(_proxy_seconds(proxy, tree, n) for _, tree in panel[:3]), 3)
+               for n in proxy.fidelities}
+    return {"model": args.model, "sparsity": pattern.sparsity, "pattern": pattern.name, "full_windows": args.full,
+            "full_key": "full",
+            "metrics": len(rows), "non_degenerate": len(finite), "spearman_vs_full": rho,
+            "spearman_vs_full_better_half": rho_good, "proxy_seconds_per_evaluation": seconds,
+            "x_label": "refit residual, {n} block(s)", "y_label": "validation ppl after reconstruct mode, "
+            f"{args.full} windows", "rows": rows}
+
+
+def _proxy_seconds(proxy, tree: Node, n: int) -> float:
+    return proxy.evaluate(tree, n).seconds
+
+
 def fidelity_plot(result: dict, path: Path) -> None:
     from metricgp.plotting import pyplot, save_figure
 
     plt = pyplot()
-    full = result["full_windows"]
+    full = result.get("full_key", result["full_windows"])
     cheap = sorted(int(n) for n in result["spearman_vs_full"])
     fig, axes = plt.subplots(1, len(cheap), figsize=(4.2 * len(cheap), 4), squeeze=False)
     rows = [r for r in result["rows"] if all(math.isfinite(v) for v in r["fitness"].values())]
@@ -197,8 +248,8 @@ def fidelity_plot(result: dict, path: Path) -> None:
             ax.annotate(r["name"], (x, y), fontsize=6)
         ax.set_xscale("log")
         ax.set_yscale("log")
-        ax.set_xlabel(f"validation ppl, {n} window(s)")
-        ax.set_ylabel(f"validation ppl, {full} windows")
+        ax.set_xlabel(result.get("x_label", "validation ppl, {n} window(s)").format(n=n))
+        ax.set_ylabel(result.get("y_label", f"validation ppl, {result['full_windows']} windows"))
         ax.set_title(f"Spearman rho = {result['spearman_vs_full'][n]:.3f}")
     save_figure(fig, path)
 
@@ -207,6 +258,7 @@ def fidelity_plot(result: dict, path: Path) -> None:
 BENCHMARKS = {
     "throughput": (throughput, None),
     "fidelity": (fidelity, fidelity_plot),
+    "refit-fidelity": (refit_fidelity, fidelity_plot),
 }
 
 
@@ -217,7 +269,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_pattern_options(p)
     p.add_argument("--fidelities", type=lambda s: [int(v) for v in s.split(",")], default=[1, 4, 16])
     p.add_argument("--eta", type=int, default=3)
-    p.add_argument("--full", type=int, default=64, help="windows of the reference fitness (fidelity)")
+    p.add_argument("--full", type=int, default=64, help="windows of the reference fitness (fidelity, refit-fidelity)")
     p.add_argument("--random", type=int, default=7, help="random trees added to the built-ins")
     p.add_argument("--candidates", type=int, default=6, help="metrics timed (throughput)")
     p.add_argument("--panel-seed", type=int, default=0, help="seed of the random metrics of the panel")

@@ -36,6 +36,12 @@ def test_benchmarks_run_on_a_tiny_model(tmp_path, tiny_llama_dir, text_files, is
     profile = result["score_and_mask_profile_wanda"]
     assert set(profile) >= {"metric", "checks", "select", "select_torch_kthvalue", "mask_and_apply"}
     assert profile["select"] > 0 and profile["select_speedup_vs_torch_kthvalue"] > 0
+    assert main(["refit-fidelity", *common, "--full", "2", "--out", str(tmp_path / "r")]) == 0
+    refit = json.loads((tmp_path / "r" / "refit-fidelity.json").read_text())
+    assert set(refit["spearman_vs_full"]) == {"1", "2"} and refit["non_degenerate"] >= 3
+    magnitude = next(r for r in refit["rows"] if r["name"] == "magnitude")
+    assert 0 < magnitude["fitness"]["1"] < 1 and magnitude["fitness"]["full"] > 1  # residual; perplexity
+    assert (tmp_path / "r" / "refit-fidelity.png").stat().st_size > 1000
     assert main(["fidelity", *common, "--full", "4", "--out", str(tmp_path / "f")]) == 0
     fid = json.loads((tmp_path / "f" / "fidelity.json").read_text())
     assert fid["metrics"] == len(BUILTIN_METRICS) + 5 and set(fid["spearman_vs_full"]) == {"1", "2"}

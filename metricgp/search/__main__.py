@@ -74,7 +74,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="stop after the generation that exceeds this many minutes")
     e = p.add_argument_group("evaluator")
     e.add_argument("--evaluator", choices=tuple(EVALUATORS), default="model",
-                   help="model: prune a language model (default); synthetic: model-free demo")
+                   help="model: prune a language model, fitness on validation text (default); refit: output "
+                   "residual after reconstruct mode's least-squares refit, fidelity = decoder blocks sampled "
+                   "(--fidelities 2,4,8); synthetic: model-free demo")
     e.add_argument("--valid", default="wikitext2", help="fitness data (keep it apart from the test split)")
     add_pattern_options(e)
     e.add_argument("--fitness", choices=tuple(FITNESSES), default="ppl")

@@ -149,6 +149,13 @@ def write_summary(run_dir: Path, run_name: str, records: Sequence[dict[str, Any]
                   f"{spec['n_calib']} `{spec['calib']}` windows (calibration seed {spec['seed']}); "
                   f"N races through {config.get('fidelities')}. "
                   "Test-split numbers are in report.md (made afterwards by `python -m metricgp.compare --run`).", ""]
+    if run_config.get("evaluator") == "refit":
+        spec = run_config.get("evaluator_spec", {})
+        lines += [f"Fitness: output residual after the least-squares refit (reconstruct mode's), geometric mean "
+                  f"over every linear layer of N decoder blocks spread over depth (32 sampled rows each), "
+                  f"{spec.get('pattern')} at sparsity {spec.get('sparsity')}, input Hessians from "
+                  f"{spec.get('n_calib')} `{spec.get('calib')}` windows; N races through "
+                  f"{config.get('fidelities')}. See metricgp/refit_fitness.py.", ""]
     if run_config.get("evaluator") == "structured":
         spec = run_config.get("evaluator_spec", {})
         st = spec.get("structured", {})

@@ -73,8 +73,16 @@ def _structured(spec: dict[str, Any]) -> EvaluatorFactory:
     return functools.partial(StructuredMetricEvaluator, EvaluatorSpec(**spec), structured)
 
 
+def _refit(spec: dict[str, Any]) -> EvaluatorFactory:
+    from metricgp.evaluate import EvaluatorSpec
+    from metricgp.refit_fitness import RefitResidualEvaluator
+
+    return functools.partial(RefitResidualEvaluator, EvaluatorSpec(**spec))
+
+
 EVALUATORS: dict[str, Callable[[dict[str, Any]], EvaluatorFactory]] = {
     "model": _model,  # prune a language model one-shot, fitness on validation text
+    "refit": _refit,  # output residual after reconstruct mode's least-squares refit; fidelity = blocks sampled
     "structured": _structured,  # remove heads/channels by the metric's structure importance (scope "global")
     "synthetic": _synthetic,  # model-free, for tests and demos
 }
