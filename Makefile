@@ -12,7 +12,7 @@ SEARCH_BUDGET_MIN ?= 23
 SEARCH_OUT ?= runs/search-metric
 SEARCH_ARGS ?=
 
-.PHONY: venv test lint search-metric baselines noise-floor bench bench-fidelity bench-structured structured saap-ablation darwin clean-venv
+.PHONY: venv test lint search-metric search-scratch search-hessian refit-fidelity baselines noise-floor bench bench-fidelity bench-structured structured saap-ablation darwin clean-venv
 
 venv: $(STAMP)
 
@@ -44,10 +44,26 @@ baselines: venv
 
 # The noise floor of those comparisons: the five built-ins and the search's top two formulas, every cell
 # once per calibration seed and on two disjoint halves of the test windows; paired differences to wanda
-# and which of them exceed 2 std over seeds (results/noise-floor/table.md). Resumable; about 1-2 hours here.
+# and which of them exceed 2 std over seeds (results/noise-floor/table.md). Resumable; about 1-2 hours here
+# (WikiText-2 only: with C4 and PTB too it is three times that).
 noise-floor: venv
 	$(PY) -m metricgp.compare --run results/smollm2-default-s0 --top 2 --settings 0.5,2:4 --modes oneshot \
-	  --dataset wikitext2,c4,ptb --calib-seeds 0,1,2 --window-sets 2 --eval-windows 32 --out results/noise-floor
+	  --dataset wikitext2 --calib-seeds 0,1,2 --window-sets 2 --eval-windows 32 --out results/noise-floor
+
+# Pruner-Zero's space with no seeded metrics, against wanda and gblm on the same windows (60 min).
+search-scratch: venv
+	$(PY) -m metricgp.search --space search_spaces/pruner_zero.yaml --fidelities 1,4,16 --references wanda,gblm \
+	  --time-budget 60 --out results/pruner-zero-scratch
+
+# The richest space (W, X, G, Hinv; meannorm), seeded with the published metrics incl. SparseGPT's saliency.
+search-hessian: venv
+	$(PY) -m metricgp.search --space search_spaces/hessian.yaml --references wanda,gblm,sparsegpt \
+	  --time-budget 60 --out results/hessian-s0
+
+# Does the refit-residual fitness rank metrics like full reconstruct-mode perplexity? (Spearman, plot)
+refit-fidelity: venv
+	$(PY) -m metricgp.bench refit-fidelity --panel-from results/smollm2-default-s0 --top 4 --random 0 \
+	  --fidelities 2,4,8 --full 16 --n-calib 16 --out results/refit-fidelity
 
 bench: venv
 	$(PY) -m metricgp.bench throughput --out results/bench
