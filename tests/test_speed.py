@@ -99,3 +99,7 @@ def test_decode_breakdown_splits_step_time_into_matmuls_and_the_rest():
     d, q = result["dense"], result["pruned"]
     bound = d["ms_per_step"] / (d["other_ms_per_step"] + q["matmul_ms_per_step"])
     assert result["amdahl_bound"] == pytest.approx(bound)
+    repeated = decode_breakdown(dense, pruned, repeats=3, prompt_len=8, steps=2)
+    assert repeated["repeats"] == 3 and repeated["dense"]["steps"] == 2
+    for key, (lo, hi) in repeated["spread"].items():
+        assert lo <= repeated[key] <= hi

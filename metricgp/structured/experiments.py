@@ -253,7 +253,8 @@ def run_profile(args) -> None:
     setup.dense.restore()
     result = {"method": args.method, "keep": args.keep, "achieved_keep": sizes["achieved_keep"],
               "params": sizes["params"], "threads": torch.get_num_threads(),
-              "profiles": [decode_breakdown(setup.model, model, prompt_len=p) for p in args.prompt_lens],
+              "profiles": [decode_breakdown(setup.model, model, repeats=args.repeats, prompt_len=p)
+                           for p in args.prompt_lens],
               "command": _command()}
     save_rows(args.out / "decode-profile.json", {}, result)
     for b in result["profiles"]:
@@ -305,6 +306,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--speed", action="store_true", help="table: measure prefill/decode speed ratios")
     p.add_argument("--method", default="wanda", help="speed, profile: the method whose pruned model is timed")
     p.add_argument("--prompt-lens", default="128,512", help="speed, profile: prompt lengths")
+    p.add_argument("--repeats", type=int, default=5,
+                   help="profile: dense and pruned profiled alternately this many times; medians reported")
     p.add_argument("--repeats", type=int, default=5, help="speed: timed repeats (medians)")
     from metricgp.structured.saap_experiments import add_saap_ablation_options
 

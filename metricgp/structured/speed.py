@@ -203,11 +203,28 @@ def decode_op_profile(model: nn.Module, *, prompt_len: int = 128, steps: int = 1
             "matmul_share": matmul / total if total else float("nan")}
 
 
-def decode_breakdown(dense_model: nn.Module, pruned_model: nn.Module, **kw) -> dict:
+def decode_breakdown(dense_model: nn.Module, pruned_model: nn.Module, repeats: int = 1, **kw) -> dict:
     """`decode_op_profile` of both models, and the decode speed-up the matrix products alone would
-    give if everything else stayed as in the dense model (Amdahl)."""
-    dense, pruned = decode_op_profile(dense_model, **kw), decode_op_profile(pruned_model, **kw)
-    return {"dense": dense, "pruned": pruned,
-            "profiled_speedup": dense["ms_per_step"] / pruned["ms_per_step"],
-            "matmul_speedup": dense["matmul_ms_per_step"] / pruned["matmul_ms_per_step"],
-            "amdahl_bound": dense["ms_per_step"] / (dense["other_ms_per_step"] + pruned["matmul_ms_per_step"])}
+    give if everything else stayed as in the dense model (Amdahl). With `repeats` > 1 the two are
+    profiled alternately (dense, pruned, dense, ...) so load on a shared machine hits both alike,
+    every figure is the median over repeats, and `spread` gives the min and max of the ratios."""
+    import statistics
+
+    runs = []
+    for _ in range(max(repeats, 1)):
+        dense, pruned = decode_op_profile(dense_model, **kw), decode_op_profile(pruned_model, **kw)
+        runs.append({"dense": dense, "pruned": pruned,
+                     "profiled_speedup": dense["ms_per_step"] / pruned["ms_per_step"],
+                     "matmul_speedup": dense["matmul_ms_per_step"] / pruned["matmul_ms_per_step"],
+                     "amdahl_bound": dense["ms_per_step"]
+                     / (dense["other_ms_per_step"] + pruned["matmul_ms_per_step"])})
+    if len(runs) == 1:
+        return runs[0]
+
+    def median_of(side: str) -> dict:
+        return {k: statistics.median(r[side][k] for r in runs) for k in runs[0][side]}
+
+    ratios = ("profiled_speedup", "matmul_speedup", "amdahl_bound")
+    return {"dense": median_of("dense"), "pruned": median_of("pruned"), "repeats": len(runs),
+            **{k: statistics.median(r[k] for r in runs) for k in ratios},
+            "spread": {k: [min(r[k] for r in runs), max(r[k] for r in runs)] for k in ratios}}
