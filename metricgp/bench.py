@@ -64,12 +64,12 @@ def spearman(a: list[float], b: list[float]) -> float:
     return float(spearmanr(a, b).statistic)
 
 
-def _evaluator(args: argparse.Namespace, fidelities: tuple[int, ...]):
+def _evaluator(args: argparse.Namespace, fidelities: tuple[int, ...], fitness: str = "ppl", setup=None):
     from metricgp.evaluate import MetricEvaluator
 
     pattern = pattern_from_args(args)
     return MetricEvaluator(evaluator_spec(args, sparsity=pattern.sparsity, pattern=pattern.name,
-                                          fidelities=fidelities))
+                                          fidelities=fidelities, fitness=fitness), setup=setup)
 
 
 def overhead_profile(setup, tree: Node, pattern) -> dict[str, float]:
@@ -158,15 +158,25 @@ def throughput(args: argparse.Namespace) -> dict:
 
 
 def fidelity(args: argparse.Namespace) -> dict:
-    """Fitness of a metric panel at each cheap fidelity and at `--full` windows; Spearman rho."""
-    fidelities = tuple(sorted({*args.fidelities, args.full}))
-    ev = _evaluator(args, fidelities)
+    """Fitness of a metric panel at each cheap fidelity (`--fitness`: ppl or KL to dense) and
+    validation perplexity at `--full` windows (the reference); Spearman rho."""
+    if args.fitness == "ppl":
+        fidelities = tuple(sorted({*args.fidelities, args.full}))
+        ev = reference = _evaluator(args, fidelities)
+    else:  # cheap stages on the other fitness, the reference on perplexity, one loaded model
+        if args.full in args.fidelities:
+            raise MetricGPError(f"--full {args.full} must differ from the cheap --fidelities with --fitness kl")
+        fidelities = tuple(sorted(set(args.fidelities)))
+        ev = _evaluator(args, fidelities, args.fitness)
+        reference = _evaluator(args, (args.full,), "ppl", setup=ev.setup)
     panel = metric_panel(args.random, args.panel_seed, args.panel_from, args.top)
     rows = []
     from tqdm.auto import tqdm
 
     for name, tree in tqdm(panel, desc="panel", unit="metric"):
         values = {n: ev.evaluate(tree, n).fitness for n in fidelities}
+        if ev is not reference:
+            values[args.full] = reference.evaluate(tree, args.full).fitness
         rows.append({"name": name, "formula": to_functional(tree), "fitness": values})
     finite = [r for r in rows if all(math.isfinite(v) for v in r["fitness"].values())]
     if len(finite) < 3:
@@ -178,6 +188,8 @@ def fidelity(args: argparse.Namespace) -> dict:
     rho_good = {n: spearman([r["fitness"][n] for r in good], [r["fitness"][args.full] for r in good])
                 for n in fidelities if n != args.full}
     return {"model": args.model, "sparsity": ev.pattern.sparsity, "pattern": ev.pattern.name, "full_windows": args.full,
+            "cheap_fitness": args.fitness,
+            **({"x_label": "KL to dense, {n} window(s)"} if args.fitness == "kl" else {}),
             "metrics": len(rows), "non_degenerate": len(finite), "spearman_vs_full": rho,
             "spearman_vs_full_better_half": rho_good, "rows": rows}
 
@@ -269,6 +281,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_pattern_options(p)
     p.add_argument("--fidelities", type=lambda s: [int(v) for v in s.split(",")], default=[1, 4, 16])
     p.add_argument("--eta", type=int, default=3)
+    p.add_argument("--fitness", choices=("ppl", "kl"), default="ppl",
+                   help="fidelity: the cheap stages' fitness (the --full reference is always perplexity)")
     p.add_argument("--full", type=int, default=64, help="windows of the reference fitness (fidelity, refit-fidelity)")
     p.add_argument("--random", type=int, default=7, help="random trees added to the built-ins")
     p.add_argument("--candidates", type=int, default=6, help="metrics timed (throughput)")
