@@ -103,6 +103,7 @@ def test_references_are_scored_on_the_best_windows_and_survive_resume(tmp_path):
     assert sum(log[0]["evaluations_per_fidelity"].values()) <= 8 + 4
     readme = (out / "README.md").read_text()
     assert "| gen | evaluations so far | best | windows | wanda | mul(abs(W), G) |" in readme
+    assert (out / "references.png").stat().st_size > 1000 and "references.png" in readme
     assert main(["--resume", str(out), "--generations", "3", "--no-progress"]) == 0
     last = read_log(out)[-1]
     assert last["gen"] == 3

@@ -102,6 +102,21 @@ def write_plots(run_dir: Path, records: Sequence[dict[str, Any]], cache: Fitness
     ax.legend()
     written.append(save_figure(fig, run_dir / "fitness.png"))
 
+    names = list(dict.fromkeys(n for r in records for n in r.get("references", {})))
+    if names:  # the log-scale plot above cannot show a gap of a few percent
+        fig, ax = plt.subplots(figsize=(6, 4))
+        ax.plot(gens, [r.get("best_fitness") or math.nan for r in records], marker=".", label="best so far")
+        for name in names:
+            ax.plot(gens, [r.get("references", {}).get(name, math.nan) for r in records], linestyle="--",
+                    label=name)
+        finite = [v for r in records for v in [r.get("best_fitness"), *r.get("references", {}).values()]
+                  if v is not None and math.isfinite(v)]
+        top = sorted(finite)[min(len(finite) - 1, max(3, len(finite) // 2))] if finite else None
+        ax.set(xlabel="generation", ylabel="fitness on the best's windows (lower is better)",
+               title="Best so far against the reference metrics", ylim=(None, top * 1.05 if top else None))
+        ax.legend()
+        written.append(save_figure(fig, run_dir / "references.png"))
+
     fig, ax = plt.subplots(figsize=(6, 4))
     ax.plot(gens, [r["size_mean"] for r in records], label="mean size")
     ax.fill_between(gens, [r["size_min"] for r in records], [r["size_max"] for r in records], alpha=0.2)
@@ -174,7 +189,8 @@ def write_summary(run_dir: Path, run_name: str, records: Sequence[dict[str, Any]
         fit = "inf" if e["fitness"] is None or not math.isfinite(e["fitness"]) else f"{e['fitness']:.6g}"
         lines.append(f"| {e['rank']} | `{e['infix']}` | {fit} | {e['fidelity']} | {e['size']} |")
     lines += reference_lines(records)
-    lines += ["", "Plots: fitness.png, size_diversity.png, fitness_vs_size.png. "
+    plots = "fitness.png, references.png, " if any("references" in r for r in records) else "fitness.png, "
+    lines += ["", f"Plots: {plots}size_diversity.png, fitness_vs_size.png. "
               "Per-generation log: log.jsonl. Best formula: best.json.", ""]
     (Path(run_dir) / "README.md").write_text("\n".join(lines), encoding="utf-8")
 
