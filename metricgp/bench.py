@@ -110,6 +110,8 @@ def overhead_profile(setup, tree: Node, pattern) -> dict[str, float]:
 
 
 def throughput(args: argparse.Namespace) -> dict:
+    import torch
+
     from metricgp.stats import compute_stats
 
     fidelities = tuple(args.fidelities)
@@ -152,7 +154,7 @@ def throughput(args: argparse.Namespace) -> dict:
         "speedup_vs_naive": round(naive / raced, 1),
         # mask_and_apply includes a second selection (the pattern's own); the evaluation pays one
         "score_and_mask_profile_wanda": overhead_profile(setup, resolve_metric("wanda"), ev.pattern),
-        "torch_threads": __import__("torch").get_num_threads(),
+        "torch_threads": torch.get_num_threads(),
     }
     return result
 
