@@ -306,9 +306,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--speed", action="store_true", help="table: measure prefill/decode speed ratios")
     p.add_argument("--method", default="wanda", help="speed, profile: the method whose pruned model is timed")
     p.add_argument("--prompt-lens", default="128,512", help="speed, profile: prompt lengths")
-    p.add_argument("--repeats", type=int, default=5,
-                   help="profile: dense and pruned profiled alternately this many times; medians reported")
-    p.add_argument("--repeats", type=int, default=5, help="speed: timed repeats (medians)")
+    p.add_argument("--repeats", type=int, default=5, help="speed: timed repeats (medians); profile: dense and pruned "
+                   "profiled alternately this many times (medians)")
     from metricgp.structured.saap_experiments import add_saap_ablation_options
 
     add_saap_ablation_options(p)
