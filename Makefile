@@ -62,7 +62,7 @@ search-hessian: venv
 
 # Does the refit-residual fitness rank metrics like full reconstruct-mode perplexity? (Spearman, plot)
 refit-fidelity: venv
-	$(PY) -m metricgp.bench refit-fidelity --panel-from results/smollm2-default-s0 --top 4 --random 0 \
+	$(PY) -m metricgp.bench refit-fidelity --panel-from results/smollm2-default-s0 --top 3 --random 0 \
 	  --fidelities 2,4,8 --full 16 --n-calib 16 --out results/refit-fidelity
 
 bench: venv
