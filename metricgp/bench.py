@@ -22,6 +22,7 @@ import random
 import statistics
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 from metricgp.errors import MetricGPError, cli_entry
@@ -159,6 +160,19 @@ def throughput(args: argparse.Namespace) -> dict:
     return result
 
 
+def rank_agreement(rows: list[dict], cheap: Sequence, full) -> tuple[int, dict, dict]:
+    """Spearman rho of each cheap fitness key against the `full` key over the rows whose values are
+    all finite, and over the better half of them (telling good metrics apart is what the search
+    needs). Returns (number of finite rows, rho, rho over the better half)."""
+    finite = [r for r in rows if all(math.isfinite(v) for v in r["fitness"].values())]
+    if len(finite) < 3:
+        raise MetricGPError("fewer than 3 non-degenerate metrics in the panel")
+    good = sorted(finite, key=lambda r: r["fitness"][full])[: max(3, len(finite) // 2)]
+    rho = {n: spearman([r["fitness"][n] for r in finite], [r["fitness"][full] for r in finite]) for n in cheap}
+    rho_good = {n: spearman([r["fitness"][n] for r in good], [r["fitness"][full] for r in good]) for n in cheap}
+    return len(finite), rho, rho_good
+
+
 def fidelity(args: argparse.Namespace) -> dict:
     """Fitness of a metric panel at each cheap fidelity (`--fitness`: ppl or KL to dense) and
     validation perplexity at `--full` windows (the reference); Spearman rho."""
@@ -180,19 +194,11 @@ def fidelity(args: argparse.Namespace) -> dict:
         if ev is not reference:
             values[args.full] = reference.evaluate(tree, args.full).fitness
         rows.append({"name": name, "formula": to_functional(tree), "fitness": values})
-    finite = [r for r in rows if all(math.isfinite(v) for v in r["fitness"].values())]
-    if len(finite) < 3:
-        raise MetricGPError("fewer than 3 non-degenerate metrics in the panel")
-    full = [r["fitness"][args.full] for r in finite]
-    rho = {n: spearman([r["fitness"][n] for r in finite], full) for n in fidelities if n != args.full}
-    # rho over the better half alone: telling good metrics apart is what the search needs
-    good = sorted(finite, key=lambda r: r["fitness"][args.full])[: max(3, len(finite) // 2)]
-    rho_good = {n: spearman([r["fitness"][n] for r in good], [r["fitness"][args.full] for r in good])
-                for n in fidelities if n != args.full}
+    n_finite, rho, rho_good = rank_agreement(rows, [n for n in fidelities if n != args.full], args.full)
     return {"model": args.model, "sparsity": ev.pattern.sparsity, "pattern": ev.pattern.name, "full_windows": args.full,
             "cheap_fitness": args.fitness,
             **({"x_label": "KL to dense, {n} window(s)"} if args.fitness == "kl" else {}),
-            "metrics": len(rows), "non_degenerate": len(finite), "spearman_vs_full": rho,
+            "metrics": len(rows), "non_degenerate": n_finite, "spearman_vs_full": rho,
             "spearman_vs_full_better_half": rho_good, "rows": rows}
 
 
@@ -213,8 +219,13 @@ def refit_fidelity(args: argparse.Namespace) -> dict:
     valid = setup.fitness_windows(args.full)
     panel = metric_panel(args.random, args.panel_seed, args.panel_from, args.top)
     rows = []
+    seconds: dict[int, list[float]] = {n: [] for n in proxy.fidelities}
     for name, tree in tqdm(panel, desc="panel", unit="metric"):
-        values = {n: proxy.evaluate(tree, n).fitness for n in proxy.fidelities}
+        values = {}
+        for n in proxy.fidelities:
+            res = proxy.evaluate(tree, n)
+            values[n] = res.fitness
+            seconds[n].append(res.seconds)
         try:
             setup.prune(tree, pattern, mode="reconstruct")
             values["full"] = perplexity(setup.model, valid, 4)
@@ -224,26 +235,14 @@ def refit_fidelity(args: argparse.Namespace) -> dict:
         finally:
             setup.dense.restore()
         rows.append({"name": name, "formula": to_functional(tree), "fitness": values})
-    finite = [r for r in rows if all(math.isfinite(v) for v in r["fitness"].values())]
-    if len(finite) < 3:
-        raise MetricGPError("fewer than 3 non-degenerate metrics in the panel")
-    full = [r["fitness"]["full"] for r in finite]
-    rho = {n: spearman([r["fitness"][n] for r in finite], full) for n in proxy.fidelities}
-    good = sorted(finite, key=lambda r: r["fitness"]["full"])[: max(3, len(finite) // 2)]
-    rho_good = {n: spearman([r["fitness"][n] for r in good], [r["fitness"]["full"] for r in good])
-                for n in proxy.fidelities}
-    seconds = {n: round(statistics.mean(_proxy_seconds(proxy, tree, n) for _, tree in panel[:3]), 3)
-               for n in proxy.fidelities}
+    n_finite, rho, rho_good = rank_agreement(rows, proxy.fidelities, "full")
     return {"model": args.model, "sparsity": pattern.sparsity, "pattern": pattern.name, "full_windows": args.full,
             "full_key": "full",
-            "metrics": len(rows), "non_degenerate": len(finite), "spearman_vs_full": rho,
-            "spearman_vs_full_better_half": rho_good, "proxy_seconds_per_evaluation": seconds,
+            "metrics": len(rows), "non_degenerate": n_finite, "spearman_vs_full": rho,
+            "spearman_vs_full_better_half": rho_good,
+            "proxy_seconds_per_evaluation": {n: round(statistics.mean(v), 3) for n, v in seconds.items()},
             "x_label": "refit residual, {n} block(s)", "y_label": "validation ppl after reconstruct mode, "
             f"{args.full} windows", "rows": rows}
-
-
-def _proxy_seconds(proxy, tree: Node, n: int) -> float:
-    return proxy.evaluate(tree, n).seconds
 
 
 def fidelity_plot(result: dict, path: Path) -> None:

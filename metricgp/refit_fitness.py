@@ -67,7 +67,6 @@ class RefitResidualEvaluator:
                 rows.append((f"{prefix}.{b}.{rel}", pick.sort().values))
             self.layers.append(rows)
         self.hessians = self._hessians([name for block in self.layers for name, _ in block])
-        self.timings: dict[str, float] = {"score_mask": 0.0, "refit": 0.0}
 
     def _hessians(self, names: list[str]) -> dict[str, torch.Tensor]:
         """H = XᵀX / tokens of each named layer on the calibration windows of the dense model."""
@@ -88,17 +87,13 @@ class RefitResidualEvaluator:
         from metricgp.prune.reconstruct import least_squares_update
 
         w = self.setup.dense.weights[name].float()
-        t0 = time.perf_counter()
         keep = self.pattern.mask(layer_scores(metric, w, self.setup.stats[name], name))[rows]
-        t1 = time.perf_counter()
         h = self.hessians[name]
         dense_rows = w[rows]
         refit = least_squares_update(dense_rows, keep, h)
         diff = dense_rows - refit
         energy = float(((dense_rows @ h) * dense_rows).sum())
         residual = float(((diff @ h) * diff).sum())
-        self.timings["score_mask"] += t1 - t0
-        self.timings["refit"] += time.perf_counter() - t1
         return max(residual, 0.0) / max(energy, 1e-30)
 
     def evaluate(self, tree, n_blocks: int) -> FitnessResult:

@@ -22,27 +22,29 @@ MEAN_ABS = Statistic(start=lambda shape, dev: torch.zeros(shape, device=dev),
                      finish=lambda s, n: (s / max(n, 1)).unsqueeze(0))
 
 
-def _inputs_of(model, layer, calib):
+def _stats_and_inputs(model, name: str, layer, calib) -> tuple[dict, torch.Tensor]:
+    """compute_stats (no gradients) of one layer, and the inputs that layer saw during the pass."""
     seen = []
     handle = layer.register_forward_hook(lambda m, a, o: seen.append(a[0].detach().reshape(-1, a[0].shape[-1])))
-    return seen, handle
+    try:
+        stats = compute_stats(model, {name: layer}, calib, grads=False)
+    finally:
+        handle.remove()
+    return stats[name], torch.cat(seen)
 
 
 def test_hinv_is_the_damped_inverse_hessian_diagonal():
     torch.manual_seed(0)
     model = tiny_model("llama", vocab=50)
-    layers = {"down": model.model.layers[0].mlp.down_proj}
-    calib = torch.randint(0, 50, (3, 10))
-    seen, handle = _inputs_of(model, layers["down"], calib)
-    stats = compute_stats(model, layers, calib, grads=False)
-    handle.remove()
-    x = torch.cat(seen).double()
+    down = model.model.layers[0].mlp.down_proj
+    stats, x = _stats_and_inputs(model, "down", down, torch.randint(0, 50, (3, 10)))
+    x = x.double()
     h = x.T @ x / x.shape[0]
     h += HESSIAN_DAMP * h.diagonal().mean() * torch.eye(h.shape[0], dtype=h.dtype)
     expected = torch.linalg.inv(h).diagonal().unsqueeze(0)
-    assert stats["down"]["Hinv"].shape == (1, layers["down"].in_features)
-    assert torch.allclose(stats["down"]["Hinv"].double(), expected, rtol=1e-4)
-    assert "G" not in stats["down"]  # no gradient pass was asked for
+    assert stats["Hinv"].shape == (1, down.in_features)
+    assert torch.allclose(stats["Hinv"].double(), expected, rtol=1e-4)
+    assert "G" not in stats  # no gradient pass was asked for
 
 
 def test_sparsegpt_saliency_is_expressible_and_scale_free():
@@ -84,12 +86,8 @@ def test_a_leaf_registered_in_one_place_works_end_to_end(mean_abs_leaf):
     assert to_sympy(parse("abs(A)")) == sympy.Symbol("A", nonnegative=True)  # its sign fact reaches sympy
     assert canonical_key(tree) == canonical_key(parse("A * abs(W)"))
     model = tiny_model("llama", vocab=50)
-    layers = {"k": model.model.layers[0].self_attn.k_proj}
-    calib = torch.randint(0, 50, (2, 8))
-    seen, handle = _inputs_of(model, layers["k"], calib)
-    stats = compute_stats(model, layers, calib, grads=False)
-    handle.remove()
-    assert torch.allclose(stats["k"]["A"], torch.cat(seen).abs().mean(0, keepdim=True), rtol=1e-5)
+    stats, x = _stats_and_inputs(model, "k", model.model.layers[0].self_attn.k_proj, torch.randint(0, 50, (2, 8)))
+    assert torch.allclose(stats["A"], x.abs().mean(0, keepdim=True), rtol=1e-5)
     space = space_from_dict({"leaves": ["W", "A"], "operators": ["abs", "mul"]})
     grammar = build_grammar(space)
     assert tree_to_node(node_to_tree(tree, grammar)) == tree

@@ -83,6 +83,8 @@ def leaf_symbol(name: str) -> sympy.Symbol:
     sympy caches symbols by name and assumptions, so this returns the same object every time."""
     lf = LEAVES[name]
     return sympy.Symbol(name, nonnegative=True) if lf.nonnegative else sympy.Symbol(name, real=True)
+
+
 _OPAQUE: dict[tuple[str, bool], type[sympy.Function]] = {}
 
 

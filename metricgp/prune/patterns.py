@@ -65,7 +65,7 @@ def _prune_lowest(scores: torch.Tensor, k: int) -> torch.Tensor:
     # a reduction without a boolean temporary is the cheaper test in the hot path
     if torch.isnan(clean.sum()):
         clean = torch.nan_to_num(clean, nan=float("-inf"))
-    threshold = kth_smallest(clean, k).to(clean.device)
+    threshold = kth_smallest(clean, k)
     drop = clean <= threshold
     if bool((drop.sum(dim=-1) == k).all()):  # no row has surplus ties at its threshold (the usual case)
         return ~drop

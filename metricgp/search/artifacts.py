@@ -93,7 +93,8 @@ def write_plots(run_dir: Path, records: Sequence[dict[str, Any]], cache: Fitness
     for key, label in curves:
         ys = [r.get(key) for r in records]
         ax.plot(gens, [math.nan if y is None else y for y in ys], marker=".", label=label)
-    for name in dict.fromkeys(n for r in records for n in r.get("references", {})):
+    names = reference_names(records)
+    for name in names:
         ys = [r.get("references", {}).get(name, math.nan) for r in records]
         ax.plot(gens, ys, linestyle="--", label=f"{name} (same windows as best)")
     # log scale: random initial trees sit orders of magnitude above the refined ones
@@ -102,7 +103,6 @@ def write_plots(run_dir: Path, records: Sequence[dict[str, Any]], cache: Fitness
     ax.legend()
     written.append(save_figure(fig, run_dir / "fitness.png"))
 
-    names = list(dict.fromkeys(n for r in records for n in r.get("references", {})))
     if names:  # the log-scale plot above cannot show a gap of a few percent
         fig, ax = plt.subplots(figsize=(6, 4))
         ax.plot(gens, [r.get("best_fitness") or math.nan for r in records], marker=".", label="best so far")
@@ -189,16 +189,21 @@ def write_summary(run_dir: Path, run_name: str, records: Sequence[dict[str, Any]
         fit = "inf" if e["fitness"] is None or not math.isfinite(e["fitness"]) else f"{e['fitness']:.6g}"
         lines.append(f"| {e['rank']} | `{e['infix']}` | {fit} | {e['fidelity']} | {e['size']} |")
     lines += reference_lines(records)
-    plots = "fitness.png, references.png, " if any("references" in r for r in records) else "fitness.png, "
+    plots = "fitness.png, references.png, " if reference_names(records) else "fitness.png, "
     lines += ["", f"Plots: {plots}size_diversity.png, fitness_vs_size.png. "
               "Per-generation log: log.jsonl. Best formula: best.json.", ""]
     (Path(run_dir) / "README.md").write_text("\n".join(lines), encoding="utf-8")
 
 
+def reference_names(records: Sequence[dict[str, Any]]) -> list[str]:
+    """The reference metrics a run's log records, in first-seen order."""
+    return list(dict.fromkeys(n for r in records for n in r.get("references", {})))
+
+
 def reference_lines(records: Sequence[dict[str, Any]]) -> list[str]:
     """Generation by generation (where the best changed), the best fitness against the reference
     metrics on the same windows, with the evaluations spent so far; empty without references."""
-    names = list(dict.fromkeys(n for r in records for n in r.get("references", {})))
+    names = reference_names(records)
     if not names:
         return []
     lines = ["", "Best so far against the reference metrics, scored on the same validation windows as the best "
