@@ -65,12 +65,12 @@ def spearman(a: list[float], b: list[float]) -> float:
     return float(spearmanr(a, b).statistic)
 
 
-def _evaluator(args: argparse.Namespace, fidelities: tuple[int, ...], fitness: str = "ppl", setup=None):
+def _evaluator(args: argparse.Namespace, fidelities: tuple[int, ...]):
     from metricgp.evaluate import MetricEvaluator
 
     pattern = pattern_from_args(args)
     return MetricEvaluator(evaluator_spec(args, sparsity=pattern.sparsity, pattern=pattern.name,
-                                          fidelities=fidelities, fitness=fitness), setup=setup)
+                                          fidelities=fidelities))
 
 
 def overhead_profile(setup, tree: Node, pattern) -> dict[str, float]:
@@ -174,32 +174,39 @@ def rank_agreement(rows: list[dict], cheap: Sequence, full) -> tuple[int, dict, 
 
 
 def fidelity(args: argparse.Namespace) -> dict:
-    """Fitness of a metric panel at each cheap fidelity (`--fitness`: ppl or KL to dense) and
-    validation perplexity at `--full` windows (the reference); Spearman rho."""
-    if args.fitness == "ppl":
-        fidelities = tuple(sorted({*args.fidelities, args.full}))
-        ev = reference = _evaluator(args, fidelities)
-    else:  # cheap stages on the other fitness, the reference on perplexity, one loaded model
-        if args.full in args.fidelities:
-            raise MetricGPError(f"--full {args.full} must differ from the cheap --fidelities with --fitness kl")
-        fidelities = tuple(sorted(set(args.fidelities)))
-        ev = _evaluator(args, fidelities, args.fitness)
-        reference = _evaluator(args, (args.full,), "ppl", setup=ev.setup)
-    panel = metric_panel(args.random, args.panel_seed, args.panel_from, args.top)
-    rows = []
+    """Fitness of a metric panel at each cheap fidelity (perplexity on the first n validation
+    windows, `--fidelities`; KL to dense on the first n, `--kl-fidelities`) against validation
+    perplexity on the first `--full` windows (the reference); Spearman rho. Every fidelity stage
+    reads a prefix of the same windows, so one pruning and one forward pass per metric give them all."""
     from tqdm.auto import tqdm
 
+    from metricgp.evaluate import DenseReference, window_losses
+    from metricgp.prune.engine import DegenerateMetric
+
+    kl_fidelities = sorted(set(args.kl_fidelities or ()))
+    if max([*args.fidelities, *kl_fidelities]) > args.full:
+        raise MetricGPError(f"the cheap fidelities must not exceed --full {args.full}")
+    ev = _evaluator(args, (args.full,))
+    kl_ref = DenseReference.build(ev.setup.model, ev.valid[: max(kl_fidelities)]) if kl_fidelities else None
+    ppl_keys = sorted({*args.fidelities, args.full})
+    panel = metric_panel(args.random, args.panel_seed, args.panel_from, args.top)
+    rows = []
     for name, tree in tqdm(panel, desc="panel", unit="metric"):
-        values = {n: ev.evaluate(tree, n).fitness for n in fidelities}
-        if ev is not reference:
-            values[args.full] = reference.evaluate(tree, args.full).fitness
+        try:
+            ev.prune_with(tree)
+            losses = window_losses(ev.setup.model, ev.valid, ev.spec.batch_size, kl_ref)
+            values = {str(n): losses.perplexity(n) for n in ppl_keys}
+            values.update({f"kl{n}": losses.kl_to_dense(n) for n in kl_fidelities})
+        except DegenerateMetric:
+            values = {**{str(n): math.inf for n in ppl_keys}, **{f"kl{n}": math.inf for n in kl_fidelities}}
+        finally:
+            ev.setup.dense.restore()
         rows.append({"name": name, "formula": to_functional(tree), "fitness": values})
-    n_finite, rho, rho_good = rank_agreement(rows, [n for n in fidelities if n != args.full], args.full)
+    cheap = [str(n) for n in ppl_keys if n != args.full] + [f"kl{n}" for n in kl_fidelities]
+    n_finite, rho, rho_good = rank_agreement(rows, cheap, str(args.full))
     return {"model": args.model, "sparsity": ev.pattern.sparsity, "pattern": ev.pattern.name, "full_windows": args.full,
-            "cheap_fitness": args.fitness,
-            **({"x_label": "KL to dense, {n} window(s)"} if args.fitness == "kl" else {}),
-            "metrics": len(rows), "non_degenerate": n_finite, "spearman_vs_full": rho,
-            "spearman_vs_full_better_half": rho_good, "rows": rows}
+            "full_key": str(args.full), "metrics": len(rows), "non_degenerate": n_finite,
+            "spearman_vs_full": rho, "spearman_vs_full_better_half": rho_good, "rows": rows}
 
 
 def refit_fidelity(args: argparse.Namespace) -> dict:
@@ -250,20 +257,23 @@ def fidelity_plot(result: dict, path: Path) -> None:
 
     plt = pyplot()
     full = result.get("full_key", result["full_windows"])
-    cheap = sorted(int(n) for n in result["spearman_vs_full"])
+    cheap = list(result["spearman_vs_full"])
     fig, axes = plt.subplots(1, len(cheap), figsize=(4.2 * len(cheap), 4), squeeze=False)
     rows = [r for r in result["rows"] if all(math.isfinite(v) for v in r["fitness"].values())]
-    for ax, n in zip(axes[0], cheap, strict=True):
-        xs = [r["fitness"][n] for r in rows]
+    for ax, key in zip(axes[0], cheap, strict=True):
+        xs = [r["fitness"][key] for r in rows]
         ys = [r["fitness"][full] for r in rows]
         ax.scatter(xs, ys)
         for r, x, y in zip(rows, xs, ys, strict=True):
             ax.annotate(r["name"], (x, y), fontsize=6)
         ax.set_xscale("log")
         ax.set_yscale("log")
-        ax.set_xlabel(result.get("x_label", "validation ppl, {n} window(s)").format(n=n))
+        is_kl = str(key).startswith("kl")
+        label = "KL to dense, {n} window(s)" if is_kl else result.get("x_label", "validation ppl, {n} window(s)")
+        ax.set_xlabel(label.format(n=str(key).removeprefix("kl")))
         ax.set_ylabel(result.get("y_label", f"validation ppl, {result['full_windows']} windows"))
-        ax.set_title(f"Spearman rho = {result['spearman_vs_full'][n]:.3f}")
+        ax.set_title(f"Spearman rho = {result['spearman_vs_full'][key]:.3f}"
+                     f" (better half {result['spearman_vs_full_better_half'][key]:.2f})")
     save_figure(fig, path)
 
 
@@ -282,8 +292,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_pattern_options(p)
     p.add_argument("--fidelities", type=lambda s: [int(v) for v in s.split(",")], default=[1, 4, 16])
     p.add_argument("--eta", type=int, default=3)
-    p.add_argument("--fitness", choices=("ppl", "kl"), default="ppl",
-                   help="fidelity: the cheap stages' fitness (the --full reference is always perplexity)")
+    p.add_argument("--kl-fidelities", type=lambda s: [int(v) for v in s.split(",")], default=[],
+                   help="fidelity: also rank by KL to dense on the first n windows (the reference stays perplexity)")
     p.add_argument("--full", type=int, default=64, help="windows of the reference fitness (fidelity, refit-fidelity)")
     p.add_argument("--random", type=int, default=7, help="random trees added to the built-ins")
     p.add_argument("--candidates", type=int, default=6, help="metrics timed (throughput)")

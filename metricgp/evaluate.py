@@ -33,19 +33,55 @@ def _logits(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
 @torch.no_grad()
 def perplexity(model: nn.Module, windows: torch.Tensor, batch_size: int = 4, progress: bool = False) -> float:
     """exp(mean next-token NLL) over all predicted tokens of the windows."""
+    losses = window_losses(model, windows, batch_size, progress=progress)
+    return losses.perplexity(len(windows))
+
+
+def _exp_or_inf(mean: float) -> float:
+    # exp overflows a Python float beyond ~709.78: such a model is as bad as a non-finite one
+    return math.exp(mean) if math.isfinite(mean) and mean < 709.0 else math.inf
+
+
+@dataclass(frozen=True)
+class WindowLosses:
+    """Per-window sums from one forward pass, so every prefix of the windows (each fidelity
+    stage evaluates the first n) gets its perplexity and KL without another pass."""
+
+    nll: list[float]  # summed next-token NLL of each window
+    tokens: list[int]  # predicted tokens of each window
+    kl: list[float] = field(default_factory=list)  # summed KL(dense || pruned), first len(kl) windows
+    kl_tokens: list[int] = field(default_factory=list)  # positions KL covers (every position, the last too)
+
+    def perplexity(self, n: int) -> float:
+        return _exp_or_inf(sum(self.nll[:n]) / sum(self.tokens[:n]))
+
+    def kl_to_dense(self, n: int) -> float:
+        if n > len(self.kl):
+            raise ValueError(f"KL was measured on {len(self.kl)} windows, not {n}")
+        return sum(self.kl[:n]) / sum(self.kl_tokens[:n])
+
+
+@torch.no_grad()
+def window_losses(model: nn.Module, windows: torch.Tensor, batch_size: int = 4,
+                  reference: DenseReference | None = None, progress: bool = False) -> WindowLosses:
+    """Next-token NLL of each window and, for the windows `reference` covers, KL to dense."""
     from tqdm.auto import tqdm
 
-    nll, count = 0.0, 0
+    nll, tokens, kl, kl_tokens = [], [], [], []
     batches = range(0, len(windows), batch_size)
     for start in tqdm(batches, desc="perplexity", unit="batch", leave=False, disable=not progress):
         ids = windows[start : start + batch_size]
         logits = _logits(model, ids)
         target = ids[:, 1:].to(logits.device)
-        nll += F.cross_entropy(logits[:, :-1].flatten(0, 1), target.flatten(), reduction="sum").item()
-        count += target.numel()
-    mean = nll / count
-    # exp overflows a Python float beyond ~709.78: such a model is as bad as a non-finite one
-    return math.exp(mean) if math.isfinite(mean) and mean < 709.0 else math.inf
+        per_token = F.cross_entropy(logits[:, :-1].flatten(0, 1), target.flatten(), reduction="none")
+        per_token = per_token.view_as(target)
+        nll.extend(per_token.sum(1).tolist())
+        tokens.extend([target.shape[1]] * len(ids))
+        for row in range(len(ids)):
+            if reference is not None and start + row < len(reference.top_logp):
+                kl.append(reference.window_kl(logits[row], start + row).sum().item())
+                kl_tokens.append(logits.shape[1])
+    return WindowLosses(nll, tokens, kl, kl_tokens)
 
 
 @dataclass
@@ -66,20 +102,24 @@ class DenseReference:
             idxs.append(top.indices.cpu())
         return cls(torch.stack(logps), torch.stack(idxs))
 
+    def window_kl(self, logits: torch.Tensor, i: int) -> torch.Tensor:
+        """Per-token KL(dense || pruned) of window `i` from the pruned model's (seqlen, vocab) logits."""
+        q_logp = logits.log_softmax(-1)
+        p_logp = self.top_logp[i].to(q_logp.device)
+        q_top = q_logp.gather(-1, self.top_idx[i].to(q_logp.device))
+        p = p_logp.exp()
+        kl = (p * (p_logp - q_top)).sum(-1)
+        p_tail = (1 - p.sum(-1)).clamp_min(1e-12)
+        q_tail = (1 - q_top.exp().sum(-1)).clamp_min(1e-12)
+        return kl + p_tail * (p_tail.log() - q_tail.log())
+
 
 @torch.no_grad()
 def kl_to_dense(model: nn.Module, windows: torch.Tensor, ref: DenseReference) -> float:
     """Mean per-token KL(dense || pruned) over the top-k support plus one bucket for the tail."""
     total, count = 0.0, 0
     for i, window in enumerate(windows):
-        q_logp = _logits(model, window.unsqueeze(0)).log_softmax(-1)[0]
-        p_logp = ref.top_logp[i].to(q_logp.device)
-        q_top = q_logp.gather(-1, ref.top_idx[i].to(q_logp.device))
-        p = p_logp.exp()
-        kl = (p * (p_logp - q_top)).sum(-1)
-        p_tail = (1 - p.sum(-1)).clamp_min(1e-12)
-        q_tail = (1 - q_top.exp().sum(-1)).clamp_min(1e-12)
-        kl = kl + p_tail * (p_tail.log() - q_tail.log())
+        kl = ref.window_kl(_logits(model, window.unsqueeze(0))[0], i)
         total += kl.sum().item()
         count += kl.numel()
     return total / count

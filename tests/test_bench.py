@@ -42,14 +42,12 @@ def test_benchmarks_run_on_a_tiny_model(tmp_path, tiny_llama_dir, text_files, is
     magnitude = next(r for r in refit["rows"] if r["name"] == "magnitude")
     assert 0 < magnitude["fitness"]["1"] < 1 and magnitude["fitness"]["full"] > 1  # residual; perplexity
     assert (tmp_path / "r" / "refit-fidelity.png").stat().st_size > 1000
-    assert main(["fidelity", *common, "--fitness", "kl", "--full", "3", "--out", str(tmp_path / "k")]) == 0
-    kl = json.loads((tmp_path / "k" / "fidelity.json").read_text())
-    assert kl["cheap_fitness"] == "kl" and set(kl["spearman_vs_full"]) == {"1", "2"}
-    wanda = next(r for r in kl["rows"] if r["name"] == "wanda")["fitness"]
-    assert 0 < wanda["1"] < 5 < wanda["3"]  # KL in nats; perplexity of a tiny random model is large
-    assert main(["fidelity", *common, "--full", "4", "--out", str(tmp_path / "f")]) == 0
+    assert main(["fidelity", *common, "--kl-fidelities", "1,3", "--full", "4", "--out", str(tmp_path / "f")]) == 0
     fid = json.loads((tmp_path / "f" / "fidelity.json").read_text())
-    assert fid["metrics"] == len(BUILTIN_METRICS) + 5 and set(fid["spearman_vs_full"]) == {"1", "2"}
+    assert fid["metrics"] == len(BUILTIN_METRICS) + 5
+    assert set(fid["spearman_vs_full"]) == {"1", "2", "kl1", "kl3"}
+    wanda = next(r for r in fid["rows"] if r["name"] == "wanda")["fitness"]
+    assert 0 < wanda["kl1"] < 5 < wanda["4"]  # KL in nats; perplexity of a tiny random model is large
     assert (tmp_path / "f" / "fidelity.png").stat().st_size > 1000
 
 
