@@ -49,7 +49,18 @@ def command_line() -> str:
     if prog.is_relative_to(package):
         parts = ["metricgp", *prog.relative_to(package).with_suffix("").parts]
         head = "python -m " + ".".join(parts[:-1] if parts[-1] == "__main__" else parts)
-    return " ".join([head, *map(shlex.quote, sys.argv[1:])])
+    return " ".join([head, *(shlex.quote(_portable(arg)) for arg in sys.argv[1:])])
+
+
+def _portable(arg: str) -> str:
+    """An absolute path under the working directory, written relative to it (so a command copied
+    from a report runs in any checkout); anything else unchanged."""
+    if not arg.startswith("/"):
+        return arg
+    try:
+        return str(Path(arg).relative_to(Path.cwd()))
+    except ValueError:
+        return arg
 
 
 def provenance() -> dict:

@@ -57,16 +57,6 @@ def layer_input_hooks(layers: dict[str, nn.Linear], consume: Callable[[str, torc
             h.remove()
 
 
-def input_sq_norm_hooks(layers: dict[str, nn.Linear], sums: dict[str, torch.Tensor], counts: dict[str, int]):
-    """Accumulate sum of x^2 per input feature and the token count for every layer while active."""
-
-    def consume(name: str, x: torch.Tensor) -> None:
-        sums[name] += x.square().sum(dim=0)
-        counts[name] += x.shape[0]
-
-    return layer_input_hooks(layers, consume)
-
-
 def input_leaf_names(names: Iterable[str] | None = None) -> tuple[str, ...]:
     """The registered leaves computed from layer inputs (all, or those among `names`)."""
     return tuple(leaves_from("inputs", names))

@@ -21,3 +21,10 @@ ROOT = Path(provenance.__file__).resolve().parent
 def test_command_line(monkeypatch, argv0, head):
     monkeypatch.setattr(sys, "argv", [str(argv0), "--out", "a b"])
     assert provenance.command_line() == f"{head} --out 'a b'"
+
+
+def test_command_line_writes_paths_under_the_working_directory_relative(monkeypatch, tmp_path):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "argv", [str(ROOT / "compare.py"), "--run", str(tmp_path / "results" / "r"),
+                                      "--reuse", "/elsewhere/report.json"])
+    assert provenance.command_line() == "python -m metricgp.compare --run results/r --reuse /elsewhere/report.json"

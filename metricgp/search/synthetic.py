@@ -70,11 +70,10 @@ class SyntheticEvaluator:
             def inputs(n: int, scale=scale, in_f=in_f) -> torch.Tensor:
                 return torch.randn(n * spec.tokens, in_f, generator=gen, dtype=torch.float64) * scale
 
-            calib = inputs(spec.n_calib)
-            x_stat = (calib**2).mean(0, keepdim=True)
+            input_leaves = _input_leaves(inputs(spec.n_calib).float())  # the statistics pass runs in float32
             noise = torch.exp(0.75 * torch.randn(out_f, in_f, generator=gen, dtype=torch.float64))
-            g_stat = w.abs() * x_stat.sqrt() * noise
-            stats = {"W": w.float(), **_input_leaves(calib.float()), "X": x_stat.float(), "G": g_stat.float()}
+            g_stat = w.abs() * input_leaves["X"].double().sqrt() * noise
+            stats = {"W": w.float(), **input_leaves, "G": g_stat.float()}
             self.layers.append((stats, inputs(n_eval)))
 
     def _mask(self, scores: torch.Tensor) -> torch.Tensor:

@@ -115,14 +115,17 @@ def structure_sizes(modules: list[Module], linears: Mapping[str, nn.Linear]) -> 
 
 def _window_pass(model: nn.Module, linears: dict[str, nn.Linear], ids: torch.Tensor) -> dict[str, torch.Tensor]:
     """Forward and backward on one window: the weights' .grad, and X of every linear (returned)."""
-    from metricgp.stats import input_sq_norm_hooks
+    from metricgp.stats import collect_input_stats
 
-    sums = {n: torch.zeros(m.in_features, device=m.weight.device) for n, m in linears.items()}
-    counts = dict.fromkeys(linears, 0)
-    with input_sq_norm_hooks(linears, sums, counts):
-        loss = model(input_ids=ids, labels=ids, use_cache=False).loss
-    loss.backward()
-    return {n: (sums[n] / max(counts[n], 1)).unsqueeze(0) for n in linears}
+    losses = []
+
+    def forward():
+        losses.append(model(input_ids=ids, labels=ids, use_cache=False).loss)
+        yield
+
+    stats = collect_input_stats(linears, forward(), leaves=["X"])
+    losses[0].backward()
+    return {n: stats[n]["X"].to(m.weight.device) for n, m in linears.items()}
 
 
 def _window_scores(modules: list[Module], linears: dict[str, nn.Linear], x: dict[str, torch.Tensor],
