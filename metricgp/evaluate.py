@@ -55,6 +55,13 @@ class WindowLosses:
     def perplexity(self, n: int) -> float:
         return _exp_or_inf(sum(self.nll[:n]) / sum(self.tokens[:n]))
 
+    def extend(self, more: WindowLosses) -> WindowLosses:
+        """These windows followed by `more`'s."""
+        if len(self.kl) != len(self.nll) and more.kl:
+            raise ValueError("cannot append KL windows after windows measured without KL")
+        return WindowLosses(self.nll + more.nll, self.tokens + more.tokens, self.kl + more.kl,
+                            self.kl_tokens + more.kl_tokens)
+
     def kl_to_dense(self, n: int) -> float:
         if n > len(self.kl):
             raise ValueError(f"KL was measured on {len(self.kl)} windows, not {n}")
@@ -63,8 +70,9 @@ class WindowLosses:
 
 @torch.no_grad()
 def window_losses(model: nn.Module, windows: torch.Tensor, batch_size: int = 4,
-                  reference: DenseReference | None = None, progress: bool = False) -> WindowLosses:
-    """Next-token NLL of each window and, for the windows `reference` covers, KL to dense."""
+                  reference: DenseReference | None = None, progress: bool = False, first: int = 0) -> WindowLosses:
+    """Next-token NLL of each window and, for the windows `reference` covers, KL to dense.
+    `first`: the index of windows[0] among the windows `reference` was built on."""
     from tqdm.auto import tqdm
 
     nll, tokens, kl, kl_tokens = [], [], [], []
@@ -78,8 +86,8 @@ def window_losses(model: nn.Module, windows: torch.Tensor, batch_size: int = 4,
         nll.extend(per_token.sum(1).tolist())
         tokens.extend([target.shape[1]] * len(ids))
         for row in range(len(ids)):
-            if reference is not None and start + row < len(reference.top_logp):
-                kl.append(reference.window_kl(logits[row], start + row).sum().item())
+            if reference is not None and first + start + row < len(reference.top_logp):
+                kl.append(reference.window_kl(logits[row], first + start + row).sum().item())
                 kl_tokens.append(logits.shape[1])
     return WindowLosses(nll, tokens, kl, kl_tokens)
 
@@ -97,7 +105,7 @@ class DenseReference:
         logps, idxs = [], []
         for window in windows:
             logp = _logits(model, window.unsqueeze(0)).log_softmax(-1)[0]
-            top = logp.topk(k, dim=-1)
+            top = logp.topk(min(k, logp.shape[-1]), dim=-1)  # a vocabulary smaller than k: all of it
             logps.append(top.values.cpu())
             idxs.append(top.indices.cpu())
         return cls(torch.stack(logps), torch.stack(idxs))
@@ -112,17 +120,6 @@ class DenseReference:
         p_tail = (1 - p.sum(-1)).clamp_min(1e-12)
         q_tail = (1 - q_top.exp().sum(-1)).clamp_min(1e-12)
         return kl + p_tail * (p_tail.log() - q_tail.log())
-
-
-@torch.no_grad()
-def kl_to_dense(model: nn.Module, windows: torch.Tensor, ref: DenseReference) -> float:
-    """Mean per-token KL(dense || pruned) over the top-k support plus one bucket for the tail."""
-    total, count = 0.0, 0
-    for i, window in enumerate(windows):
-        kl = ref.window_kl(_logits(model, window.unsqueeze(0))[0], i)
-        total += kl.sum().item()
-        count += kl.numel()
-    return total / count
 
 
 @dataclass(frozen=True)
@@ -160,23 +157,29 @@ class EvaluatorSpec:
 class Fitness:
     """One entry of `FITNESSES`: lower is better.
 
-    reference: (dense model, validation windows) -> what `measure` compares against, built once
-               before any pruning (None: nothing needed).
-    measure:   (pruned model, windows, reference, batch size) -> the fitness value.
+    value:     (per-window losses of the pruned model, n) -> the fitness over the first n windows;
+               every fitness is a function of per-window sums, so a candidate promoted to a larger
+               fidelity only needs the windows it has not seen yet.
+    reference: (dense model, validation windows) -> the dense reference the losses are measured
+               against (`window_losses(reference=...)`), built once before any pruning (None: none).
     """
 
-    measure: Callable[[nn.Module, torch.Tensor, Any, int], float]
+    value: Callable[[WindowLosses, int], float]
     reference: Callable[[nn.Module, torch.Tensor], Any] | None = None
     doc: str = ""
+
+    def measure(self, model: nn.Module, windows: torch.Tensor, reference: Any, batch_size: int = 4) -> float:
+        return self.value(window_losses(model, windows, batch_size, reference), len(windows))
 
 
 # fitness name -> how to measure it; one entry adds a fitness.
 FITNESSES: dict[str, Fitness] = {
-    "ppl": Fitness(lambda model, windows, _ref, batch: perplexity(model, windows, batch),
-                   doc="validation perplexity of the pruned model"),
-    "kl": Fitness(lambda model, windows, ref, _batch: kl_to_dense(model, windows, ref), DenseReference.build,
+    "ppl": Fitness(lambda losses, n: losses.perplexity(n), doc="validation perplexity of the pruned model"),
+    "kl": Fitness(lambda losses, n: losses.kl_to_dense(n), DenseReference.build,
                   doc="mean per-token KL(dense || pruned) on the validation windows"),
 }
+
+PREFIX_CACHE_SIZE = 4096  # candidates whose per-window losses are kept for their next fidelity stage
 
 
 class MetricEvaluator:
@@ -210,6 +213,8 @@ class MetricEvaluator:
         build = self.objective.reference
         self.reference = build(self.setup.model, self.valid) if build is not None else None
         self.timings: dict[str, float] = defaultdict(float)
+        self._seen: dict[str, WindowLosses] = {}  # formula -> per-window losses measured so far
+        self._sparsity: dict[str, float] = {}
 
     def prune_with(self, tree) -> float:
         """Prune the model in place with `tree`; returns the fraction removed. Raises DegenerateMetric."""
@@ -219,25 +224,44 @@ class MetricEvaluator:
         return prune_oneshot(self.setup.dense, self.setup.stats, compile_metric(tree), self.pattern).sparsity
 
     def evaluate(self, tree, n_windows: int) -> FitnessResult:
+        """Fitness on the first `n_windows` validation windows. A candidate seen before at a lower
+        fidelity is pruned again but only its new windows are run (fidelity stages are prefixes)."""
+        from metricgp.expr import to_functional
         from metricgp.prune.engine import DegenerateMetric
 
         t0 = time.perf_counter()
-        windows = self.valid[:n_windows]
-        try:
-            removed = self.prune_with(tree)
-        except DegenerateMetric as err:
-            self.setup.dense.restore()
-            return FitnessResult(math.inf, len(windows), str(err), time.perf_counter() - t0, 0.0)
-        t1 = time.perf_counter()
-        self.timings["score_mask"] += t1 - t0
-        try:
-            value = self.objective.measure(self.setup.model, windows, self.reference, self.spec.batch_size)
-        finally:
-            self.setup.dense.restore()
-        self.timings["forward"] += time.perf_counter() - t1
+        n_windows = min(n_windows, len(self.valid))
+        key = to_functional(tree)
+        seen = self._seen.pop(key, None)
+        done = len(seen.nll) if seen is not None else 0
+        removed = self._sparsity.get(key, 0.0)
+        if done < n_windows:
+            try:
+                removed = self.prune_with(tree)
+            except DegenerateMetric as err:
+                self.setup.dense.restore()
+                return FitnessResult(math.inf, n_windows, str(err), time.perf_counter() - t0, 0.0)
+            t1 = time.perf_counter()
+            self.timings["score_mask"] += t1 - t0
+            try:
+                new = window_losses(self.setup.model, self.valid[done:n_windows], self.spec.batch_size,
+                                    self.reference, first=done)
+            finally:
+                self.setup.dense.restore()
+            self.timings["forward"] += time.perf_counter() - t1
+            seen = new if seen is None else seen.extend(new)
+        self._remember(key, seen, removed)
+        value = self.objective.value(seen, n_windows)
         reason = None if math.isfinite(value) else "non-finite fitness"
         fitness = value if math.isfinite(value) else math.inf
-        return FitnessResult(fitness, len(windows), reason, time.perf_counter() - t0, removed)
+        return FitnessResult(fitness, n_windows, reason, time.perf_counter() - t0, removed)
+
+    def _remember(self, key: str, losses: WindowLosses, sparsity: float) -> None:
+        self._seen[key] = losses  # most recently used last
+        self._sparsity[key] = sparsity
+        while len(self._seen) > PREFIX_CACHE_SIZE:
+            oldest = next(iter(self._seen))
+            del self._seen[oldest], self._sparsity[oldest]
 
 
 @dataclass

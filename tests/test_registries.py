@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import functools
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
 
 from metricgp.errors import MetricGPError
-from metricgp.evaluate import FITNESSES, EvaluatorSpec, Fitness, FitnessResult, MetricEvaluator
+from metricgp.evaluate import FITNESSES, DenseReference, EvaluatorSpec, Fitness, FitnessResult, MetricEvaluator
 from metricgp.expr import parse
 from metricgp.prune.engine import PRUNE_MODES, DenseWeights
 from metricgp.prune.patterns import PATTERNS
@@ -111,12 +112,27 @@ def test_a_new_backend_is_one_entry(monkeypatch):
         make_backend("nope", lambda: None)
 
 
-class _NoModelSetup:
-    """Just enough of a PruningSetup for MetricEvaluator without a model (no prunable layers)."""
+class _CountingModel(torch.nn.Module):
+    """Uniform next-token logits over 5 tokens; counts the windows it has run."""
 
-    model = None
+    def __init__(self):
+        super().__init__()
+        self.logit = torch.nn.Parameter(torch.zeros(5))
+        self.windows = 0
+
+    def forward(self, input_ids, use_cache=False):
+        self.windows += len(input_ids)
+        return SimpleNamespace(logits=self.logit.expand(*input_ids.shape, 5))
+
+
+class _NoModelSetup:
+    """Just enough of a PruningSetup for MetricEvaluator without a real model (no prunable layers)."""
+
     dense = DenseWeights({})
     stats: dict = {}
+
+    def __init__(self):
+        self.model = _CountingModel()
 
     def fitness_windows(self, n):
         return torch.zeros(n, 4, dtype=torch.long)
@@ -125,16 +141,29 @@ class _NoModelSetup:
 def test_a_new_fitness_is_one_entry(monkeypatch):
     seen = []
 
-    def windows_seen(model, windows, reference, batch_size):
-        seen.append((reference, len(windows), batch_size))
-        return float(len(windows))
+    def windows_seen(losses, n):
+        seen.append((len(losses.nll), len(losses.kl), n))
+        return float(n)
 
-    monkeypatch.setitem(FITNESSES, "windows", Fitness(windows_seen, lambda model, valid: f"ref of {len(valid)}"))
+    monkeypatch.setitem(FITNESSES, "windows", Fitness(windows_seen, DenseReference.build))
     ev = MetricEvaluator(EvaluatorSpec(fitness="windows", fidelities=(1, 3)), setup=_NoModelSetup())
+    built = ev.setup.model.windows  # the dense reference ran every validation window once
+    assert built == 3 and len(ev.reference.top_logp) == 3
     assert ev.evaluate(parse("abs(W)"), 3).fitness == 3.0
-    assert seen == [("ref of 3", 3, 4)] and ev.scope == "tensor"
+    assert seen == [(3, 3, 3)] and ev.scope == "tensor"
     with pytest.raises(MetricGPError, match="unknown fitness 'nope'"):
         MetricEvaluator(EvaluatorSpec(fitness="nope"), setup=_NoModelSetup())
+
+
+def test_a_promoted_candidate_runs_only_its_new_windows():
+    ev = MetricEvaluator(EvaluatorSpec(fidelities=(1, 2, 5)), setup=_NoModelSetup())
+    model = ev.setup.model
+    first = ev.evaluate(parse("abs(W)"), 1)
+    assert model.windows == 1 and first.fitness == pytest.approx(5.0)  # uniform over 5 tokens
+    assert ev.evaluate(parse("abs(W)"), 5).fitness == pytest.approx(5.0) and model.windows == 5
+    assert ev.evaluate(parse("abs(W)"), 2).n_windows == 2 and model.windows == 5  # a prefix: no forward
+    ev.evaluate(parse("sqr(W)"), 2)
+    assert model.windows == 7  # another formula starts from its first window
 
 
 def test_the_evaluator_refuses_a_pattern_that_contradicts_its_sparsity():
