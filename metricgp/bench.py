@@ -173,6 +173,38 @@ def rank_agreement(rows: list[dict], cheap: Sequence, full) -> tuple[int, dict, 
     return len(finite), rho, rho_good
 
 
+class PanelRows:
+    """A panel benchmark's rows, written to `<out>/<which>.partial.json` after every metric and
+    taken back by a rerun with the same arguments, so a long panel resumes where it stopped."""
+
+    def __init__(self, args: argparse.Namespace, which: str):
+        from metricgp.provenance import json_safe
+
+        self.settings = json_safe({k: v for k, v in vars(args).items() if k != "out"})
+        self.path = args.out / f"{which}.partial.json" if args.out else None
+        self.rows: list[dict] = []
+        self.done: dict[tuple[str, str], dict] = {}
+        if self.path is not None and self.path.is_file():
+            stored = json.loads(self.path.read_text(encoding="utf-8"))
+            if stored.get("settings") == self.settings:
+                self.done = {(r["name"], r["formula"]): r for r in stored["rows"]}
+
+    def resumed(self, name: str, formula: str) -> bool:
+        """Take this metric's row from the previous run, if it has one."""
+        row = self.done.get((name, formula))
+        if row is not None:
+            self.rows.append({**row, "fitness": {k: math.inf if v is None else v for k, v in row["fitness"].items()}})
+        return row is not None
+
+    def add(self, row: dict) -> None:
+        from metricgp.provenance import write_json_atomic
+
+        self.rows.append(row)
+        if self.path is not None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            write_json_atomic(self.path, {"settings": self.settings, "rows": self.rows})
+
+
 def fidelity(args: argparse.Namespace) -> dict:
     """Fitness of a metric panel at each cheap fidelity (perplexity on the first n validation
     windows, `--fidelities`; KL to dense on the first n, `--kl-fidelities`) against validation
@@ -190,8 +222,10 @@ def fidelity(args: argparse.Namespace) -> dict:
     kl_ref = DenseReference.build(ev.setup.model, ev.valid[: max(kl_fidelities)]) if kl_fidelities else None
     ppl_keys = sorted({*args.fidelities, args.full})
     panel = metric_panel(args.random, args.panel_seed, args.panel_from, args.top)
-    rows = []
+    rows = PanelRows(args, "fidelity")
     for name, tree in tqdm(panel, desc="panel", unit="metric"):
+        if rows.resumed(name, to_functional(tree)):
+            continue
         try:
             ev.prune_with(tree)
             losses = window_losses(ev.setup.model, ev.valid, ev.spec.batch_size, kl_ref)
@@ -201,7 +235,8 @@ def fidelity(args: argparse.Namespace) -> dict:
             values = {**{str(n): math.inf for n in ppl_keys}, **{f"kl{n}": math.inf for n in kl_fidelities}}
         finally:
             ev.setup.dense.restore()
-        rows.append({"name": name, "formula": to_functional(tree), "fitness": values})
+        rows.add({"name": name, "formula": to_functional(tree), "fitness": values})
+    rows = rows.rows
     cheap = [str(n) for n in ppl_keys if n != args.full] + [f"kl{n}" for n in kl_fidelities]
     n_finite, rho, rho_good = rank_agreement(rows, cheap, str(args.full))
     return {"model": args.model, "sparsity": ev.pattern.sparsity, "pattern": ev.pattern.name, "full_windows": args.full,
@@ -225,14 +260,15 @@ def refit_fidelity(args: argparse.Namespace) -> dict:
     setup = proxy.setup
     valid = setup.fitness_windows(args.full)
     panel = metric_panel(args.random, args.panel_seed, args.panel_from, args.top)
-    rows = []
-    seconds: dict[int, list[float]] = {n: [] for n in proxy.fidelities}
+    rows = PanelRows(args, "refit-fidelity")
     for name, tree in tqdm(panel, desc="panel", unit="metric"):
-        values = {}
+        if rows.resumed(name, to_functional(tree)):
+            continue
+        values, seconds = {}, {}
         for n in proxy.fidelities:
             res = proxy.evaluate(tree, n)
-            values[n] = res.fitness
-            seconds[n].append(res.seconds)
+            values[str(n)] = res.fitness
+            seconds[str(n)] = res.seconds
         try:
             setup.prune(tree, pattern, mode="reconstruct")
             values["full"] = perplexity(setup.model, valid, 4)
@@ -241,13 +277,16 @@ def refit_fidelity(args: argparse.Namespace) -> dict:
             print(f"{name}: {err}", file=sys.stderr)
         finally:
             setup.dense.restore()
-        rows.append({"name": name, "formula": to_functional(tree), "fitness": values})
-    n_finite, rho, rho_good = rank_agreement(rows, proxy.fidelities, "full")
+        rows.add({"name": name, "formula": to_functional(tree), "fitness": values, "seconds": seconds})
+    rows = rows.rows
+    cheap = [str(n) for n in proxy.fidelities]
+    n_finite, rho, rho_good = rank_agreement(rows, cheap, "full")
     return {"model": args.model, "sparsity": pattern.sparsity, "pattern": pattern.name, "full_windows": args.full,
             "full_key": "full",
             "metrics": len(rows), "non_degenerate": n_finite, "spearman_vs_full": rho,
             "spearman_vs_full_better_half": rho_good,
-            "proxy_seconds_per_evaluation": {n: round(statistics.mean(v), 3) for n, v in seconds.items()},
+            "proxy_seconds_per_evaluation": {n: round(statistics.mean(r["seconds"][n] for r in rows), 3)
+                                             for n in cheap},
             "x_label": "refit residual, {n} block(s)", "y_label": "validation ppl after reconstruct mode, "
             f"{args.full} windows", "rows": rows}
 
@@ -318,6 +357,7 @@ def main(argv: list[str] | None = None) -> int:
         write_json_atomic(args.out / f"{args.which}.json", result)
         if plot is not None:
             plot(result, args.out / f"{args.which}.png")
+        (args.out / f"{args.which}.partial.json").unlink(missing_ok=True)  # finished: nothing to resume
     shown = {k: v for k, v in result.items() if k not in ("rows", "provenance")}
     print(dumps(shown))
     return 0

@@ -42,13 +42,25 @@ def test_benchmarks_run_on_a_tiny_model(tmp_path, tiny_llama_dir, text_files, is
     magnitude = next(r for r in refit["rows"] if r["name"] == "magnitude")
     assert 0 < magnitude["fitness"]["1"] < 1 and magnitude["fitness"]["full"] > 1  # residual; perplexity
     assert (tmp_path / "r" / "refit-fidelity.png").stat().st_size > 1000
-    assert main(["fidelity", *common, "--kl-fidelities", "1,3", "--full", "4", "--out", str(tmp_path / "f")]) == 0
+    fid_args = ["fidelity", *common, "--kl-fidelities", "1,3", "--full", "4", "--out", str(tmp_path / "f")]
+    assert main(fid_args) == 0
     fid = json.loads((tmp_path / "f" / "fidelity.json").read_text())
-    assert fid["metrics"] == len(BUILTIN_METRICS) + 5
+    assert fid["metrics"] == len(BUILTIN_METRICS) + 5 and not (tmp_path / "f" / "fidelity.partial.json").exists()
     assert set(fid["spearman_vs_full"]) == {"1", "2", "kl1", "kl3"}
     wanda = next(r for r in fid["rows"] if r["name"] == "wanda")["fitness"]
     assert 0 < wanda["kl1"] < 5 < wanda["4"]  # KL in nats; perplexity of a tiny random model is large
     assert (tmp_path / "f" / "fidelity.png").stat().st_size > 1000
+    # an interrupted panel resumes: a row left by the previous run (same arguments) is taken as is
+    from metricgp.bench import PanelRows, build_parser
+
+    formula = next(r for r in fid["rows"] if r["name"] == "wanda")["formula"]
+    stored = {"name": "wanda", "formula": formula, "fitness": {**wanda, "4": 1234.5}}
+    PanelRows(build_parser().parse_args(fid_args), "fidelity").add(stored)
+    assert main(fid_args) == 0
+    again = json.loads((tmp_path / "f" / "fidelity.json").read_text())
+    assert next(r for r in again["rows"] if r["name"] == "wanda")["fitness"]["4"] == 1234.5
+    assert next(r for r in again["rows"] if r["name"] == "magnitude") == next(
+        r for r in fid["rows"] if r["name"] == "magnitude")  # the others measured again, identically
 
 
 def test_panel_takes_hall_of_fame_formulas(tmp_path):
