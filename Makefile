@@ -12,7 +12,7 @@ SEARCH_BUDGET_MIN ?= 23
 SEARCH_OUT ?= runs/search-metric
 SEARCH_ARGS ?=
 
-.PHONY: venv test lint search-metric search-scratch search-hessian refit-fidelity baselines noise-floor bench bench-fidelity bench-structured structured saap-ablation darwin clean-venv
+.PHONY: venv test lint search-metric search-scratch search-hessian search-long fidelity-final baselines-full refit-fidelity baselines noise-floor bench bench-fidelity bench-structured structured saap-ablation darwin clean-venv
 
 venv: $(STAMP)
 
@@ -59,6 +59,30 @@ search-scratch: venv
 search-hessian: venv
 	$(PY) -m metricgp.search --space search_spaces/hessian.yaml --references wanda,gblm,sparsegpt \
 	  --time-budget 60 --out results/hessian-s0
+
+# The long search (issue 10 part 6): the richest space for ~2 hours with a 64-window final stage (the panel
+# below shows why 16 windows do not separate near-equal metrics). Resumable: rerun with --resume.
+search-long: venv
+	$(PY) -m metricgp.search --space search_spaces/hessian.yaml --references wanda,gblm,sparsegpt \
+	  --fidelities 1,4,16,64 --gp-seed 1 --time-budget 110 --out results/hessian-long-s1
+
+# Which final stage ranks competitive metrics like 128 validation windows? The built-ins and the default
+# search's hall of fame; every prefix fidelity and KL to dense from one pass per metric (resumable).
+fidelity-final: venv
+	$(PY) -m metricgp.bench fidelity --panel-from results/smollm2-default-s0 --top 10 --random 0 \
+	  --fidelities 1,4,16,32,64 --kl-fidelities 4,8,16 --full 128 --out results/fidelity-final
+
+# Every built-in at 50%, 2:4 and 60% on the three test sets, one-shot and (where measured) with the
+# least-squares reconstruction: the table the long search's report is read against (resumable).
+BASELINES_FULL = --reuse results/hessian-s0/report.json --reuse results/baselines/table.json --out results/baselines-full
+baselines-full: venv
+	$(PY) -m metricgp.compare --metric wanda --metric sparsegpt --settings 2:4 --modes reconstruct \
+	  --dataset wikitext2 $(BASELINES_FULL)
+	$(PY) -m metricgp.compare --metric gblm --metric ria --settings 0.5 --modes reconstruct \
+	  --dataset wikitext2,c4,ptb $(BASELINES_FULL)
+	$(PY) -m metricgp.compare --settings 2:4,0.6 --modes oneshot --dataset wikitext2,c4,ptb $(BASELINES_FULL)
+	$(PY) -m metricgp.compare --metric wanda --metric sparsegpt --settings 0.6 --modes reconstruct \
+	  --dataset wikitext2 $(BASELINES_FULL)
 
 # Does the refit-residual fitness rank metrics like full reconstruct-mode perplexity? (Spearman, plot)
 refit-fidelity: venv
