@@ -121,3 +121,27 @@ def test_constant_metrics_are_degenerate_without_asking_the_evaluator():
     ev = SyntheticEvaluator(SyntheticSpec(fidelities=FIDS))  # and the evaluator agrees
     res = ev.evaluate(parse("sub(W, W)"), 2)
     assert res.fitness == math.inf and "constant" in res.reason
+
+
+def test_hall_of_fame_keeps_one_of_nearby_constant_tunings():
+    from metricgp.expr import parse
+    from metricgp.expr.simplify import canonical_key
+    from metricgp.search.gp import HallOfFame, near_constants
+    from metricgp.search.trees import Individual
+
+    def member(formula: str, fitness: float) -> Individual:
+        ind = Individual([])
+        ind.node = parse(formula)
+        ind.key = canonical_key(ind.node)
+        ind.fitness.values = (2, fitness)
+        return ind
+
+    tuned = [member(f"abs(W) * (sqrt(X) + {c} * G)", 10 + i) for i, c in enumerate((-0.63, -0.61, -0.58))]
+    other = [member("abs(W) * (sqrt(X) + 100.0 * G)", 9.5), member("abs(W) * (sqrt(X) + 0.63 * G)", 9.7),
+             member("abs(W) * sqr(X)", 11.0), member("abs(W) * X", 12.0)]
+    hof = HallOfFame(10)
+    hof.update(tuned[::-1] + other)
+    kept = [str(ind.node) for ind in hof]
+    assert str(tuned[0].node) in kept and str(tuned[1].node) not in kept and str(tuned[2].node) not in kept
+    assert len(hof) == 5  # the best tuning of -0.6*G, +100*G, +0.63*G (another sign), X^2 and X
+    assert not near_constants("X**2*abs(W)", "X**3*abs(W)") and near_constants("0.5*X", "0.55*X")

@@ -27,6 +27,7 @@ import functools
 import math
 import operator
 import random
+import re
 import statistics
 import time
 from collections import Counter
@@ -67,15 +68,33 @@ def set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
 
 
+HOF_CONSTANT_TOLERANCE = 0.25  # constants this close (relative) make two forms one entry of the hall of fame
+_NUMBER = re.compile(r"\d+(?:\.\d*)?(?:[eE][-+]?\d+)?")
+
+
+def near_constants(a: str, b: str, tolerance: float = HOF_CONSTANT_TOLERANCE) -> bool:
+    """Two canonical keys that differ only in their numbers, each pair within `tolerance` of the
+    larger (signs are part of the form): `abs(W)*(sqrt(X) - 0.63*G)` and `... - 0.61*G` are one
+    idea, `... + 100*G` is another."""
+    if _NUMBER.sub("#", a) != _NUMBER.sub("#", b):
+        return False
+    pairs = zip(map(float, _NUMBER.findall(a)), map(float, _NUMBER.findall(b)), strict=True)
+    return all(abs(x - y) <= tolerance * max(abs(x), abs(y)) for x, y in pairs)
+
+
 def _same_metric(a: Individual, b: Individual) -> bool:
-    return a.key == b.key or tuple(a.fitness.values) == tuple(b.fitness.values)
+    if a.key == b.key or tuple(a.fitness.values) == tuple(b.fitness.values):
+        return True
+    return a.key is not None and b.key is not None and near_constants(a.key, b.key)
 
 
 class HallOfFame(tools.HallOfFame):
     """DEAP's hall of fame of distinct metrics. Two individuals are the same metric if their
-    canonical keys are equal, or if they reached the same stage with exactly the same fitness (then
-    they almost surely prune the same weights, e.g. G and sqrt(G)). A similar newcomer replaces a
-    member only if it ranks better (a higher stage, or the same fitness with a smaller tree)."""
+    canonical keys are equal, if they reached the same stage with exactly the same fitness (then
+    they almost surely prune the same weights, e.g. G and sqrt(G)), or if their keys differ only by
+    nearby constants (`near_constants`: ten tunings of one constant are one entry, the best). A
+    similar newcomer replaces a member only if it ranks better (a higher stage, or the same fitness
+    with a smaller tree)."""
 
     def __init__(self, maxsize: int) -> None:
         super().__init__(maxsize, similar=_same_metric)
