@@ -75,38 +75,48 @@ def _evaluator(args: argparse.Namespace, fidelities: tuple[int, ...]):
 
 def overhead_profile(setup, tree: Node, pattern) -> dict[str, float]:
     """Where a first-stage evaluation's time goes besides the forward pass, summed over the model's
-    layers: the compiled metric, the finite/constant checks, the exact per-row k-th selection, and
-    masking into the weights; with torch.kthvalue timed on the same scores as the baseline of the
-    selection (numpy's introselect is what `kth_smallest` uses on the CPU)."""
-    import torch
+    layers, phase by phase of the real path (`prune_oneshot`, then the restore before the next
+    candidate): the compiled metric with its finite/constant checks, the mask (exact per-row k-th
+    selection and the comparison), writing it into the weights, counting it, restoring the dense
+    weights. Outside those sums: the selection alone, and torch.kthvalue on the same scores (the
+    baseline of the selection; numpy's introselect is what `kth_smallest` uses on the CPU)."""
 
     from metricgp.expr import compile_metric
-    from metricgp.prune.engine import mask_layer
+    from metricgp.prune.engine import PruneReport, layer_scores, mask_layer
     from metricgp.prune.patterns import kth_smallest
 
     fn = compile_metric(tree)
-    parts = dict.fromkeys(("metric", "checks", "select", "select_torch_kthvalue", "mask_and_apply"), 0.0)
+    parts = dict.fromkeys(("metric_and_checks", "mask", "apply", "count", "restore"), 0.0)
+    select = select_torch = 0.0
     k_of = getattr(pattern, "sparsity", 0.5)
+    report = PruneReport()
     for name, module in setup.dense.layers.items():
         w = setup.dense.weights[name]
         t0 = time.perf_counter()
-        scores = fn({"W": w, **setup.stats[name]})
+        scores = layer_scores(fn, w, setup.stats[name], name)
         t1 = time.perf_counter()
-        row_min, row_max = torch.aminmax(scores, dim=-1)
-        bool(torch.isfinite(row_min).all() and torch.isfinite(row_max).all() and (row_min != row_max).any())
+        keep = pattern.mask(scores)
         t2 = time.perf_counter()
-        k = max(round(k_of * scores.shape[-1]), 1)
-        kth_smallest(scores, k)
+        mask_layer(module, w, keep)
         t3 = time.perf_counter()
-        scores.kthvalue(k, dim=-1, keepdim=True)
+        report.add(name, keep)
         t4 = time.perf_counter()
-        mask_layer(module, w, pattern.mask(scores))
-        t5 = time.perf_counter()
-        for key, dt in zip(parts, (t1 - t0, t2 - t1, t3 - t2, t4 - t3, t5 - t4), strict=True):
+        for key, dt in zip(("metric_and_checks", "mask", "apply", "count"), (t1 - t0, t2 - t1, t3 - t2, t4 - t3),
+                           strict=True):
             parts[key] += dt
+        k = max(round(k_of * scores.shape[-1]), 1)
+        t5 = time.perf_counter()
+        kth_smallest(scores, k)
+        t6 = time.perf_counter()
+        scores.kthvalue(k, dim=-1, keepdim=True)
+        select, select_torch = select + t6 - t5, select_torch + time.perf_counter() - t6
+    t7 = time.perf_counter()
     setup.dense.restore()
+    parts["restore"] = time.perf_counter() - t7
     out = {key: round(v, 3) for key, v in parts.items()}
-    out["select_speedup_vs_torch_kthvalue"] = round(parts["select_torch_kthvalue"] / max(parts["select"], 1e-9), 2)
+    out["total"] = round(sum(parts.values()), 3)
+    out.update(select_within_mask=round(select, 3), select_torch_kthvalue=round(select_torch, 3),
+               select_speedup_vs_torch_kthvalue=round(select_torch / max(select, 1e-9), 2))
     return out
 
 
@@ -128,22 +138,26 @@ def throughput(args: argparse.Namespace) -> dict:
             per_fid[n].append(ev.evaluate(tree, n).seconds)
     n_evals = len(panel) * 2
     score_mask = ev.timings["score_mask"] / n_evals
-    forward_per_window = ev.timings["forward"] / (len(panel) * sum(fidelities[:2]))
-    cost = {n: score_mask + forward_per_window * n for n in fidelities}
-    # successive halving: every candidate pays stage 0, 1/eta of them stage 1, 1/eta^2 stage 2 ...
-    raced = sum(cost[n] / args.eta**i for i, n in enumerate(fidelities))
+    restore = ev.timings["restore"] / n_evals
+    forward_per_window = ev.timings["forward"] / ev.timings["windows"]
+    cost = {n: score_mask + restore + forward_per_window * n for n in fidelities}
+    # successive halving: every candidate pays stage 0, 1/eta of them stage 1, 1/eta^2 stage 2 ...;
+    # a promoted candidate is pruned again but runs only the windows it has not seen (prefixes)
+    previous = (0, *fidelities[:-1])
+    raced = sum((score_mask + restore + forward_per_window * (n - seen)) / args.eta**i
+                for i, (n, seen) in enumerate(zip(fidelities, previous, strict=True)))
 
     t1 = time.perf_counter()
     compute_stats(setup.model, setup.layers, setup.calib, grads=True, desc="naive stats")
     stats_s = time.perf_counter() - t1
     valid_windows = len(setup.fitness_windows(None))
-    naive = stats_s + score_mask + forward_per_window * valid_windows
+    naive = stats_s + score_mask + restore + forward_per_window * valid_windows
     result = {
         "model": args.model, "sparsity": ev.pattern.sparsity, "pattern": ev.pattern.name, "fidelities": fidelities,
         "eta": args.eta, "candidates": len(panel),
         "setup_seconds": {"load_model_and_cached_stats": round(load_s, 2), **{
             k: round(v, 2) for k, v in setup.timings.items()}},
-        "per_evaluation_seconds": {"score_and_mask": round(score_mask, 3),
+        "per_evaluation_seconds": {"score_and_mask": round(score_mask, 3), "restore": round(restore, 3),
                                    "forward_per_window": round(forward_per_window, 3),
                                    **{f"total_at_{n}_windows": round(cost[n], 3) for n in fidelities}},
         "measured_mean_seconds": {str(n): round(statistics.mean(v), 3) for n, v in per_fid.items() if v},
@@ -153,7 +167,6 @@ def throughput(args: argparse.Namespace) -> dict:
         "evaluations_per_hour": {"first_fidelity": round(3600 / cost[fidelities[0]]),
                                  "raced_candidates": round(3600 / raced), "naive": round(3600 / naive, 1)},
         "speedup_vs_naive": round(naive / raced, 1),
-        # mask_and_apply includes a second selection (the pattern's own); the evaluation pays one
         "score_and_mask_profile_wanda": overhead_profile(setup, resolve_metric("wanda"), ev.pattern),
         "torch_threads": torch.get_num_threads(),
     }

@@ -246,9 +246,12 @@ class MetricEvaluator:
             try:
                 new = window_losses(self.setup.model, self.valid[done:n_windows], self.spec.batch_size,
                                     self.reference, first=done)
+                t2 = time.perf_counter()
+                self.timings["forward"] += t2 - t1
+                self.timings["windows"] += n_windows - done
             finally:
                 self.setup.dense.restore()
-            self.timings["forward"] += time.perf_counter() - t1
+            self.timings["restore"] += time.perf_counter() - t2
             seen = new if seen is None else seen.extend(new)
         self._remember(key, seen, removed)
         value = self.objective.value(seen, n_windows)

@@ -39,7 +39,7 @@ class PruneReport:
         return self.pruned / max(self.total, 1)
 
     def add(self, name: str, keep: torch.Tensor) -> None:
-        zeros = int((~keep).sum())
+        zeros = keep.numel() - int(keep.sum())  # no negated temporary
         self.layer_sparsity[name] = zeros / keep.numel()
         self.pruned += zeros
         self.total += keep.numel()

@@ -66,9 +66,9 @@ def _prune_lowest(scores: torch.Tensor, k: int) -> torch.Tensor:
     if torch.isnan(clean.sum()):
         clean = torch.nan_to_num(clean, nan=float("-inf"))
     threshold = kth_smallest(clean, k)
-    drop = clean <= threshold
-    if bool((drop.sum(dim=-1) == k).all()):  # no row has surplus ties at its threshold (the usual case)
-        return ~drop
+    keep = clean > threshold
+    if bool((keep.sum(dim=-1) == clean.shape[-1] - k).all()):  # no row has surplus ties (the usual case)
+        return keep
     below = clean < threshold
     tied = clean == threshold
     need = k - below.sum(dim=-1, keepdim=True)  # how many of the tied entries must go
