@@ -235,9 +235,9 @@ def fidelity(args: argparse.Namespace) -> dict:
     kl_ref = DenseReference.build(ev.setup.model, ev.valid[: max(kl_fidelities)]) if kl_fidelities else None
     ppl_keys = sorted({*args.fidelities, args.full})
     panel = metric_panel(args.random, args.panel_seed, args.panel_from, args.top)
-    rows = PanelRows(args, "fidelity")
+    panel_rows = PanelRows(args, "fidelity")
     for name, tree in tqdm(panel, desc="panel", unit="metric"):
-        if rows.resumed(name, to_functional(tree)):
+        if panel_rows.resumed(name, to_functional(tree)):
             continue
         try:
             ev.prune_with(tree)
@@ -248,8 +248,8 @@ def fidelity(args: argparse.Namespace) -> dict:
             values = {**{str(n): math.inf for n in ppl_keys}, **{f"kl{n}": math.inf for n in kl_fidelities}}
         finally:
             ev.setup.dense.restore()
-        rows.add({"name": name, "formula": to_functional(tree), "fitness": values})
-    rows = rows.rows
+        panel_rows.add({"name": name, "formula": to_functional(tree), "fitness": values})
+    rows = panel_rows.rows
     cheap = [str(n) for n in ppl_keys if n != args.full] + [f"kl{n}" for n in kl_fidelities]
     n_finite, rho, rho_good = rank_agreement(rows, cheap, str(args.full))
     return {"model": args.model, "sparsity": ev.pattern.sparsity, "pattern": ev.pattern.name, "full_windows": args.full,
@@ -273,9 +273,9 @@ def refit_fidelity(args: argparse.Namespace) -> dict:
     setup = proxy.setup
     valid = setup.fitness_windows(args.full)
     panel = metric_panel(args.random, args.panel_seed, args.panel_from, args.top)
-    rows = PanelRows(args, "refit-fidelity")
+    panel_rows = PanelRows(args, "refit-fidelity")
     for name, tree in tqdm(panel, desc="panel", unit="metric"):
-        if rows.resumed(name, to_functional(tree)):
+        if panel_rows.resumed(name, to_functional(tree)):
             continue
         values, seconds = {}, {}
         for n in proxy.fidelities:
@@ -290,8 +290,8 @@ def refit_fidelity(args: argparse.Namespace) -> dict:
             print(f"{name}: {err}", file=sys.stderr)
         finally:
             setup.dense.restore()
-        rows.add({"name": name, "formula": to_functional(tree), "fitness": values, "seconds": seconds})
-    rows = rows.rows
+        panel_rows.add({"name": name, "formula": to_functional(tree), "fitness": values, "seconds": seconds})
+    rows = panel_rows.rows
     cheap = [str(n) for n in proxy.fidelities]
     n_finite, rho, rho_good = rank_agreement(rows, cheap, "full")
     return {"model": args.model, "sparsity": pattern.sparsity, "pattern": pattern.name, "full_windows": args.full,

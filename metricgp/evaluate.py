@@ -213,8 +213,7 @@ class MetricEvaluator:
         build = self.objective.reference
         self.reference = build(self.setup.model, self.valid) if build is not None else None
         self.timings: dict[str, float] = defaultdict(float)
-        self._seen: dict[str, WindowLosses] = {}  # formula -> per-window losses measured so far
-        self._sparsity: dict[str, float] = {}
+        self._seen: dict[str, tuple[WindowLosses, float]] = {}  # formula -> (losses so far, fraction removed)
 
     def prune_with(self, tree) -> float:
         """Prune the model in place with `tree`; returns the fraction removed. Raises DegenerateMetric."""
@@ -232,9 +231,8 @@ class MetricEvaluator:
         t0 = time.perf_counter()
         n_windows = min(n_windows, len(self.valid))
         key = to_functional(tree)
-        seen = self._seen.pop(key, None)
+        seen, removed = self._seen.pop(key, (None, 0.0))
         done = len(seen.nll) if seen is not None else 0
-        removed = self._sparsity.get(key, 0.0)
         if done < n_windows:
             try:
                 removed = self.prune_with(tree)
@@ -253,18 +251,13 @@ class MetricEvaluator:
                 self.setup.dense.restore()
             self.timings["restore"] += time.perf_counter() - t2
             seen = new if seen is None else seen.extend(new)
-        self._remember(key, seen, removed)
+        self._seen[key] = (seen, removed)  # most recently used last
+        while len(self._seen) > PREFIX_CACHE_SIZE:
+            del self._seen[next(iter(self._seen))]
         value = self.objective.value(seen, n_windows)
         reason = None if math.isfinite(value) else "non-finite fitness"
         fitness = value if math.isfinite(value) else math.inf
         return FitnessResult(fitness, n_windows, reason, time.perf_counter() - t0, removed)
-
-    def _remember(self, key: str, losses: WindowLosses, sparsity: float) -> None:
-        self._seen[key] = losses  # most recently used last
-        self._sparsity[key] = sparsity
-        while len(self._seen) > PREFIX_CACHE_SIZE:
-            oldest = next(iter(self._seen))
-            del self._seen[oldest], self._sparsity[oldest]
 
 
 @dataclass
