@@ -17,35 +17,51 @@ from metricgp.structured.evaluator import StructuredPruner, StructuredSpec, per_
 from metricgp.structured.groups import decoder_params, discover, linears_by_name
 from metricgp.structured.importance import REDUCTIONS, module_partial
 from metricgp.structured.recover import recover
-from metricgp.structured.saap import FUSIONS, SAAPOptions, learn_log_sigma, normalised
+from metricgp.structured.saap import FUSIONS, FusionInput, SAAPOptions, learn_log_sigma, normalised, rank_error
 from metricgp.structured.saap_estimators import compute_batch_scores, parse_estimators, split_estimators
 from metricgp.structured.saap_group import GroupLoRALinear, group_lora_params, matched_lora_rank
+from metricgp.structured.saap_probes import choose_probes, measure_probes
 
 # ---------------------------------------------------------------- fusion
 
 
-def _synthetic(noise: tuple[float, ...], batches: int = 16, n: int = 60) -> torch.Tensor:
-    """(K, B, N) importances: one true importance per structure plus per-batch noise of each scale."""
+def _synthetic(noise: tuple[float, ...], batches: int = 16, n: int = 60) -> tuple[torch.Tensor, torch.Tensor]:
+    """(K, B, N) importances: one true importance per structure plus per-batch noise of each scale;
+    and the truth."""
     gen = torch.Generator().manual_seed(0)
     true = torch.rand(n, generator=gen, dtype=torch.float64) + 0.5
-    return torch.stack([true + s * torch.randn(batches, n, generator=gen, dtype=torch.float64) for s in noise])
+    noisy = [true + s * torch.randn(batches, n, generator=gen, dtype=torch.float64) for s in noise]
+    return torch.stack(noisy), true
+
+
+def _measured(importance: torch.Tensor, true: torch.Tensor) -> FusionInput:
+    """Every structure is its own probe, measured at its true importance."""
+    return FusionInput(importance, importance, true)
+
+
+def _fuse(name: str, x: FusionInput):
+    return FUSIONS[name].fn(x)
 
 
 def test_noisy_estimator_gets_a_larger_sigma_and_less_weight():
-    importance = _synthetic((0.05, 0.5))
+    importance, true = _synthetic((0.05, 0.5))
     importance = torch.cat([importance, importance[:1]])  # the third is the first, exactly
-    fusion = FUSIONS["uncertainty"](importance)
-    assert fusion.sigma[1] > fusion.sigma[0] and fusion.weights[1] < fusion.weights[0]
-    assert fusion.weights[0] == fusion.weights[2] and fusion.sigma[0] == fusion.sigma[2]
-    # the weights are inverse variances: noise x10 -> variance x100 (up to the true signal's share)
+    for name in ("uncertainty", "consistency"):
+        fusion = _fuse(name, _measured(importance, true))
+        assert fusion.sigma[1] > fusion.sigma[0] and fusion.weights[1] < fusion.weights[0], name
+        assert fusion.weights[0] == fusion.weights[2] and fusion.sigma[0] == fusion.sigma[2], name
+    # consistency: the weights are inverse variances, noise x10 -> variance x100
+    fusion = _fuse("consistency", _measured(importance, true))
     assert 50 < float(fusion.weights[0] / fusion.weights[1]) < 150
 
 
 def test_two_identical_estimators_get_equal_weight_after_normalisation():
-    scores = _synthetic((0.2,)).repeat(2, 1, 1) * torch.tensor([1.0, 1e3]).view(2, 1, 1)  # scale must not matter
+    scores, true = _synthetic((0.2,))
+    scores = scores.repeat(2, 1, 1) * torch.tensor([1.0, 1e3]).view(2, 1, 1)  # scale must not matter
     importance = normalised(scores, torch.ones(scores.shape[2], dtype=torch.float64), ["a", "b"])
-    fusion = FUSIONS["uncertainty"](importance)
-    assert torch.allclose(fusion.weights[0], fusion.weights[1], rtol=1e-9)
+    for name in FUSIONS:
+        fusion = _fuse(name, _measured(importance, true))
+        assert torch.allclose(fusion.weights[0], fusion.weights[1], rtol=1e-9), name
 
 
 def test_sigma_is_learned_to_the_closed_form():
@@ -53,12 +69,40 @@ def test_sigma_is_learned_to_the_closed_form():
     assert torch.allclose(torch.exp(2 * learn_log_sigma(loss)), loss, rtol=1e-6)
 
 
+def test_a_steady_but_wrong_estimator_gets_the_least_weight_only_when_checked_against_measurement():
+    """The defect of fusing by consistency alone: magnitude never changes across windows, so it got
+    the largest weight however badly it ranks structures."""
+    importance, true = _synthetic((0.05, 0.3))
+    wrong = torch.rand(importance.shape[2], generator=torch.Generator().manual_seed(1), dtype=torch.float64) + 0.5
+    importance = torch.cat([importance, wrong.expand(1, importance.shape[1], -1)])  # steady, unrelated to truth
+    checked = _fuse("uncertainty", _measured(importance, true))
+    assert checked.weights[2] < checked.weights[1] < checked.weights[0]
+    assert checked.inconsistency[2] == 0 and checked.loss[2] > 0.1  # about 1/6, a random ranking's error
+    steady = _fuse("consistency", _measured(importance, true))
+    assert steady.weights[2] == steady.weights.max()  # floored at the steadiest: as trusted as the best
+
+
+def test_rank_error_is_zero_for_the_true_order_and_about_a_sixth_for_a_random_one():
+    true = torch.rand(400, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    perfect = (2 * true + 1).view(1, 1, -1)  # any increasing transform: ranks are what count
+    shuffled = true[torch.randperm(400, generator=torch.Generator().manual_seed(3))].view(1, 1, -1)
+    assert float(rank_error(perfect, true)) == 0.0
+    assert abs(float(rank_error(shuffled, true)) - 1 / 6) < 0.03
+    assert float(rank_error(-perfect, true)) > 0.3  # reversed: far worse than random
+
+
 def test_a_batch_independent_estimator_is_floored_at_the_steadiest_one():
-    importance = _synthetic((0.05, 0.3, 0.0))  # the third never changes (as magnitude)
-    fusion = FUSIONS["uncertainty"](importance)
+    importance, true = _synthetic((0.05, 0.3, 0.0))  # the third never changes (as magnitude)
+    fusion = _fuse("consistency", _measured(importance, true))
     assert fusion.inconsistency[2] == 0 and torch.isfinite(fusion.weights).all()
     assert torch.allclose(fusion.weights[2], fusion.weights[0], rtol=1e-6)
-    assert torch.allclose(fusion.sigma.square(), fusion.inconsistency.clamp_min(fusion.inconsistency[0]), rtol=1e-6)
+    assert torch.allclose(fusion.sigma.square(), fusion.loss.clamp_min(fusion.loss[0]), rtol=1e-6)
+
+
+def test_the_uncertainty_fusion_refuses_to_run_without_measurements():
+    importance, _ = _synthetic((0.1,))
+    with pytest.raises(MetricGPError, match="measured probes"):
+        _fuse("uncertainty", FusionInput(importance))
 
 
 def test_estimator_parsing():
@@ -136,6 +180,62 @@ def test_scores_are_cached_per_estimator_and_only_missing_ones_computed(setup, m
     assert torch.equal(three[0], pair[1]) and torch.equal(three[2], pair[0])
 
 
+def test_probes_are_head_sized_disjoint_and_indexed_like_the_estimators(setup):
+    modules, linears = discover(setup.model), linears_by_name(setup.model)
+    probes = choose_probes(modules, linears, per_module=2, seed=0)
+    assert len(probes) == 2 * len(modules)
+    start = 0
+    for m in modules:
+        mine = [p for p in probes if p.module == m.name]
+        assert not set(mine[0].members) & set(mine[1].members)
+        for p in mine:
+            assert p.layout == tuple(start + j for j in p.members)
+            if m.kind == "mlp":
+                head = next(o for o in modules if o.block == m.block and o.kind == "attention")
+                params = len(p.members) * m.element_params(linears)
+                assert abs(params - head.element_params(linears)) <= m.element_params(linears) / 2
+            else:
+                assert len(p.members) == 1
+        start += m.n_elements + m.n_kv
+    assert choose_probes(modules, linears, 2, seed=0) == probes != choose_probes(modules, linears, 2, seed=1)
+
+
+def test_a_probe_costs_what_physically_removing_its_channels_costs_and_the_weights_come_back(setup):
+    import copy
+
+    model, modules, linears = setup.model, discover(setup.model), linears_by_name(setup.model)
+    probes = [p for p in choose_probes(modules, linears) if "mlp" in p.module][:2]
+    windows = setup.fitness_windows(2)
+    before = {n: t.clone() for n, t in model.state_dict().items()}
+    deltas = measure_probes(model, modules, linears, probes, windows, progress=False)
+    assert all(torch.equal(before[n], t) for n, t in model.state_dict().items())
+    dense = _mean_loss(model, windows)
+    for p, delta in zip(probes, deltas.tolist(), strict=True):
+        shrunk = copy.deepcopy(model)
+        mlp = shrunk.get_submodule(p.module)
+        keep = torch.tensor([i for i in range(mlp.up_proj.out_features) if i not in p.members])
+        for name in ("gate_proj", "up_proj"):
+            old = getattr(mlp, name)
+            new = torch.nn.Linear(old.in_features, len(keep), bias=False)
+            new.weight.data = old.weight.data[keep].clone()
+            setattr(mlp, name, new)
+        down = torch.nn.Linear(len(keep), mlp.down_proj.out_features, bias=False)
+        down.weight.data = mlp.down_proj.weight.data[:, keep].clone()
+        mlp.down_proj = down
+        assert delta == pytest.approx(_mean_loss(shrunk, windows) - dense, abs=1e-5)
+        assert delta != 0
+
+
+@torch.no_grad()
+def _mean_loss(model, windows) -> float:
+    total = count = 0.0
+    for w in windows:
+        logits = model(input_ids=w.unsqueeze(0)).logits[0, :-1]
+        total += float(torch.nn.functional.cross_entropy(logits, w[1:], reduction="sum"))
+        count += len(w) - 1
+    return total / count
+
+
 def test_stability_keep_map_meets_the_global_target(setup):
     dense = decoder_params(setup.model)
     for keep in (0.7, 0.5):
@@ -167,10 +267,9 @@ def test_saap_importance_with_a_plain_allocation(setup):
     sizes = prune(setup, None, spec)[1]
     assert "modules" not in sizes["saap"] and abs(sizes["achieved_keep"] - 0.7) < 0.05
     fusion = sizes["saap"]["fusion"]
-    assert fusion["taylor-vector"]["sigma"] >= fusion["taylor-element"]["sigma"]  # signed sums fluctuate more
+    assert fusion["magnitude"]["inconsistency"] == 0 < fusion["magnitude"]["loss"]  # steady, yet not exact
     for f in fusion.values():
-        assert f["sigma"] ** 2 == pytest.approx(max(f["inconsistency"], min(
-            g["inconsistency"] for g in fusion.values() if g["inconsistency"] > 0)), rel=1e-5)
+        assert 0 < f["loss"] < 0.5 and f["sigma"] ** 2 == pytest.approx(f["loss"], rel=1e-5)
 
 
 # ---------------------------------------------------------------- group fine-tuning

@@ -51,8 +51,13 @@ def test_every_row_is_there_with_finite_perplexities_at_the_target_size(ablation
     rows = ablation.table["rows"]
     singles = {f"0.7|{e}|stability" for e in ablation.estimators}
     recoveries = {"0.7|fused|stability|group-lora", "0.7|fused|stability|lora"}
-    assert set(rows) == {"0.7|fused|stability", "0.7|fused|uniform", "0.7|fused|global",
-                         "0.7|fused|stability+skip-edge"} | singles | recoveries
+    assert set(rows) == {"0.7|fused|stability", "0.7|fused+consistency|stability", "0.7|fused|uniform",
+                         "0.7|fused|global", "0.7|fused|stability+skip-edge"} | singles | recoveries
+    for key, row in rows.items():  # every one-shot row is timed against dense
+        if "oneshot" in row:
+            speed = row["speed"]
+            assert speed["prefill_speedup"] > 0 and speed["decode_speedup"] > 0, key
+            assert speed["flops_ratio"] > 1 and speed["param_ratio"] > 1, key
     config = ablation.model.config
     head_dim = config.hidden_size // config.num_attention_heads
     largest_unit = config.num_key_value_heads * 2 * head_dim * config.hidden_size  # a query head per KV group, q + o
@@ -80,8 +85,15 @@ def test_single_estimators_are_their_own_fusion_and_differ_from_the_fused_row(ab
         assert row["estimators"] == [e] and list(row["fusion"]) == [e]
         (f,) = row["fusion"].values()  # one estimator: weight 1 / (2 sigma^2), sigma^2 = L (1 where L = 0)
         assert f["share"] == 1.0 and f["weight"] == pytest.approx(1 / (2 * f["sigma"] ** 2))
-        assert f["sigma"] ** 2 == pytest.approx(f["inconsistency"] if f["inconsistency"] > 0 else 1.0, rel=1e-5)
+        assert f["sigma"] ** 2 == pytest.approx(f["loss"] if f["loss"] > 0 else 1.0, rel=1e-5)
         assert row["oneshot"] != fused["oneshot"], e
+    earlier = rows["0.7|fused+consistency|stability"]
+    assert earlier["fusion_rule"] == "consistency" and fused["fusion_rule"] == "uncertainty"
+    assert earlier["command"].count("--fusion consistency") == 1 and "--fusion" not in fused["command"]
+    steady = [e for e in ablation.estimators if fused["fusion"][e]["inconsistency"] == 0]
+    assert steady == ["magnitude"]  # window-independent: the consistency fusion trusts it most
+    assert earlier["fusion"]["magnitude"]["weight"] == max(f["weight"] for f in earlier["fusion"].values())
+    assert all(0 < f["loss"] < 0.5 for f in fused["fusion"].values())
     assert rows["0.7|fused|uniform"]["oneshot"] != fused["oneshot"]
     assert rows["0.7|fused|stability+skip-edge"]["oneshot"] != fused["oneshot"]
 
@@ -132,7 +144,7 @@ def test_rerun_resumes_without_recomputing(ablation, tmp_path, monkeypatch):
     assert main([*ablation.args, "--out", str(out)]) == 0
     again = json.loads((out / "saap.json").read_text())
     assert len(calls) == len(ablation.datasets)  # the one missing row, on each dataset
-    strip = ("seconds", "git")
+    strip = ("seconds", "git", "speed")  # timings differ from run to run
     assert ({k: v for k, v in again["rows"]["0.7|fused|uniform"].items() if k not in strip}
             == {k: v for k, v in ablation.table["rows"]["0.7|fused|uniform"].items() if k not in strip})
 

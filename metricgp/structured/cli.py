@@ -80,6 +80,9 @@ def add_saap_options(p: argparse.ArgumentParser) -> None:
                    f"metric formulas or JSON files with a 'formula' key (default {','.join(DEFAULT_ESTIMATORS)})")
     g.add_argument("--skip-edge-blocks", action="store_true", default=None,
                    help="leave the first and last decoder blocks untouched")
+    g.add_argument("--fusion", default=None,
+                   help="how estimators are fused: uncertainty (default; sigma_k from each estimator's rank error "
+                   "against measured probes), consistency (from the variance across windows only), mean")
     g.add_argument("--saap-spread", type=float, default=None,
                    help="how non-uniform the per-layer ratios are, in [0, 1] (0: uniform; default 0.5)")
     g.add_argument("--group-finetune-tokens", type=int, default=0,
@@ -95,11 +98,12 @@ def saap_options(args: argparse.Namespace, importance: str, allocation: str) -> 
     from metricgp.structured.saap_estimators import split_estimators
 
     given = {k: v for k, v in (("estimators", args.estimators and split_estimators(args.estimators)),
-                               ("skip_edge_blocks", args.skip_edge_blocks), ("spread", args.saap_spread))
+                               ("skip_edge_blocks", args.skip_edge_blocks), ("spread", args.saap_spread),
+                               ("fusion", args.fusion))
              if v is not None}
     if importance != "saap":
         if given:
-            raise MetricGPError("--estimators, --skip-edge-blocks and --saap-spread need --importance saap")
+            raise MetricGPError("--estimators, --fusion, --skip-edge-blocks and --saap-spread need --importance saap")
         return None
     if allocation != "stability" and {"skip_edge_blocks", "spread"} & set(given):
         raise MetricGPError(f"--skip-edge-blocks and --saap-spread shape the stability allocation, not '{allocation}'")

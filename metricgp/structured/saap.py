@@ -7,14 +7,26 @@ prunable module (one attention or MLP of one block).
 
     e_kbj  = estimator k's score of structure j on window b         (saap_estimators)
     I_kbj  = (e_kbj / c_j) / mean_{b',j'} (e_kb'j' / c_j')           normalised importance, mean 1
-    L_k    = mean_j var_b I_kbj                                      inconsistency across windows
-    L'_k   = max(L_k, min_{k': L_k' > 0} L_k')                       a window-independent estimator
-                                                                     (magnitude: L = 0) is trusted
-                                                                     as much as the steadiest one
-    sigma  = argmin_s sum_k L'_k / (2 sigma_k^2) + log sigma_k       (Kendall et al. 2018), learned
+    O_p    = measured loss increase per weight of probe p            (saap_probes: a query head or a
+                                                                     head-sized run of channels zeroed,
+                                                                     on validation windows)
+    I_kbp  = sum_{j in p} c_j I_kbj / sum_{j in p} c_j               the estimator's view of probe p
+    r(.)   = rank over the P probes, scaled to [0, 1]
+    L_k    = mean_b mean_p (r(I_kb.)_p - r(O)_p)^2                   the estimator's error: its rank
+                                                                     disagreement with the measurement,
+                                                                     = variance across windows + bias
+    sigma  = argmin_s sum_k L_k / (2 sigma_k^2) + log sigma_k        (Kendall et al. 2018), learned
                                                                      by gradient descent on log sigma;
-                                                                     the optimum is sigma_k^2 = L'_k
+                                                                     the optimum is sigma_k^2 = L_k
     F_bj   = sum_k I_kbj / (2 sigma_k^2),   F_j = mean_b F_bj        fused importance (`FUSIONS`)
+
+Why the measurement: a task loss in Kendall et al. says how wrong a task is. The earlier reference
+form (fusion "consistency", kept as an ablation) used only the variance across windows,
+L_k = mean_j var_b I_kbj, and a window-independent estimator (magnitude: L = 0) then got the
+largest weight although it ranks structures worst. The rank error keeps that variance (an
+estimator that reorders structures from window to window is wrong on some windows) and adds the
+bias a steady but poor estimator has. A perfect ranking on every window (L_k = 0) is floored at the
+smallest positive L_k.
 
 Adaptive structure search, for a target of kept decoder parameters:
 
@@ -57,6 +69,8 @@ class SAAPOptions:
     fusion: str = "uncertainty"
     skip_edge_blocks: bool = False  # leave the first and last decoder blocks untouched
     spread: float = 0.5  # 0: the same ratio everywhere; 1: the most important, least stable kept whole
+    probes_per_module: int = 1  # measured probes per module (fusions that need them)
+    probe_windows: int = 2  # validation windows each probe is measured on
 
     @classmethod
     def from_dict(cls, options: Mapping | None) -> SAAPOptions:
@@ -74,6 +88,9 @@ class SAAPOptions:
             raise MetricGPError(f"unknown fusion '{self.fusion}' (choose from {', '.join(FUSIONS)})")
         if not 0.0 <= self.spread <= 1.0:
             raise MetricGPError(f"SAAP spread must be in [0, 1], got {self.spread}")
+        if self.probes_per_module < 1 or self.probe_windows < 1:
+            raise MetricGPError(f"SAAP probes_per_module and probe_windows must be >= 1, got "
+                                f"{self.probes_per_module} and {self.probe_windows}")
         return self
 
     def parsed(self) -> list[Estimator]:
@@ -84,10 +101,18 @@ class SAAPOptions:
 
 
 @dataclass(frozen=True)
+class FusionInput:
+    importance: torch.Tensor  # (K, B, N) I_kbj
+    probe_importance: torch.Tensor | None = None  # (K, B, P) I_kbp
+    oracle: torch.Tensor | None = None  # (P,) O_p
+
+
+@dataclass(frozen=True)
 class Fusion:
     weights: torch.Tensor  # (K,) coefficient of each estimator in the fused importance
     sigma: torch.Tensor  # (K,)
-    inconsistency: torch.Tensor  # (K,) L_k
+    loss: torch.Tensor  # (K,) L_k, what sigma was learned from
+    inconsistency: torch.Tensor  # (K,) mean_j var_b I_kbj (a diagnostic for every fusion)
 
 
 def normalised(scores: torch.Tensor, sizes: torch.Tensor, names: list[str]) -> torch.Tensor:
@@ -103,8 +128,19 @@ def normalised(scores: torch.Tensor, sizes: torch.Tensor, names: list[str]) -> t
 
 
 def inconsistency(importance: torch.Tensor) -> torch.Tensor:
-    """L_k: the mean over structures of the variance across windows."""
+    """The mean over structures of the variance across windows."""
     return importance.var(dim=1, unbiased=False).mean(dim=1)
+
+
+def scaled_ranks(x: torch.Tensor) -> torch.Tensor:
+    """Ranks along the last dimension, scaled to [0, 1] (ties by position: scores are continuous)."""
+    n = x.shape[-1]
+    return x.argsort(dim=-1, stable=True).argsort(dim=-1).to(torch.float64) / max(n - 1, 1)
+
+
+def rank_error(probe_importance: torch.Tensor, oracle: torch.Tensor) -> torch.Tensor:
+    """L_k: mean over windows and probes of the squared difference of scaled ranks to the measurement."""
+    return (scaled_ranks(probe_importance) - scaled_ranks(oracle)).square().mean(dim=(1, 2))
 
 
 def learn_log_sigma(loss: torch.Tensor, steps: int = SIGMA_STEPS, lr: float = SIGMA_LR) -> torch.Tensor:
@@ -118,24 +154,43 @@ def learn_log_sigma(loss: torch.Tensor, steps: int = SIGMA_STEPS, lr: float = SI
     return s.detach()
 
 
-def uncertainty_fusion(importance: torch.Tensor) -> Fusion:
-    """Homoscedastic uncertainty weighting (Kendall et al. 2018); weights 1 / (2 sigma_k^2)."""
-    loss = inconsistency(importance)
+def _kendall(loss: torch.Tensor, importance: torch.Tensor) -> Fusion:
+    """Homoscedastic uncertainty weighting of task losses L_k: weights 1 / (2 sigma_k^2)."""
     positive = loss[loss > 0]
     floored = loss.clamp_min(positive.min() if len(positive) else 1.0)
     sigma = learn_log_sigma(floored).exp()
-    return Fusion(1 / (2 * sigma.square()), sigma, loss)
+    return Fusion(1 / (2 * sigma.square()), sigma, loss, inconsistency(importance))
 
 
-def mean_fusion(importance: torch.Tensor) -> Fusion:
+def uncertainty_fusion(x: FusionInput) -> Fusion:
+    """Kendall weights from each estimator's rank error against the measured probes."""
+    if x.probe_importance is None or x.oracle is None:
+        raise MetricGPError("the uncertainty fusion needs measured probes (saap_probes)")
+    return _kendall(rank_error(x.probe_importance, x.oracle), x.importance)
+
+
+def consistency_fusion(x: FusionInput) -> Fusion:
+    """Kendall weights from the variance across windows alone (an ablation: rewards steady estimators)."""
+    return _kendall(inconsistency(x.importance), x.importance)
+
+
+def mean_fusion(x: FusionInput) -> Fusion:
     """Equal weights (an ablation): sigma_k^2 = K / 2 for every estimator."""
-    k = importance.shape[0]
-    sigma = torch.full((k,), (k / 2) ** 0.5, dtype=importance.dtype)
-    return Fusion(1 / (2 * sigma.square()), sigma, inconsistency(importance))
+    k = x.importance.shape[0]
+    sigma = torch.full((k,), (k / 2) ** 0.5, dtype=x.importance.dtype)
+    return Fusion(1 / (2 * sigma.square()), sigma, torch.full_like(sigma, float("nan")), inconsistency(x.importance))
 
 
-# name -> fn(I (K, B, N)) -> Fusion; the fused importance is sum_k weights_k I_k
-FUSIONS: dict[str, Callable[[torch.Tensor], Fusion]] = {"uncertainty": uncertainty_fusion, "mean": mean_fusion}
+@dataclass(frozen=True)
+class FusionRule:
+    fn: Callable[[FusionInput], Fusion]
+    needs_probes: bool
+
+
+# name -> rule; the fused importance is sum_k weights_k I_k
+FUSIONS: dict[str, FusionRule] = {"uncertainty": FusionRule(uncertainty_fusion, True),
+                                  "consistency": FusionRule(consistency_fusion, False),
+                                  "mean": FusionRule(mean_fusion, False)}
 
 
 @dataclass
@@ -153,15 +208,24 @@ class Analysis:
 def analyse(pruner, options: SAAPOptions) -> Analysis:
     """The per-window scores (cached on disk), normalised and fused; memoised on the pruner."""
     from metricgp.structured.saap_estimators import cached_batch_scores, structure_sizes
+    from metricgp.structured.saap_probes import cached_probe_deltas, probe_importance, probe_membership
 
-    memo_key = f"saap:{options.estimators}:{options.fusion}"
+    memo_key = f"saap:{options.estimators}:{options.fusion}:{options.probes_per_module}:{options.probe_windows}"
     if memo_key not in pruner.memo:
         estimators = options.parsed()
         scores, cached = cached_batch_scores(pruner.setup, pruner.modules, pruner.linears, estimators)
         sizes = structure_sizes(pruner.modules, pruner.linears)
         names = [e.name for e in estimators]
         importance = normalised(scores, sizes, names)
-        fusion = FUSIONS[options.fusion](importance)
+        rule = FUSIONS[options.fusion]
+        x = FusionInput(importance)
+        if rule.needs_probes:
+            probes, deltas, probes_cached = cached_probe_deltas(pruner.setup, pruner.modules, pruner.linears,
+                                                               options.probes_per_module, options.probe_windows)
+            membership = probe_membership(probes, sizes)
+            x = FusionInput(importance, probe_importance(importance, membership), deltas / membership.sum(dim=1))
+            cached = cached and probes_cached
+        fusion = rule.fn(x)
         offsets, start = {}, 0
         for m in pruner.modules:
             offsets[m.name] = (start, m.n_elements, m.n_kv)
@@ -174,7 +238,8 @@ def analyse(pruner, options: SAAPOptions) -> Analysis:
 def fusion_notes(a: Analysis) -> dict:
     share = a.fusion.weights / a.fusion.weights.sum()
     return {name: {"sigma": float(a.fusion.sigma[i]), "weight": float(a.fusion.weights[i]),
-                   "share": float(share[i]), "inconsistency": float(a.fusion.inconsistency[i])}
+                   "share": float(share[i]), "loss": float(a.fusion.loss[i]),
+                   "inconsistency": float(a.fusion.inconsistency[i])}
             for i, name in enumerate(a.names)}
 
 

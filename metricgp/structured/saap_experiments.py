@@ -8,11 +8,14 @@ At every keep level (`--keeps`, default 0.7) the dense model is pruned one-shot 
                  stability allocation (`SAAPOptions(estimators=(k,))`: with one estimator the fusion is
                  F = I_k / (2 sigma_k^2), a positive multiple of that estimator's own importance, and the
                  stability signals S_m, A_m are scale-free, so the row is the estimator alone)
+                 the fused importance with the earlier `consistency` fusion (sigma_k from the variance
+                 across windows alone), to show what checking estimators against measured probes earns
     allocation   the fused importance with the stability, uniform and global allocations
     edge blocks  the stability allocation with and without `skip_edge_blocks`
 
-and the SAAP model (fused importance, stability allocation) is then recovered twice on the same
-`--recover-tokens`: group fine-tuning (`--group-finetune-groups` x rank 8) and plain LoRA with the
+Every one-shot row also records its measured prefill/decode speed-up against the dense model (same
+process, `speed_report`). The SAAP model (fused importance, stability allocation) is then recovered
+twice on the same `--recover-tokens`: group fine-tuning (`--group-finetune-groups` x rank 8) and plain LoRA with the
 rank whose trainable-parameter count is closest (`saap_group.compare_with_lora`). Every row is
 written to saap.json when it finishes, so a rerun does only the missing ones; saap.md (the tables,
 the fusion's equations from `metricgp.structured.saap` and which rows win) and saap-sigma.png (the
@@ -40,6 +43,10 @@ from metricgp.structured.saap import SAAPOptions
 from metricgp.structured.saap_estimators import DEFAULT_ESTIMATORS, ESTIMATORS
 
 FUSED = "fused"
+DEFAULT_FUSION = SAAPOptions().fusion
+CONSISTENCY = "consistency"  # the earlier fusion (variance across windows only), kept as an ablation row
+ABLATION_VERSION = 2  # 2: the fusion checks estimators against measured probes; rows carry speed ratios
+SPEED_PROMPT, SPEED_REPEATS = 128, 3  # each one-shot row's prefill/decode speed-up against dense
 GROUP_RANK = 8  # group fine-tuning's rank per group (recover's default); LoRA's rank is matched to it
 RECOVERIES = ("group-lora", "lora")
 ESTIMATORS_DEFAULT = (*DEFAULT_ESTIMATORS, METHODS["evolved"].metric)  # the four built-ins and the evolved metric
@@ -63,13 +70,16 @@ class Variant:
     estimators: tuple[str, ...]
     allocation: str = "stability"
     skip_edge_blocks: bool = False
+    fusion: str = DEFAULT_FUSION
 
     @property
     def name(self) -> str:
-        return f"{self.importance}|{self.allocation}" + ("+skip-edge" if self.skip_edge_blocks else "")
+        fused = self.importance + (f"+{self.fusion}" if self.fusion != DEFAULT_FUSION else "")
+        return f"{fused}|{self.allocation}" + ("+skip-edge" if self.skip_edge_blocks else "")
 
     def spec(self, keep: float) -> StructuredSpec:
         options = {"estimators": self.estimators} | ({"skip_edge_blocks": True} if self.skip_edge_blocks else {})
+        options |= {"fusion": self.fusion} if self.fusion != DEFAULT_FUSION else {}
         fields = get_method("saap").spec | {"allocation": self.allocation}
         return StructuredSpec(keep=keep, **fields, options=SAAPOptions.from_dict(options).to_dict()).validate()
 
@@ -77,6 +87,7 @@ class Variant:
         """The `metricgp.apply` command that makes this row's model (and, with `recovery`, recovers it)."""
         options = ("--estimators", shlex.quote(",".join(self.estimators)), "--allocation", self.allocation)
         options += ("--skip-edge-blocks",) if self.skip_edge_blocks else ()
+        options += ("--fusion", self.fusion) if self.fusion != DEFAULT_FUSION else ()
         name = "saap-" + re.sub(r"[^A-Za-z0-9.]+", "-", self.name).strip("-")
         return ex.row_command("saap", keep, args, False, options + recovery, name)
 
@@ -84,16 +95,18 @@ class Variant:
 def variants(estimators: tuple[str, ...]) -> list[Variant]:
     """The one-shot rows of one keep level, SAAP itself first."""
     alone = [Variant(e, (e,)) for e in estimators] if len(estimators) > 1 else []
-    return [Variant(FUSED, estimators), *alone, Variant(FUSED, estimators, "uniform"),
+    earlier = [Variant(FUSED, estimators, fusion=CONSISTENCY)] if len(estimators) > 1 else []
+    return [Variant(FUSED, estimators), *earlier, *alone, Variant(FUSED, estimators, "uniform"),
             Variant(FUSED, estimators, "global"), Variant(FUSED, estimators, skip_edge_blocks=True)]
 
 
 def _settings(args) -> dict:
     """What every row of one saap.json shares; a rerun with other settings must use another --out."""
-    return {"model": args.model, "calib": args.calib, "n_calib": args.n_calib, "seqlen": args.seqlen,
-            "calib_seed": args.calib_seed, "dataset": args.dataset, "eval_windows": args.eval_windows,
-            "estimators": list(args.estimators), "recover_tokens": args.recover_tokens,
-            "group_finetune_groups": args.group_finetune_groups, "group_rank": GROUP_RANK}
+    return {"version": ABLATION_VERSION, "model": args.model, "calib": args.calib, "n_calib": args.n_calib,
+            "seqlen": args.seqlen, "calib_seed": args.calib_seed, "dataset": args.dataset,
+            "eval_windows": args.eval_windows, "estimators": list(args.estimators),
+            "recover_tokens": args.recover_tokens, "group_finetune_groups": args.group_finetune_groups,
+            "group_rank": GROUP_RANK}
 
 
 def validate(args) -> None:
@@ -165,11 +178,16 @@ def _save(path: Path, rows: dict, meta: dict, bar=None, key: str = "") -> None:
 
 
 def _oneshot_row(setup, v: Variant, keep: float, evals: dict, args) -> dict:
+    from metricgp.structured.evaluator import speed_report
+
     model, sizes = prune(setup, None, v.spec(keep))
     saap = sizes["saap"]
-    return {"keep": keep, "importance": v.importance, "estimators": list(v.estimators), "allocation": v.allocation,
-            "skip_edge_blocks": v.skip_edge_blocks, **ex.size_fields(sizes),
+    setup.dense.restore()
+    speed = speed_report(setup.model, model, prompt_len=SPEED_PROMPT, repeats=SPEED_REPEATS)
+    return {"keep": keep, "importance": v.importance, "fusion_rule": v.fusion, "estimators": list(v.estimators),
+            "allocation": v.allocation, "skip_edge_blocks": v.skip_edge_blocks, **ex.size_fields(sizes),
             "oneshot": ex.perplexities(model, evals), "fusion": saap["fusion"],
+            "speed": {k: speed[k] for k in ("prefill_speedup", "decode_speedup", "flops_ratio", "param_ratio")},
             "module_keep": {m: s["keep"] for m, s in saap.get("modules", {}).items()},
             "command": v.command(keep, args)}
 
@@ -199,7 +217,12 @@ def _recovered_row(setup, v: Variant, keep: float, method: str, train, evals: di
 def sigma_of(rows: dict) -> dict | None:
     """The learned sigma_k, L_k and weight 1 / (2 sigma_k^2) of each estimator in the fused importance
     (they depend on the calibration, not on the keep level)."""
-    return next((r["fusion"] for r in rows.values() if r.get("importance") == FUSED and "fusion" in r), None)
+    return next((r["fusion"] for r in rows.values() if _is_saap(r) and "fusion" in r), None)
+
+
+def _is_saap(row: dict) -> bool:
+    """A row of the fused importance with the default fusion (rows made before fusions were named had one)."""
+    return row.get("importance") == FUSED and row.get("fusion_rule", DEFAULT_FUSION) == DEFAULT_FUSION
 
 
 # ---------------------------------------------------------------- saap.md and saap-sigma.png
@@ -215,18 +238,19 @@ class Part:
 
 PARTS = (
     Part("Estimators", "the fused importance against each estimator alone, all with the stability allocation",
-         lambda r: r["allocation"] == "stability" and not r["skip_edge_blocks"], lambda r: label(r["importance"])),
+         lambda r: r["allocation"] == "stability" and not r["skip_edge_blocks"],
+         lambda r: label(r["importance"], r.get("fusion_rule", DEFAULT_FUSION))),
     Part("Allocation", "the fused importance with the stability, uniform and global allocations",
-         lambda r: r["importance"] == FUSED and not r["skip_edge_blocks"], lambda r: r["allocation"]),
+         lambda r: _is_saap(r) and not r["skip_edge_blocks"], lambda r: r["allocation"]),
     Part("Edge blocks", "the stability allocation with and without skip_edge_blocks (first and last blocks whole)",
-         lambda r: r["importance"] == FUSED and r["allocation"] == "stability",
+         lambda r: _is_saap(r) and r["allocation"] == "stability",
          lambda r: "skip first and last blocks" if r["skip_edge_blocks"] else "every block prunable"),
 )
 
 
-def label(estimator: str) -> str:
+def label(estimator: str, fusion: str = DEFAULT_FUSION) -> str:
     if estimator == FUSED:
-        return "fused (SAAP)"
+        return "fused (SAAP)" if fusion == DEFAULT_FUSION else f"fused, {fusion} fusion (ablation)"
     return f"evolved ({Path(estimator).parent.name})" if estimator.endswith(".json") else estimator
 
 
@@ -281,16 +305,26 @@ def _part_section(part: Part, rows: list[dict], datasets: list[str]) -> list[str
     if not mine:
         return []
     scored = _scored([(part.label(r), r["oneshot"]) for r in mine], datasets)
-    cells = [[part.label(r), f"{r['achieved_keep']:.4f}", f"{r['params'] / 1e6:.2f}M"] for r in mine]
+    cells = [[part.label(r), f"{r['achieved_keep']:.4f}", f"{r['params'] / 1e6:.2f}M", *_speed_cells(r)]
+             for r in mine]
+    head = ["", "kept", "params", "prefill x", "decode x", "FLOPs ratio"]
     lines = [f"### {part.title}: {part.about}", "",
-             *_ppl_table(["", "kept", "params"], cells, scored, datasets), "", _winners(scored, datasets)]
+             *_ppl_table(head, cells, scored, datasets), "", _winners(scored, datasets)]
     if part.title == "Estimators":
         lines[-1] += f" The fused importance ranks {_rank(scored, label(FUSED))} by the geometric mean."
     return [*lines, ""]
 
 
+def _speed_cells(row: dict) -> list[str]:
+    """Measured prefill and decode speed-up against dense in the same process, and the FLOPs ratio."""
+    s = row.get("speed")
+    if not s:
+        return ["-", "-", "-"]
+    return [f"{s['prefill_speedup']:.2f}", f"{s['decode_speedup']:.2f}", f"{s['flops_ratio']:.2f}"]
+
+
 def _recovery_section(rows: list[dict], datasets: list[str], keep: float, groups: int) -> list[str]:
-    base = next((r for r in rows if "oneshot" in r and r["importance"] == FUSED and r["allocation"] == "stability"
+    base = next((r for r in rows if "oneshot" in r and _is_saap(r) and r["allocation"] == "stability"
                  and not r["skip_edge_blocks"]), None)
     recovered = {r["recovery"]: r for r in rows if "recovery" in r}
     if not recovered:
@@ -317,12 +351,14 @@ def _sigma_section(sigma: dict | None) -> list[str]:
         return []
     top = max(sigma, key=lambda k: sigma[k]["weight"])
     lines = ["## The learned noise scales", "",
-             "| estimator | sigma_k | L_k (inconsistency) | weight 1/(2 sigma_k^2) | share of the weights |",
-             "|---|---|---|---|---|"]
-    lines += [f"| {label(k)} | {s['sigma']:.4g} | {s['inconsistency']:.4g} | {s['weight']:.4g} | "
-              f"{100 * s['share']:.3g}% |" for k, s in sigma.items()]
+             "| estimator | sigma_k | L_k (rank error vs measured probes) | variance across windows | "
+             "weight 1/(2 sigma_k^2) | share of the weights |",
+             "|---|---|---|---|---|---|"]
+    lines += [f"| {label(k)} | {s['sigma']:.4g} | {s.get('loss', s['inconsistency']):.4g} | "
+              f"{s['inconsistency']:.4g} | {s['weight']:.4g} | {100 * s['share']:.3g}% |" for k, s in sigma.items()]
     return [*lines, "", f"The largest weight goes to `{label(top)}` ({100 * sigma[top]['share']:.3g}% of the total); "
-            "sigma_k^2 equals the floored L'_k (closed form). Plot: saap-sigma.png.", ""]
+            "sigma_k^2 equals L_k (closed form; an L_k of 0 is floored at the smallest positive one). A random "
+            "ranking has L_k of about 1/6. Plot: saap-sigma.png.", ""]
 
 
 def _equations() -> list[str]:
@@ -331,7 +367,8 @@ def _equations() -> list[str]:
 
     paragraphs = [p for p in saap.__doc__.split("\n\n") if p.strip()]
     blocks = [textwrap.dedent(p) for p in paragraphs if all(line.startswith("    ") for line in p.splitlines())]
-    return [" ".join(paragraphs[1].split()), "", "Fusion:", "", "```", blocks[0], "```", "",
+    why = [" ".join(p.split()) for p in paragraphs if p.startswith("Why")]
+    return [" ".join(paragraphs[1].split()), "", "Fusion:", "", "```", blocks[0], "```", "", *why, "",
             "Stability allocation:", "", "```", blocks[1], "```", ""]
 
 
@@ -378,13 +415,13 @@ def plot_sigma(path: Path, sigma: dict) -> None:
                                      (axes[1], "weight", "tab:orange", "fusion weight 1 / (2 sigma_k^2)")):
         bars = ax.bar(names, [s[field] for s in sigma.values()], color=colour)
         for bar, s in zip(bars, sigma.values(), strict=True):
-            if s.get("inconsistency") == 0:  # window-independent: L floored at the steadiest estimator's
+            if s.get("inconsistency") == 0:  # window-independent (magnitude): steady, not necessarily right
                 bar.set_hatch("//")
         ax.set_yscale("log")
         ax.set_title(title)
         ax.grid(axis="y", alpha=0.3, which="both")
         plt.setp(ax.get_xticklabels(), rotation=30, ha="right")
     if any(s.get("inconsistency") == 0 for s in sigma.values()):
-        fig.text(0.01, 0.01, "hatched: L_k = 0 (window-independent), floored at the steadiest estimator's L",
+        fig.text(0.01, 0.01, "hatched: the same on every window (no variance); its weight comes from its rank error",
                  fontsize=7)
     save_figure(fig, path)
