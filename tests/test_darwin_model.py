@@ -252,7 +252,97 @@ def test_cli_run_resume_and_reload(tiny4_dir, text_files, module_cache, tmp_path
     assert len(levels) == 1 + 8 + 1 and levels[1].startswith("model.layers.0.self_attn  attention")
 
 
+# ---------------------------------------------------------------- the levels' least-squares weight update
+
+
+def test_refit_is_the_least_squares_optimum_and_plain_masking_for_uncorrelated_inputs():
+    from metricgp.darwin.refit import refit_columns
+
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(400, 12, generator=gen, dtype=torch.float64) @ torch.randn(12, 12, generator=gen,
+                                                                               dtype=torch.float64)
+    w = torch.randn(5, 12, generator=gen, dtype=torch.float64)
+    removed, kept = [1, 4, 7], [c for c in range(12) if c not in (1, 4, 7)]
+    got = refit_columns(w, x.T @ x / len(x), removed, ridge=0.0)
+    best = torch.linalg.lstsq(x[:, kept], x @ w.T).solution.T  # min || X W^T - X_K W_K'^T ||
+    assert torch.equal(got[:, removed], torch.zeros(5, 3, dtype=torch.float64))
+    torch.testing.assert_close(got[:, kept], best, rtol=1e-8, atol=1e-8)
+    plain = w.clone()
+    plain[:, removed] = 0
+    assert ((x @ (w - got).T) ** 2).sum() < ((x @ (w - plain).T) ** 2).sum()
+    torch.testing.assert_close(refit_columns(w, torch.eye(12, dtype=torch.float64), removed, ridge=0.0), plain)
+
+
+@pytest.fixture(scope="module")
+def refitted(tiny4_dir, text_files, module_cache):
+    config = make_config(tiny4_dir, text_files, update="ls")
+    prep = prepare(config)
+    return config, prep, build_evaluator(config.recipe(prep.database), prep.setup)
+
+
+def test_updated_levels_swap_exactly_equal_shrinking_and_fit_the_dense_output_better(refitted):
+    config, prep, evaluator = refitted
+    masks, model = evaluator.masks, prep.setup.model
+    assert masks.refit is not None
+    a, b = random_genomes(prep.space, 2, seed=7)
+    masks.reset()
+    masks.apply(a)
+    masks.apply(b)
+    incremental = {n: p.detach().clone() for n, p in model.named_parameters()}
+    masks.reset()
+    masks.apply(b)
+    assert all(torch.equal(p, incremental[n]) for n, p in model.named_parameters())
+    ids = evaluator.windows[:2]
+    with torch.no_grad():
+        masked = model(input_ids=ids).logits
+        shrunk = masks.build(b)(input_ids=ids).logits
+    torch.testing.assert_close(masked, shrunk, rtol=1e-5, atol=1e-5)
+    dense = prep.setup.dense.weights
+    touched = 0
+    for i, level in enumerate(b):  # the module output's error on calibration inputs: tr((W - W') H (W - W')^T)
+        module, units = masks.pruner.modules[i], prep.database.units_at(i, level)
+        if not units:
+            continue
+        name = module.slices[-1].linear
+        h, w = masks.refit.hessians[name].double(), dense[name].double()
+        plain = w.clone()
+        mask_columns = [c for u in units for m in u.members for c in range(m * module.slices[-1].size,
+                                                                           (m + 1) * module.slices[-1].size)]
+        plain[:, mask_columns] = 0
+        err = [float(((w - v) @ h * (w - v)).sum()) for v in (masks.refit.weight(module, units).double(), plain)]
+        assert err[0] < err[1], name
+        touched += 1
+    assert touched
+
+
+def test_the_update_is_recorded_and_carried_into_the_saved_model(tiny4_dir, text_files, module_cache, tmp_path):
+    import metricgp
+    from metricgp.darwin.__main__ import main
+
+    out = tmp_path / "darwin-ls"
+    args = ["--model", str(tiny4_dir), "--calib", str(text_files["calib"]), "--n-calib", "4", "--seqlen",
+            str(SEQLEN), "--dataset", str(text_files["test"]), "--eval-windows", "2", "--keep", "0.7",
+            "--metric", "wanda", "--offspring", "2", "--generations", "1", "--survivors", "2,1",
+            "--fitness-windows", "1,2", "--update", "ls", "--no-speed", "--no-progress", "--out", str(out)]
+    assert main(args) == 0
+    config = json.loads((out / "config.json").read_text())
+    assert config["config"]["update"] == "ls" and config["database"]["update_bytes"] > 0
+    assert "weight update adds" in (out / "README.md").read_text()
+    report = json.loads((out / "report.json").read_text())
+    model = metricgp.load_pruned(out / "model")
+    assert report["reloaded"]["perplexity"] == report["perplexity"]["pruned"]
+    prep = prepare(DarwinConfig.from_dict(config["config"]))
+    recipe = DarwinConfig.from_dict(config["config"]).recipe(prep.database)
+    assert recipe.update == "ls"
+    masks = build_evaluator(recipe, prep.setup).masks
+    expected = masks.build(tuple(report["genome"]))
+    for (n, p), (m, q) in zip(model.named_parameters(), expected.named_parameters(), strict=True):
+        assert n == m and torch.equal(p, q), n
+
+
 @pytest.mark.parametrize(("extra", "message"), [
+    (["--update", "nope"], "unknown weight update 'nope'"),
+    (["--unstructured", "--update", "ls"], "--update needs structured pruning"),
     (["--keep", "0.1"], "--keep 0.1 is unreachable: the level database spans kept fractions"),
     (["--keep", "1.5"], "--keep must be in (0, 1]"),
     (["--survivors", "2,2"], "--survivors must decrease strictly to 1"),

@@ -122,7 +122,10 @@ def write_summary(run_dir: Path, config: dict[str, Any], records: Sequence[dict[
         if disk:
             lines += [f"Level database: {_size(disk['stored_bytes'])} on disk (orders and steps, no weights) "
                       f"against {_size(disk['full_copies_bytes'])} for full-size copies of every level "
-                      f"({disk['ratio']:.0f}x).", ""]
+                      f"({disk['ratio']:.0f}x)."
+                      + (f" The `{disk['update']}` weight update adds {_size(disk['update_bytes'])} of "
+                         "output-projection Hessians; each level's weights are solved when a genome needs them."
+                         if disk.get("update_bytes") else ""), ""]
     if final:
         lines += final_lines(final)
     lines += ["Files: log.jsonl, best.json, levels.txt, fitness.png, levels.png, database.json, config.json"

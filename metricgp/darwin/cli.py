@@ -47,6 +47,8 @@ def build_parser() -> argparse.ArgumentParser:
     for opt, default in (("reduction", StructuredSpec.reduction), ("normalisation", StructuredSpec.normalisation),
                          ("head-mode", StructuredSpec.head_mode)):
         t.add_argument(f"--{opt}", default=default, help=f"unit importance {opt} (default {default})")
+    t.add_argument("--update", default="none", help="structured: weight update at each level: none (zeroed "
+                   "columns) or ls (least-squares refit of the output projection on calibration inputs)")
     s = p.add_argument_group("search")
     s.add_argument("--offspring", type=int, default=16, help="lambda: offspring per generation (default 16)")
     s.add_argument("--generations", type=int, default=50)
@@ -122,7 +124,7 @@ def config_from_args(args: argparse.Namespace) -> DarwinConfig:
         time_budget_min=args.time_budget, recover_tokens=args.recover_tokens, recover_method=args.recover_method,
         recover_lr=args.recover_lr, dataset=args.dataset, eval_windows=args.eval_windows,
         save_model=not args.no_save_model, dense_eval=not args.no_dense_eval, speed=not args.no_speed,
-        reconstruct=args.reconstruct,
+        reconstruct=args.reconstruct, update=args.update,
         name=args.out.name).validate()
 
 

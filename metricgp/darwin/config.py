@@ -58,6 +58,7 @@ class DarwinConfig:
     save_model: bool = True
     dense_eval: bool = True
     reconstruct: bool = False  # unstructured: also every allocation + least-squares reconstruction
+    update: str = "none"  # structured: each level's weight update (`metricgp.darwin.refit.UPDATES`)
     speed: bool = True  # structured: prefill/decode throughput of the final model vs dense
     name: str = "darwin"
 
@@ -80,7 +81,7 @@ class DarwinConfig:
         return Recipe(EvaluatorSpec(**self.spec), self.kind, database, self.fitness, self.fitness_data,
                       max(s.windows for s in stages), self.spec.get("seed", 0) + 2,
                       max(s.train_tokens for s in stages), self.spec.get("seed", 0) + 1,
-                      Training(self.train_method, self.train_lr, 1, self.seed), self.uses_grads())
+                      Training(self.train_method, self.train_lr, 1, self.seed), self.uses_grads(), self.update)
 
     def uses_grads(self) -> bool:
         from metricgp.expr import parse
@@ -107,6 +108,11 @@ class DarwinConfig:
         for value, choices, what in checks:
             if value not in choices:
                 raise MetricGPError(f"unknown {what} '{value}' (choose from {', '.join(choices)})")
+        from metricgp.darwin.refit import check_update
+
+        check_update(self.update)
+        if self.unstructured and self.update != "none":
+            raise MetricGPError("--update needs structured pruning (--unstructured has --reconstruct)")
         if self.workers < 1 or self.recover_tokens < 0 or self.eval_windows < 0:
             raise MetricGPError("--workers must be >= 1, --recover-tokens and --eval-windows >= 0")
         parse_data_ref(self.fitness_data, "calibration")

@@ -34,21 +34,15 @@ def _dense_ppl(config: DarwinConfig, setup, evals: dict) -> dict[str, float]:
 
 def structured_model(config: DarwinConfig, prep: Prepared, genome: Genome, out: Path) -> dict[str, Any]:
     from metricgp import load_pruned
-    from metricgp.darwin.fitness import calibration_windows
+    from metricgp.darwin.fitness import calibration_windows, structured_masks
     from metricgp.evaluate import perplexity
-    from metricgp.structured.evaluator import (
-        StructuredPruner,
-        StructuredSpec,
-        per_layer_sizes,
-        size_report,
-        speed_report,
-    )
+    from metricgp.structured.evaluator import per_layer_sizes, size_report, speed_report
     from metricgp.structured.recover import recover
     from metricgp.structured.saving import save_pruned
 
     setup, t0 = prep.setup, time.perf_counter()
     setup.dense.restore()
-    model = StructuredPruner(setup).build(prep.database.removed(genome), StructuredSpec())
+    model = structured_masks(setup, prep.database, config.update).build(genome)
     report: dict[str, Any] = {"size": size_report(setup.model, model, config.keep)}
     evals = _test_windows(config, setup)
     report["perplexity"] = {"dense": _dense_ppl(config, setup, evals)}

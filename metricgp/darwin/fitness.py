@@ -59,27 +59,33 @@ class Recipe:
     train_seed: int = 1
     training: Training = field(default_factory=Training)
     grads: bool = False  # the statistics need G (a metric using it, for unstructured masks)
+    update: str = "none"  # structured: the levels' weight update (`metricgp.darwin.refit.UPDATES`)
 
     def __call__(self) -> LevelEvaluator:
         return build_evaluator(self)
 
 
-def _structured_masks(setup: PruningSetup, database):
+def structured_masks(setup: PruningSetup, database, update: str = "none"):
     from metricgp.darwin.masking import StructuredMasks
+    from metricgp.darwin.refit import UPDATES, check_update
     from metricgp.structured.evaluator import StructuredPruner
 
-    return StructuredMasks(StructuredPruner(setup), database)
+    pruner = StructuredPruner(setup)
+    return StructuredMasks(pruner, database, UPDATES[check_update(update)](setup, pruner.modules))
 
 
-def _unstructured_masks(setup: PruningSetup, database):
+def _unstructured_masks(setup: PruningSetup, database, update: str = "none"):
     from metricgp.darwin.unstructured import UnstructuredMasks
 
+    if update != "none":
+        raise MetricGPError("a weight update of the levels needs structured pruning (--unstructured has "
+                            "--reconstruct for the final comparison)")
     return UnstructuredMasks(setup, database)
 
 
-# space kind -> fn(setup, database) -> masks with apply(genome) / reset() / build(genome)
-MASKS: dict[str, Callable[[PruningSetup, Any], Any]] = {
-    "structured": _structured_masks,
+# space kind -> fn(setup, database, update) -> masks with apply(genome) / reset() / build(genome)
+MASKS: dict[str, Callable[..., Any]] = {
+    "structured": structured_masks,
     "unstructured": _unstructured_masks,
 }
 
@@ -99,7 +105,7 @@ class LevelEvaluator:
         self.recipe = recipe
         self.setup = setup
         self.space: LevelSpace = recipe.database.space
-        self.masks = MASKS[recipe.kind](setup, recipe.database)
+        self.masks = MASKS[recipe.kind](setup, recipe.database, recipe.update)
         self.masks.reset()
         self.objective = FITNESSES[recipe.fitness]
         self.windows = calibration_windows(setup, recipe.fitness_data, recipe.fitness_windows, recipe.fitness_seed)

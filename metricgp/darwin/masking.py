@@ -28,11 +28,15 @@ def restore_linears(dense, names: Sequence[str]) -> None:
 
 
 class StructuredMasks:
-    def __init__(self, pruner: StructuredPruner, db: LevelDatabase):
+    """`refit` (`metricgp.darwin.refit.OutputRefit`, optional): each level's output projection gets its
+    least-squares update instead of plain zeroed columns, masked and shrunk alike."""
+
+    def __init__(self, pruner: StructuredPruner, db: LevelDatabase, refit=None):
         if [m.name for m in pruner.modules] != db.names:
             raise ValueError("the level database was built for another model (module names differ)")
         self.pruner = pruner
         self.db = db
+        self.refit = refit
         self.model: nn.Module = pruner.setup.model
         self.current = [0] * len(db.names)
         pruner.setup.dense.restore()
@@ -41,8 +45,14 @@ class StructuredMasks:
         """Mask `genome` on the model; returns how many modules were swapped."""
         changed = [i for i, (a, b) in enumerate(zip(genome, self.current, strict=True)) if a != b]
         for i in changed:
-            restore_linears(self.pruner.setup.dense, [self.pruner.modules[i].slices[-1].linear])
-            mask_plan(self.model, self.pruner.modules, self.db.units_at(i, genome[i]))
+            module, units = self.pruner.modules[i], self.db.units_at(i, genome[i])
+            out = module.slices[-1].linear
+            restore_linears(self.pruner.setup.dense, [out])
+            if self.refit is not None and units:
+                with torch.no_grad():
+                    self.model.get_submodule(out).weight.copy_(self.refit.weight(module, units))
+            else:
+                mask_plan(self.model, self.pruner.modules, units)
             self.current[i] = int(genome[i])
         return len(changed)
 
@@ -53,4 +63,16 @@ class StructuredMasks:
     def build(self, genome: Sequence[int]) -> nn.Module:
         """A physically shrunk deep copy without the genome's units (the dense model is untouched)."""
         self.reset()
-        return self.pruner.build(self.db.removed(tuple(genome)), StructuredSpec())
+        model = self.pruner.build(self.db.removed(tuple(genome)), StructuredSpec())
+        if self.refit is not None:
+            from metricgp.darwin.refit import removed_columns
+
+            with torch.no_grad():
+                for i, level in enumerate(genome):
+                    module, units = self.pruner.modules[i], self.db.units_at(i, level)
+                    if units:
+                        gone = set(removed_columns(module, units))
+                        weight = self.refit.weight(module, units)
+                        kept = [c for c in range(weight.shape[1]) if c not in gone]
+                        model.get_submodule(module.slices[-1].linear).weight.copy_(weight[:, kept])
+        return model

@@ -67,11 +67,18 @@ def start(config: DarwinConfig, out: Path, provenance: dict[str, Any] | None = N
     stored = prep.database.save(out / DATABASE)
     bytes_per_param = next(prep.setup.model.parameters()).element_size()
     calib_seed = config.spec.get("seed", 0)
+    update: dict[str, Any] = {}
+    if config.update != "none":  # what the update stores: one Hessian per output projection, no weights
+        from metricgp.darwin.refit import UPDATES
+        from metricgp.structured.groups import discover
+
+        refit = UPDATES[config.update](prep.setup, discover(prep.setup.model))
+        update = {"update": config.update, "update_bytes": refit.stored_bytes()}
     write_json_atomic(out / "config.json", {
         "config": config.to_dict(), "schedule": schedule_dict(config.schedule()),
         "fitness_windows": {"data": config.fitness_data, "split": "calibration", "seed": calib_seed + 2},
         "train_windows_seed": calib_seed + 1,
-        "database": {"file": DATABASE, **prep.database.disk_report(stored, bytes_per_param),
+        "database": {"file": DATABASE, **prep.database.disk_report(stored, bytes_per_param), **update,
                      "genes": len(prep.space.genes),
                      "kinds": {k: {"genes": len(i), "step_params": prep.space.step(k),
                                    "max_level": max(prep.space.genes[j].max_level for j in i)}
