@@ -184,6 +184,13 @@ def test_in_loop_training_keeps_pruned_structures_pruned(tiny4_dir, text_files, 
     assert result.reason is None and result.fitness > 0
 
 
+def cli_args(model, text_files, out, *extra: str) -> list[str]:
+    """A small structured run at 70% kept with a 2,1 schedule; `extra` adds or overrides options."""
+    return ["--model", str(model), "--calib", str(text_files["calib"]), "--n-calib", "4", "--seqlen", str(SEQLEN),
+            "--dataset", str(text_files["test"]), "--eval-windows", "2", "--keep", "0.7", "--survivors", "2,1",
+            "--fitness-windows", "1,2", "--no-progress", "--out", str(out), *extra]
+
+
 def _log(out):
     return [{k: v for k, v in json.loads(line).items() if k != "seconds"}
             for line in (out / "log.jsonl").read_text().splitlines()]
@@ -219,10 +226,8 @@ def test_cli_run_resume_and_reload(tiny4_dir, text_files, module_cache, tmp_path
     from metricgp.darwin.__main__ import main
 
     out = tmp_path / "darwin-k70"
-    args = ["--model", str(tiny4_dir), "--calib", str(text_files["calib"]), "--n-calib", "4", "--seqlen",
-            str(SEQLEN), "--dataset", str(text_files["test"]), "--eval-windows", "2", "--keep", "0.7",
-            "--metric", "taylor", "--offspring", "4", "--generations", "2", "--survivors", "2,1",
-            "--fitness-windows", "1,2", "--no-prior", "--recover-tokens", "64", "--no-progress", "--out", str(out)]
+    args = cli_args(tiny4_dir, text_files, out, "--metric", "taylor", "--offspring", "4", "--generations", "2",
+                    "--no-prior", "--recover-tokens", "64")
     assert main(args) == 0
     assert "best: kept" in capsys.readouterr().out
     config = json.loads((out / "config.json").read_text())
@@ -320,10 +325,8 @@ def test_the_update_is_recorded_and_carried_into_the_saved_model(tiny4_dir, text
     from metricgp.darwin.__main__ import main
 
     out = tmp_path / "darwin-ls"
-    args = ["--model", str(tiny4_dir), "--calib", str(text_files["calib"]), "--n-calib", "4", "--seqlen",
-            str(SEQLEN), "--dataset", str(text_files["test"]), "--eval-windows", "2", "--keep", "0.7",
-            "--metric", "wanda", "--offspring", "2", "--generations", "1", "--survivors", "2,1",
-            "--fitness-windows", "1,2", "--update", "ls", "--no-speed", "--no-progress", "--out", str(out)]
+    args = cli_args(tiny4_dir, text_files, out, "--metric", "wanda", "--offspring", "2", "--generations", "1",
+                    "--update", "ls", "--no-speed")
     assert main(args) == 0
     config = json.loads((out / "config.json").read_text())
     assert config["config"]["update"] == "ls" and config["database"]["update_bytes"] > 0
