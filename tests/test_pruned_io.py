@@ -250,11 +250,14 @@ def test_auto_class_options_and_from_config(saved):
         AutoModelForCausalLM.from_pretrained(path, quantization_config={"load_in_8bit": True})
 
 
-def test_a_dense_checkpoint_is_not_a_pruned_one(tiny_llama_dir):
-    from metricgp.errors import MetricGPError
+def test_a_same_shape_checkpoint_loads_as_stock_transformers_does(tiny_llama_dir):
+    from transformers import AutoModelForCausalLM
 
-    with pytest.raises(MetricGPError, match="not a pruned checkpoint"):
-        load_pruned(tiny_llama_dir)
+    mine = load_pruned(tiny_llama_dir)
+    stock = AutoModelForCausalLM.from_pretrained(tiny_llama_dir).eval()
+    assert type(mine) is type(stock) and not mine.training
+    ids = torch.randint(0, stock.config.vocab_size, (1, 8), generator=torch.Generator().manual_seed(0))
+    assert torch.equal(logits(mine, ids), logits(stock, ids))
 
 
 @pytest.mark.parametrize("family", FAMILIES)

@@ -326,13 +326,19 @@ def build_pruned(config: PrunedConfig, dtype: torch.dtype, attn_implementation: 
 def load_pruned(path, dtype=None, device=None, *, config: PrunedConfig | None = None,
                 attn_implementation: str | None = None) -> nn.Module:
     """Reload a `save_pruned` checkpoint as the base architecture's model, shrunk, in eval mode.
+    A same-shape checkpoint (unstructured pruning writes one, as does a dense model) is read by
+    stock `AutoModelForCausalLM.from_pretrained`, so one call loads whatever metricgp saved.
 
     dtype: None keeps torch's default (float32), "auto" the checkpoint's dtype, or a torch.dtype.
     """
     path = Path(path)
     config = config if config is not None else _read_config(path)
     if not isinstance(config, PrunedConfig):
-        raise MetricGPError(f"{path} is not a pruned checkpoint (model_type '{config.model_type}')")
+        from transformers import AutoModelForCausalLM
+
+        extra = {"attn_implementation": attn_implementation} if attn_implementation else {}
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=_resolve_dtype(dtype, config), **extra)
+        return (model.to(_resolve_device(device)) if device is not None else model).eval()
     model = build_pruned(config, _resolve_dtype(dtype, config), attn_implementation)
     _load_strict(model, _read_weights(path))
     if (path / "generation_config.json").is_file():
