@@ -222,9 +222,20 @@ def run(args: argparse.Namespace) -> dict:
         floor.plot_relative(table["noise"], out / f"{name}-relative.png")
         return table
     write_json_atomic(table_path, table)
+    shown = (one_row_per_formula(every), *shown[1:])
     (out / f"{name}.md").write_text(markdown(table, *shown), encoding="utf-8")
     plot(table, *shown, out / f"{name}.png")
     return table
+
+
+def one_row_per_formula(entries: list[Entry]) -> list[Entry]:
+    """Entries whose formulas are the same (cells are keyed by formula) shown once, under every label
+    joined by ' = ' (a table filled by several invocations may name one formula twice)."""
+    merged: dict[str, Entry] = {}
+    for e in entries:
+        key = to_functional(e.tree)
+        merged[key] = Entry(f"{merged[key].label} = {e.label}", e.tree) if key in merged else e
+    return list(merged.values())
 
 
 def measure(table: dict, jobs: list, setup: PruningSetup, spec: EvaluatorSpec, grads: bool, evals: dict,

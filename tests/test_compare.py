@@ -70,6 +70,11 @@ def test_tables_grow_by_union_and_reuse_rows(tmp_path, tiny_llama_dir, text_file
     assert main([*common, "--settings", "0.5", "--dataset", str(text_files["test"]), "--out", str(second)]) == 0
     md = (second / "table.md").read_text()
     assert "2:4 oneshot" in md and "50% oneshot" in md and md.count("(test)") == 2
+    # a later invocation naming the same formula otherwise: one row per table (two datasets, the legend), both names
+    common[-1] = "my-wanda=abs(W) * sqrt(X)"
+    assert main([*common, "--settings", "0.5", "--dataset", str(text_files["test"]), "--out", str(second)]) == 0
+    md = (second / "table.md").read_text()
+    assert md.count("| wanda = my-wanda |") == 3 and "| wanda |" not in md and "| my-wanda |" not in md
     # a table made under other settings is refused
     i = common.index("--eval-windows")
     changed = [*common[: i + 1], "3", *common[i + 2 :]]
