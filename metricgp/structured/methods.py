@@ -37,6 +37,9 @@ METHODS: dict[str, Method] = {
     "wanda": Method({}, "wanda", "Wanda's |W|*sqrt(X) with the evaluator's default reduction and allocation"),
     "evolved": Method({}, "results/smollm2-default-s0/best.json",
                       "the committed search run's best formula with the evaluator's defaults"),
+    "evolved-uniform": Method({"allocation": "uniform"}, "results/smollm2-default-s0/best.json",
+                              "the evolved formula with the same ratio in every layer (what DarwinLM's search "
+                              "is compared with)"),
     "evolved-structured": Method({}, "results/structured-search-k70/best.json",
                                  "the best formula of a search whose fitness is this evaluator at 70% kept"),
 }
