@@ -17,7 +17,15 @@ from metricgp.structured.evaluator import StructuredPruner, StructuredSpec, per_
 from metricgp.structured.groups import decoder_params, discover, linears_by_name
 from metricgp.structured.importance import REDUCTIONS, module_partial
 from metricgp.structured.recover import recover
-from metricgp.structured.saap import FUSIONS, FusionInput, SAAPOptions, learn_log_sigma, normalised, rank_error
+from metricgp.structured.saap import (
+    FUSIONS,
+    FusionInput,
+    SAAPOptions,
+    learn_log_sigma,
+    normalised,
+    rank_error,
+    spearman,
+)
 from metricgp.structured.saap_estimators import compute_batch_scores, parse_estimators, split_estimators
 from metricgp.structured.saap_group import GroupLoRALinear, group_lora_params, matched_lora_rank
 from metricgp.structured.saap_probes import choose_probes, measure_probes
@@ -80,6 +88,12 @@ def test_a_steady_but_wrong_estimator_gets_the_least_weight_only_when_checked_ag
     assert checked.inconsistency[2] == 0 and checked.loss[2] > 0.1  # about 1/6, a random ranking's error
     steady = _fuse("consistency", _measured(importance, true))
     assert steady.weights[2] == steady.weights.max()  # floored at the steadiest: as trusted as the best
+
+
+def test_spearman_of_ranks():
+    x = torch.arange(10, dtype=torch.float64)
+    assert spearman(x, x ** 3) == pytest.approx(1.0) and spearman(x, -x) == pytest.approx(-1.0)
+    assert abs(spearman(x, torch.tensor([3.0, 9, 0, 7, 1, 8, 2, 6, 4, 5], dtype=torch.float64))) < 0.3
 
 
 def test_rank_error_is_zero_for_the_true_order_and_about_a_sixth_for_a_random_one():
@@ -268,6 +282,7 @@ def test_saap_importance_with_a_plain_allocation(setup):
     assert "modules" not in sizes["saap"] and abs(sizes["achieved_keep"] - 0.7) < 0.05
     fusion = sizes["saap"]["fusion"]
     assert fusion["magnitude"]["inconsistency"] == 0 < fusion["magnitude"]["loss"]  # steady, yet not exact
+    assert all(-1 <= f["probe_spearman"] <= 1 for f in fusion.values())
     for f in fusion.values():
         assert 0 < f["loss"] < 0.5 and f["sigma"] ** 2 == pytest.approx(f["loss"], rel=1e-5)
 

@@ -112,9 +112,11 @@ def test_sigma_record_report_and_plot(ablation):
     assert list(sigma) == ablation.estimators
     assert all(s["sigma"] > 0 and s["weight"] == pytest.approx(1 / (2 * s["sigma"] ** 2)) for s in sigma.values())
     assert sum(s["share"] for s in sigma.values()) == pytest.approx(1.0)
+    assert all(-1 <= s["probe_spearman"] <= 1 and s["loss"] > 0 for s in sigma.values())
     assert (ablation.out / "saap-sigma.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     md = (ablation.out / "saap.md").read_text()
     assert "F_bj   = sum_k I_kbj / (2 sigma_k^2)" in md and "rho_m" in md  # the equations, from saap.py
+    assert "Spearman vs probes" in md and "fused, consistency fusion (ablation)" in md
     for title in ("### Estimators", "### Allocation", "### Edge blocks", "### Recovery", "## The learned noise"):
         assert title in md
     assert md.count("Lowest perplexity:") == 4 and "The fused importance ranks" in md

@@ -203,6 +203,14 @@ class Analysis:
     fusion: Fusion
     names: list[str]
     cached: bool
+    probe_spearman: list[float] | None = None  # per estimator: its window-mean ranking of the probes vs O_p
+
+
+def spearman(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Spearman's rank correlation of two vectors (ties by position)."""
+    ra, rb = scaled_ranks(a), scaled_ranks(b)
+    ra, rb = ra - ra.mean(), rb - rb.mean()
+    return float((ra * rb).sum() / (ra.norm() * rb.norm()).clamp_min(1e-30))
 
 
 def analyse(pruner, options: SAAPOptions) -> Analysis:
@@ -218,20 +226,21 @@ def analyse(pruner, options: SAAPOptions) -> Analysis:
         names = [e.name for e in estimators]
         importance = normalised(scores, sizes, names)
         rule = FUSIONS[options.fusion]
-        x = FusionInput(importance)
+        x, agreement = FusionInput(importance), None
         if rule.needs_probes:
             probes, deltas, probes_cached = cached_probe_deltas(pruner.setup, pruner.modules, pruner.linears,
                                                                options.probes_per_module, options.probe_windows)
             membership = probe_membership(probes, sizes)
             x = FusionInput(importance, probe_importance(importance, membership), deltas / membership.sum(dim=1))
             cached = cached and probes_cached
+            agreement = [spearman(p.mean(dim=0), x.oracle) for p in x.probe_importance]
         fusion = rule.fn(x)
         offsets, start = {}, 0
         for m in pruner.modules:
             offsets[m.name] = (start, m.n_elements, m.n_kv)
             start += m.n_elements + m.n_kv
         fused = torch.einsum("k,kbn->bn", fusion.weights, importance)
-        pruner.memo[memo_key] = Analysis(fused, sizes, offsets, fusion, names, cached)
+        pruner.memo[memo_key] = Analysis(fused, sizes, offsets, fusion, names, cached, agreement)
     return pruner.memo[memo_key]
 
 
@@ -239,7 +248,8 @@ def fusion_notes(a: Analysis) -> dict:
     share = a.fusion.weights / a.fusion.weights.sum()
     return {name: {"sigma": float(a.fusion.sigma[i]), "weight": float(a.fusion.weights[i]),
                    "share": float(share[i]), "loss": float(a.fusion.loss[i]),
-                   "inconsistency": float(a.fusion.inconsistency[i])}
+                   "inconsistency": float(a.fusion.inconsistency[i]),
+                   **({"probe_spearman": a.probe_spearman[i]} if a.probe_spearman else {})}
             for i, name in enumerate(a.names)}
 
 

@@ -351,11 +351,13 @@ def _sigma_section(sigma: dict | None) -> list[str]:
         return []
     top = max(sigma, key=lambda k: sigma[k]["weight"])
     lines = ["## The learned noise scales", "",
-             "| estimator | sigma_k | L_k (rank error vs measured probes) | variance across windows | "
-             "weight 1/(2 sigma_k^2) | share of the weights |",
-             "|---|---|---|---|---|---|"]
+             "| estimator | sigma_k | L_k (rank error vs measured probes) | Spearman vs probes | variance across "
+             "windows | weight 1/(2 sigma_k^2) | share of the weights |",
+             "|---|---|---|---|---|---|---|"]
     lines += [f"| {label(k)} | {s['sigma']:.4g} | {s.get('loss', s['inconsistency']):.4g} | "
-              f"{s['inconsistency']:.4g} | {s['weight']:.4g} | {100 * s['share']:.3g}% |" for k, s in sigma.items()]
+              + (f"{s['probe_spearman']:+.3f}" if "probe_spearman" in s else "-")
+              + f" | {s['inconsistency']:.4g} | {s['weight']:.4g} | {100 * s['share']:.3g}% |"
+              for k, s in sigma.items()]
     return [*lines, "", f"The largest weight goes to `{label(top)}` ({100 * sigma[top]['share']:.3g}% of the total); "
             "sigma_k^2 equals L_k (closed form; an L_k of 0 is floored at the smallest positive one). A random "
             "ranking has L_k of about 1/6. Plot: saap-sigma.png.", ""]
