@@ -261,7 +261,7 @@ def test_cli_run_resume_and_reload(tiny4_dir, text_files, module_cache, tmp_path
 
 
 def test_refit_is_the_least_squares_optimum_and_plain_masking_for_uncorrelated_inputs():
-    from metricgp.darwin.refit import refit_columns
+    from metricgp.structured.refit import refit_columns
 
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(400, 12, generator=gen, dtype=torch.float64) @ torch.randn(12, 12, generator=gen,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 from metricgp.apply import main
 
@@ -54,6 +55,7 @@ def test_structured_methods_and_depth(tmp_path, base_args):
         (["--metric", "wanda", "--keep-map", "KEEPMAP"], "keep map names unknown module(s) model.layers.7.mlp"),
         (["--keep", "0.7"], "importance 'metric' needs --metric or --metric-file"),
         (["--method", "nope"], "unknown method 'nope'"),
+        (["--metric", "wanda", "--refit", "--bias-compensation"], "--refit and --bias-compensation"),
         (["--metric", "wanda", "--reduction", "median"], "unknown reduction 'median'"),
     ],
 )
@@ -93,3 +95,46 @@ def test_speed_check_measures_and_reloads_identically(tmp_path, tiny_llama_dir, 
     assert speed["flops_ratio"] > 1 and speed["param_ratio"] > 1
     assert speed["prefill_speedup"] > 0 and speed["decode_speedup"] > 0
     assert result["reload"] == {"load_pruned_max_abs_diff": 0.0, "auto_from_pretrained_fresh_process_max_abs_diff": 0.0}
+
+
+def test_refit_fits_the_first_pruned_modules_dense_output_better_and_reloads(tmp_path, base_args, tiny_llama_dir,
+                                                                            text_files):
+    """Same units removed; the first pruned module (whose input is still the dense one) is closer to dense."""
+    import metricgp
+    from metricgp.evaluate import EvaluatorSpec, PruningSetup
+    from metricgp.structured.evaluator import StructuredPruner, StructuredSpec
+
+    setup = PruningSetup.from_spec(EvaluatorSpec(model=str(tiny_llama_dir), calib=str(text_files["calib"]),
+                                                 n_calib=4, seqlen=32))
+    pruner = StructuredPruner(setup)
+    spec = StructuredSpec(keep=0.6)
+    removed = pruner.plan(pruner.score(metricgp.expr.resolve_metric("wanda"), spec), spec)
+    outs = {m.slices[-1].linear for m in pruner.modules if any(u.module == m.name for u in removed)}
+    assert outs
+
+    def outputs(model) -> dict:
+        got: dict = {}
+        hooks = [model.get_submodule(n).register_forward_hook(
+            lambda _m, _i, o, n=n: got.setdefault(n, []).append(o.detach())) for n in outs]
+        with torch.no_grad():
+            for w in setup.calib:
+                model(input_ids=w[None])
+        for h in hooks:
+            h.remove()
+        return {n: torch.cat(v) for n, v in got.items()}
+
+    dense = outputs(setup.model)  # (the inputs differ once earlier blocks are pruned: compare block by block)
+    plain = outputs(pruner.build(removed, spec))
+    refit = outputs(pruner.build(removed, StructuredSpec(keep=0.6, refit=True)))
+    first = min(outs, key=lambda n: int(n.split(".")[2]))  # its input is still the dense model's
+    err = {k: float((v[first] - dense[first]).square().mean()) for k, v in (("plain", plain), ("refit", refit))}
+    assert err["refit"] < err["plain"]
+    out = tmp_path / "r60"
+    assert main([*base_args, "--metric", "wanda", "--keep", "0.6", "--refit", "--out", str(out)]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["structured"]["refit"] is True
+    again = metricgp.load_pruned(out)
+    with torch.no_grad():
+        ids = setup.calib[:1]
+        assert torch.allclose(again(input_ids=ids).logits, pruner.build(removed, StructuredSpec(
+            keep=0.6, refit=True))(input_ids=ids).logits, atol=1e-5)

@@ -58,7 +58,7 @@ class DarwinConfig:
     save_model: bool = True
     dense_eval: bool = True
     reconstruct: bool = False  # unstructured: also every allocation + least-squares reconstruction
-    update: str = "none"  # structured: each level's weight update (`metricgp.darwin.refit.UPDATES`)
+    update: str = "none"  # structured: each level's weight update (`metricgp.structured.refit.UPDATES`)
     speed: bool = True  # structured: prefill/decode throughput of the final model vs dense
     name: str = "darwin"
 
@@ -108,7 +108,7 @@ class DarwinConfig:
         for value, choices, what in checks:
             if value not in choices:
                 raise MetricGPError(f"unknown {what} '{value}' (choose from {', '.join(choices)})")
-        from metricgp.darwin.refit import check_update
+        from metricgp.structured.refit import check_update
 
         check_update(self.update)
         if self.unstructured and self.update != "none":

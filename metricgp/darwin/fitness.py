@@ -59,7 +59,7 @@ class Recipe:
     train_seed: int = 1
     training: Training = field(default_factory=Training)
     grads: bool = False  # the statistics need G (a metric using it, for unstructured masks)
-    update: str = "none"  # structured: the levels' weight update (`metricgp.darwin.refit.UPDATES`)
+    update: str = "none"  # structured: the levels' weight update (`metricgp.structured.refit.UPDATES`)
 
     def __call__(self) -> LevelEvaluator:
         return build_evaluator(self)
@@ -67,8 +67,8 @@ class Recipe:
 
 def structured_masks(setup: PruningSetup, database, update: str = "none"):
     from metricgp.darwin.masking import StructuredMasks
-    from metricgp.darwin.refit import UPDATES, check_update
     from metricgp.structured.evaluator import StructuredPruner
+    from metricgp.structured.refit import UPDATES, check_update
 
     pruner = StructuredPruner(setup)
     return StructuredMasks(pruner, database, UPDATES[check_update(update)](setup, pruner.modules))

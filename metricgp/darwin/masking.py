@@ -28,7 +28,7 @@ def restore_linears(dense, names: Sequence[str]) -> None:
 
 
 class StructuredMasks:
-    """`refit` (`metricgp.darwin.refit.OutputRefit`, optional): each level's output projection gets its
+    """`refit` (`metricgp.structured.refit.OutputRefit`, optional): each level's output projection gets its
     least-squares update instead of plain zeroed columns, masked and shrunk alike."""
 
     def __init__(self, pruner: StructuredPruner, db: LevelDatabase, refit=None):
@@ -65,7 +65,7 @@ class StructuredMasks:
         self.reset()
         model = self.pruner.build(self.db.removed(tuple(genome)), StructuredSpec())
         if self.refit is not None:
-            from metricgp.darwin.refit import removed_columns
+            from metricgp.structured.refit import removed_columns
 
             with torch.no_grad():
                 for i, level in enumerate(genome):

@@ -69,8 +69,8 @@ def start(config: DarwinConfig, out: Path, provenance: dict[str, Any] | None = N
     calib_seed = config.spec.get("seed", 0)
     update: dict[str, Any] = {}
     if config.update != "none":  # what the update stores: one Hessian per output projection, no weights
-        from metricgp.darwin.refit import UPDATES
         from metricgp.structured.groups import discover
+        from metricgp.structured.refit import UPDATES
 
         refit = UPDATES[config.update](prep.setup, discover(prep.setup.model))
         update = {"update": config.update, "update_bytes": refit.stored_bytes()}

@@ -63,6 +63,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--method", help=f"a named method ({', '.join(METHODS)}); explicit options override it")
     p.add_argument("--bias-compensation", action="store_true", default=None,
                    help="fold the removed channels' mean output into a bias (FLAP)")
+    p.add_argument("--refit", action="store_true", default=None,
+                   help="re-fit each pruned module's output projection by least squares on calibration inputs")
     p.add_argument("--recover-tokens", type=int, default=0, help="recovery fine-tuning budget in tokens (0: none)")
     p.add_argument("--recover-method", default="lora", help="lora, group-lora or full")
     p.add_argument("--recover-lr", type=float, default=None, help="learning rate (default per method)")
@@ -125,7 +127,7 @@ def load_keep_map(path: Path | None) -> dict[str, float] | None:
 
 
 SPEC_OPTIONS = ("importance", "reduction", "normalisation", "allocation", "head_mode", "structures",
-                "bias_compensation")
+                "bias_compensation", "refit")
 
 
 def spec_from_args(args: argparse.Namespace) -> StructuredSpec:

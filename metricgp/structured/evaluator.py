@@ -40,6 +40,7 @@ class StructuredSpec:
     head_mode: str = "per-group"
     structures: str = "width"
     bias_compensation: bool = False  # FLAP: removed channels' mean output folded into a bias
+    refit: bool = False  # least-squares refit of every pruned module's output projection (`refit.py`)
     keep_map: dict[str, float] | None = field(default=None, hash=False)
     options: dict | None = field(default=None, hash=False)  # method-specific (SAAP: estimators, spread ...)
 
@@ -55,6 +56,8 @@ class StructuredSpec:
         ):
             if value not in choices:
                 raise MetricGPError(f"unknown {name} '{value}' (choose from {', '.join(choices)})")
+        if self.refit and self.bias_compensation:
+            raise MetricGPError("--refit and --bias-compensation both rewrite the output projection; choose one")
         return self
 
     def to_dict(self) -> dict:
@@ -167,8 +170,26 @@ class StructuredPruner:
         model = copy.deepcopy(self.setup.model)
         if spec.bias_compensation:
             self._compensate(model, removed)
+        if spec.refit:
+            self._refit(model, removed)
         apply_plan(model, self.modules, removed)
         return model
+
+    def _refit(self, model: nn.Module, removed: list[Unit]) -> None:
+        """Each pruned module's output projection re-fitted to the dense output (its removed columns
+        zero, so shrinking then drops them)."""
+        from metricgp.structured.refit import OutputRefit
+
+        if "refit" not in self.memo:
+            self.memo["refit"] = OutputRefit(self.setup, self.modules)
+        refit = self.memo["refit"]
+        by_module: dict[str, list[Unit]] = {}
+        for u in removed:
+            by_module.setdefault(u.module, []).append(u)
+        with torch.no_grad():
+            for m in self.modules:
+                if m.name in by_module:
+                    model.get_submodule(m.slices[-1].linear).weight.copy_(refit.weight(m, by_module[m.name]))
 
     def _compensate(self, model: nn.Module, removed: list[Unit]) -> None:
         means = self.output_means()

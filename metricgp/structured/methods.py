@@ -40,6 +40,12 @@ METHODS: dict[str, Method] = {
     "evolved-uniform": Method({"allocation": "uniform"}, "results/smollm2-default-s0/best.json",
                               "the evolved formula with the same ratio in every layer (what DarwinLM's search "
                               "is compared with)"),
+    "wanda-refit": Method({"refit": True}, "wanda", "wanda with each pruned module's output projection re-fitted "
+                          "by least squares on calibration inputs"),
+    "evolved-refit": Method({"refit": True}, "results/smollm2-default-s0/best.json",
+                            "the evolved formula, defaults, with the least-squares refit of output projections"),
+    "llm-pruner-taylor-refit": Method({"reduction": "sum", "allocation": "uniform", "refit": True}, "mul(abs(W), G)",
+                                      "LLM-Pruner's Taylor importance with the least-squares refit"),
     "evolved-structured": Method({}, "results/structured-search-k70/best.json",
                                  "the best formula of a search whose fitness is this evaluator at 70% kept"),
 }

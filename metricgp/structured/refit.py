@@ -1,5 +1,6 @@
-"""An optional update of the kept weights at each structured level: a least-squares refit of the
-output projection (DarwinLM's database stores updated weights; ZipLM's structured OBS does the same).
+"""A least-squares refit of the kept weights after structured pruning (`apply --structured --refit`),
+and the optional weight update of DarwinLM's levels (`darwin --update ls`; DarwinLM's database
+stores updated weights, ZipLM's structured OBS does the same).
 
 Removing heads or channels of a module removes input columns K' of its output projection (o_proj,
 down_proj). With H = E[x x^T] of that projection's input on the dense model's calibration windows,
@@ -8,9 +9,10 @@ the kept columns K are re-fitted so the module's output moves as little as possi
     W'_K = argmin E || W x - W'_K x_K ||^2 = W H_{:,K} (H_KK + lambda I)^{-1},   W'_K' = 0
 
 (lambda: RIDGE x mean diag H_KK, as the unstructured reconstruction). Nothing per level is stored:
-the database keeps only the removal orders, H of every output projection is computed once (one
-forward pass over the calibration windows) and cached on disk beside the statistics, and a level's
-update is one Cholesky solve when a genome needs it.
+H of every output projection is computed once (one forward pass over the calibration windows of
+the dense model) and cached on disk beside the statistics, and a module's update is one Cholesky
+solve when a plan or a genome needs it. H is the dense model's, so blocks are refitted
+independently (not sequentially on the pruned model's own inputs).
 """
 
 from __future__ import annotations
