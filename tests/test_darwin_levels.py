@@ -13,10 +13,11 @@ import pytest
 from metricgp.darwin.levels import Gene, LevelSpace, split_levels, spread, start_genome
 from metricgp.darwin.mutation import mutate, n_switches, offspring, switch
 from metricgp.darwin.owl import outlier_ratio, owl_sparsities
-from metricgp.darwin.prior import MetricPrior, cumulative, spearman
+from metricgp.darwin.prior import MetricPrior, cumulative
 from metricgp.darwin.search import LevelSearch, SearchConfig
 from metricgp.darwin.stages import Stage, make_schedule, select
 from metricgp.errors import MetricGPError
+from metricgp.ranking import spearman
 
 
 def random_space(rng: random.Random) -> LevelSpace:

@@ -71,7 +71,7 @@ def structured_masks(setup: PruningSetup, database, update: str = "none"):
     from metricgp.structured.refit import UPDATES, check_update
 
     pruner = StructuredPruner(setup)
-    return StructuredMasks(pruner, database, UPDATES[check_update(update)](setup, pruner.modules))
+    return StructuredMasks(pruner, database, UPDATES[check_update(update)](pruner))
 
 
 def _unstructured_masks(setup: PruningSetup, database, update: str = "none"):

@@ -28,8 +28,9 @@ def restore_linears(dense, names: Sequence[str]) -> None:
 
 
 class StructuredMasks:
-    """`refit` (`metricgp.structured.refit.OutputRefit`, optional): each level's output projection gets its
-    least-squares update instead of plain zeroed columns, masked and shrunk alike."""
+    """`refit` (the pruner's `output_refit()`, optional): each level's output projection gets its
+    least-squares update instead of plain zeroed columns, masked and shrunk alike (`build` asks the
+    pruner for the same refit)."""
 
     def __init__(self, pruner: StructuredPruner, db: LevelDatabase, refit=None):
         if [m.name for m in pruner.modules] != db.names:
@@ -63,16 +64,4 @@ class StructuredMasks:
     def build(self, genome: Sequence[int]) -> nn.Module:
         """A physically shrunk deep copy without the genome's units (the dense model is untouched)."""
         self.reset()
-        model = self.pruner.build(self.db.removed(tuple(genome)), StructuredSpec())
-        if self.refit is not None:
-            from metricgp.structured.refit import removed_columns
-
-            with torch.no_grad():
-                for i, level in enumerate(genome):
-                    module, units = self.pruner.modules[i], self.db.units_at(i, level)
-                    if units:
-                        gone = set(removed_columns(module, units))
-                        weight = self.refit.weight(module, units)
-                        kept = [c for c in range(weight.shape[1]) if c not in gone]
-                        model.get_submodule(module.slices[-1].linear).weight.copy_(weight[:, kept])
-        return model
+        return self.pruner.build(self.db.removed(tuple(genome)), StructuredSpec(refit=self.refit is not None))

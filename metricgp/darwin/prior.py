@@ -4,7 +4,7 @@ Every gene gets a cost table: cost[g][L] = normalised importance of what level L
 importances divided by the mean |importance| of their kind, so genes of one kind compare). Then
 
 - predicted loss of a genome = sum of its genes' costs (offspring are screened by it, and only the
-  most promising reach the KL stage; `spearman` checks the prediction against measured KL);
+  most promising reach the KL stage; `metricgp.ranking.spearman` checks the prediction against measured KL);
 - mutation bias: a gene goes up with probability proportional to its rank by the cost of its next
   level (cheapest first), down by the cost of its current level (dearest first); linear rank
   weights, so every eligible gene keeps a chance;
@@ -14,7 +14,6 @@ importances divided by the mean |importance| of their kind, so genes of one kind
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -84,15 +83,3 @@ def allocation_start(db, budget: int) -> tuple[list[float], dict[str, float]]:
     for kind, w in zip(db.kinds, weights, strict=True):
         kinds[kind] = kinds.get(kind, 0.0) + w
     return weights, kinds
-
-
-def spearman(predicted: Sequence[float], measured: Sequence[float]) -> float | None:
-    """Spearman's rho of two equally long lists (None: fewer than 3 finite pairs or a constant side)."""
-    from scipy.stats import spearmanr
-
-    pairs = [(p, m) for p, m in zip(predicted, measured, strict=True) if math.isfinite(p) and math.isfinite(m)]
-    if len(pairs) < 3 or len({p for p, _ in pairs}) < 2 or len({m for _, m in pairs}) < 2:
-        return None
-    rho = spearmanr([p for p, _ in pairs], [m for _, m in pairs]).statistic
-    return float(rho) if math.isfinite(rho) else None
-

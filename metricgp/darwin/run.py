@@ -69,11 +69,11 @@ def start(config: DarwinConfig, out: Path, provenance: dict[str, Any] | None = N
     calib_seed = config.spec.get("seed", 0)
     update: dict[str, Any] = {}
     if config.update != "none":  # what the update stores: one Hessian per output projection, no weights
-        from metricgp.structured.groups import discover
-        from metricgp.structured.refit import UPDATES
+        from metricgp.structured.groups import discover, linears_by_name
+        from metricgp.structured.refit import hessian_bytes
 
-        refit = UPDATES[config.update](prep.setup, discover(prep.setup.model))
-        update = {"update": config.update, "update_bytes": refit.stored_bytes()}
+        model = prep.setup.model
+        update = {"update": config.update, "update_bytes": hessian_bytes(discover(model), linears_by_name(model))}
     write_json_atomic(out / "config.json", {
         "config": config.to_dict(), "schedule": schedule_dict(config.schedule()),
         "fitness_windows": {"data": config.fitness_data, "split": "calibration", "seed": calib_seed + 2},

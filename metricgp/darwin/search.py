@@ -23,9 +23,10 @@ from typing import Any
 from metricgp.darwin.fitness import Candidate
 from metricgp.darwin.levels import Genome, LevelSpace
 from metricgp.darwin.mutation import offspring
-from metricgp.darwin.prior import MetricPrior, spearman
+from metricgp.darwin.prior import MetricPrior
 from metricgp.darwin.stages import Scorer, Stage, select
 from metricgp.errors import MetricGPError
+from metricgp.ranking import spearman
 
 
 @dataclass(frozen=True)

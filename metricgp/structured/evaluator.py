@@ -175,14 +175,18 @@ class StructuredPruner:
         apply_plan(model, self.modules, removed)
         return model
 
-    def _refit(self, model: nn.Module, removed: list[Unit]) -> None:
-        """Each pruned module's output projection re-fitted to the dense output (its removed columns
-        zero, so shrinking then drops them)."""
+    def output_refit(self):
+        """The least-squares refit of output projections (`refit.OutputRefit`), its Hessians loaded once."""
         from metricgp.structured.refit import OutputRefit
 
         if "refit" not in self.memo:
             self.memo["refit"] = OutputRefit(self.setup, self.modules)
-        refit = self.memo["refit"]
+        return self.memo["refit"]
+
+    def _refit(self, model: nn.Module, removed: list[Unit]) -> None:
+        """Each pruned module's output projection re-fitted to the dense output (its removed columns
+        zero, so shrinking then drops them)."""
+        refit = self.output_refit()
         by_module: dict[str, list[Unit]] = {}
         for u in removed:
             by_module.setdefault(u.module, []).append(u)

@@ -28,6 +28,7 @@ from metricgp.structured.groups import Module
 from metricgp.structured.importance import Unit
 
 RIDGE = 0.01
+HESSIAN_DTYPE = torch.float32
 HESSIANS_VERSION = 1
 
 
@@ -69,7 +70,7 @@ def output_hessians(model: nn.Module, linears: dict[str, nn.Linear], calib: torc
     with torch.no_grad(), hessian_hooks(linears, sums):
         for window in tqdm(calib, desc="output-projection Hessians", unit="win", leave=False):
             model(input_ids=window.unsqueeze(0).to(device), use_cache=False)
-    return {n: (h / calib.numel()).cpu() for n, h in sums.items()}
+    return {n: (h / calib.numel()).to("cpu", HESSIAN_DTYPE) for n, h in sums.items()}
 
 
 def cached_output_hessians(setup, modules: list[Module]) -> dict[str, torch.Tensor]:
@@ -109,16 +110,15 @@ class OutputRefit:
         name = module.slices[-1].linear
         return refit_columns(self.dense.weights[name], self.hessians[name], removed_columns(module, units))
 
-    def stored_bytes(self) -> int:
-        return sum(h.numel() * h.element_size() for h in self.hessians.values())
+
+def hessian_bytes(modules: list[Module], linears: dict[str, nn.Linear]) -> int:
+    """What the cache of `output_hessians` holds: one (in x in) float32 matrix per output projection."""
+    return sum(linears[m.slices[-1].linear].in_features ** 2 for m in modules) * HESSIAN_DTYPE.itemsize
 
 
-def _no_update(setup, modules: list[Module]) -> None:
-    return None
-
-
-# --update name -> fn(setup, modules) -> OutputRefit | None
-UPDATES: dict[str, Callable[..., OutputRefit | None]] = {"none": _no_update, "ls": OutputRefit}
+# --update name -> fn(pruner) -> the pruner's OutputRefit, or None (`StructuredPruner.output_refit`)
+UPDATES: dict[str, Callable[..., OutputRefit | None]] = {"none": lambda pruner: None,
+                                                         "ls": lambda pruner: pruner.output_refit()}
 
 
 def check_update(name: str) -> str:

@@ -9,7 +9,7 @@ prunable module (one attention or MLP of one block).
     I_kbj  = (e_kbj / c_j) / mean_{b',j'} (e_kb'j' / c_j')           normalised importance, mean 1
     O_p    = measured loss increase per weight of probe p            (saap_probes: a query head or a
                                                                      head-sized run of channels zeroed,
-                                                                     on validation windows)
+                                                                     on held-out calibration windows)
     I_kbp  = sum_{j in p} c_j I_kbj / sum_{j in p} c_j               the estimator's view of probe p
     r(.)   = rank over the P probes, scaled to [0, 1]
     L_k    = mean_b mean_p (r(I_kb.)_p - r(O)_p)^2                   the estimator's error: its rank
@@ -70,7 +70,7 @@ class SAAPOptions:
     skip_edge_blocks: bool = False  # leave the first and last decoder blocks untouched
     spread: float = 0.5  # 0: the same ratio everywhere; 1: the most important, least stable kept whole
     probes_per_module: int = 1  # measured probes per module (fusions that need them)
-    probe_windows: int = 2  # validation windows each probe is measured on
+    probe_windows: int = 2  # held-out calibration windows each probe is measured on
 
     @classmethod
     def from_dict(cls, options: Mapping | None) -> SAAPOptions:
@@ -203,18 +203,12 @@ class Analysis:
     fusion: Fusion
     names: list[str]
     cached: bool
-    probe_spearman: list[float] | None = None  # per estimator: its window-mean ranking of the probes vs O_p
-
-
-def spearman(a: torch.Tensor, b: torch.Tensor) -> float:
-    """Spearman's rank correlation of two vectors (ties by position)."""
-    ra, rb = scaled_ranks(a), scaled_ranks(b)
-    ra, rb = ra - ra.mean(), rb - rb.mean()
-    return float((ra * rb).sum() / (ra.norm() * rb.norm()).clamp_min(1e-30))
+    probe_spearman: list[float | None] | None = None  # per estimator: its window-mean probe ranking vs O_p
 
 
 def analyse(pruner, options: SAAPOptions) -> Analysis:
     """The per-window scores (cached on disk), normalised and fused; memoised on the pruner."""
+    from metricgp.ranking import spearman
     from metricgp.structured.saap_estimators import cached_batch_scores, structure_sizes
     from metricgp.structured.saap_probes import cached_probe_deltas, probe_importance, probe_membership
 
@@ -233,7 +227,7 @@ def analyse(pruner, options: SAAPOptions) -> Analysis:
             membership = probe_membership(probes, sizes)
             x = FusionInput(importance, probe_importance(importance, membership), deltas / membership.sum(dim=1))
             cached = cached and probes_cached
-            agreement = [spearman(p.mean(dim=0), x.oracle) for p in x.probe_importance]
+            agreement = [spearman(p.mean(dim=0).tolist(), x.oracle.tolist()) for p in x.probe_importance]
         fusion = rule.fn(x)
         offsets, start = {}, 0
         for m in pruner.modules:

@@ -355,7 +355,7 @@ def _sigma_section(sigma: dict | None) -> list[str]:
              "windows | weight 1/(2 sigma_k^2) | share of the weights |",
              "|---|---|---|---|---|---|---|"]
     lines += [f"| {label(k)} | {s['sigma']:.4g} | {s.get('loss', s['inconsistency']):.4g} | "
-              + (f"{s['probe_spearman']:+.3f}" if "probe_spearman" in s else "-")
+              + (f"{s['probe_spearman']:+.3f}" if s.get("probe_spearman") is not None else "-")
               + f" | {s['inconsistency']:.4g} | {s['weight']:.4g} | {100 * s['share']:.3g}% |"
               for k, s in sigma.items()]
     return [*lines, "", f"The largest weight goes to `{label(top)}` ({100 * sigma[top]['share']:.3g}% of the total); "
