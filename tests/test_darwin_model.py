@@ -365,6 +365,27 @@ def test_cli_bad_input_exits_2_with_one_error_line(tiny4_dir, text_files, module
     assert not out.exists()
 
 
+def test_resume_at_the_last_generation_adds_the_reconstruct_rows(tiny4_dir, text_files, module_cache, tmp_path):
+    from metricgp.darwin.__main__ import main
+
+    out = tmp_path / "evo"
+    args = cli_args(tiny4_dir, text_files, out, "--unstructured", "--sparsity", "0.5", "--levels", "20",
+                    "--offspring", "4", "--generations", "1", "--metric", "wanda", "--no-save-model")
+    assert main(args) == 0
+    before = json.loads((out / "report.json").read_text())
+    assert set(before["fitness"]) == {"uniform", "owl", "evopress"}
+    assert main(["--resume", str(out), "--generations", "1", "--reconstruct", "--no-progress"]) == 0
+    assert [r["gen"] for r in _log(out)] == [0, 1]  # no generation added: only the final report again
+    after = json.loads((out / "report.json").read_text())
+    assert after["genome"] == before["genome"]
+    assert set(after["fitness"]) == {"uniform", "owl", "evopress", "uniform+reconstruct", "owl+reconstruct",
+                                     "evopress+reconstruct"}
+    assert after["fitness"]["evopress"] == pytest.approx(before["fitness"]["evopress"])
+    resumed = json.loads((out / "config.json").read_text())["resumes"]
+    assert resumed[-1]["overrides"] == {"generations": 1, "reconstruct": True}
+    assert main(["--resume", str(out), "--sparsity", "0.6", "--no-progress"]) == 2
+
+
 def test_evopress_unstructured_levels_are_exact_with_baselines(tiny4_dir, text_files, module_cache,
                                                                          tmp_path):
     from metricgp.darwin.run import start

@@ -3,6 +3,8 @@
     python -m metricgp.darwin --keep 0.6 --metric-file results/smollm2-default-s0/best.json \\
         --offspring 16 --generations 50 --out results/darwin-k60
     python -m metricgp.darwin --resume results/darwin-k60 --generations 80
+    python -m metricgp.darwin --resume results/evo-unstructured-60 --generations 2 --reconstruct
+        # at its last generation: only the final report again, now with the reconstruct rows
     python -m metricgp.darwin --keep 0.6 --survivors 4,2,1 --fitness-windows 2,4,8 \\
         --train-tokens 2k,4k,8k --out results/darwin-k60-trained        # training-aware selection
     python -m metricgp.darwin --unstructured --sparsity 0.7 --metric wanda --out results/evo-unstructured-70
@@ -24,7 +26,8 @@ DESCRIPTION = ("DarwinLM level search: a database of per-module pruning levels o
 DEFAULT_METRIC_FILE = Path("results/smollm2-default-s0/best.json")
 # importance names beyond the built-in metrics (metricgp.expr.BUILTIN_METRICS)
 IMPORTANCE_ALIASES = {"taylor": "mul(abs(W), G)"}  # first-order Taylor |W * dL/dW| (LLM-Pruner)
-RESUME_OPTIONS = ("resume", "generations", "backend", "workers", "time_budget", "no_progress")
+# what a resume may change: how long and where it runs, and (final report only) the reconstruct rows
+RESUME_OPTIONS = ("resume", "generations", "backend", "workers", "time_budget", "reconstruct", "no_progress")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -134,9 +137,9 @@ def resume_overrides(parser: argparse.ArgumentParser, args: argparse.Namespace) 
     if given:
         names = ", ".join(f"--{k.replace('_', '-')}" for k in given)
         raise MetricGPError(f"--resume continues the run as configured; drop {names} "
-                            "(only --generations, --time-budget, --backend, --workers may change)")
+                            "(only --generations, --time-budget, --backend, --workers, --reconstruct may change)")
     defaults = {k: parser.get_default(k) for k in ("generations", "backend", "workers", "time_budget")}
     return {"generations": args.generations if args.generations != defaults["generations"] else None,
             "backend": args.backend if args.backend != defaults["backend"] else None,
             "workers": args.workers if args.workers != defaults["workers"] else None,
-            "time_budget_min": args.time_budget}
+            "time_budget_min": args.time_budget, "reconstruct": True if args.reconstruct else None}

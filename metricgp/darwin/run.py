@@ -2,8 +2,9 @@
 
     start(config, out)      build the database and start genome (errors before anything is written),
                             write config.json + database.json, score generation 0, then `drive`
-    resume(out, overrides)  the checkpoint's config (generations, backend, workers and the time
-                            budget may change), the stored database, the search state; then `drive`
+    resume(out, overrides)  the checkpoint's config (generations, backend, workers, the time budget
+                            and the final report's reconstruct rows may change), the stored
+                            database, the search state; then `drive`
     drive(...)              generations with a progress bar; after each: log.jsonl, best.json and
                             the checkpoint; at the end `finish`: plots, the final model, README.md
 
@@ -30,7 +31,7 @@ from metricgp.search.artifacts import append_log, rewrite_log
 from metricgp.search.backends import make_backend
 from metricgp.search.checkpoint import CHECKPOINT, load_checkpoint, save_checkpoint
 
-RESUMABLE = ("generations", "backend", "workers", "time_budget_min")
+RESUMABLE = ("generations", "backend", "workers", "time_budget_min", "reconstruct")
 
 
 @dataclasses.dataclass
