@@ -3,6 +3,7 @@
     python -m metricgp.structured.experiments defaults --out results/structured   # choose reduction/normalisation
     python -m metricgp.structured.experiments table --out results/structured      # make structured
     python -m metricgp.structured.experiments saap --out results/structured       # make saap-ablation
+    python -m metricgp.structured.experiments seeds --calib-seeds 0,1,2 ...       # the spread over seeds (seeds.py)
 
 The model and its statistics load once. Every row prunes a copy of the dense model and is
 written to the JSON table when it finishes, so an interrupted run continues where it stopped.
@@ -23,7 +24,8 @@ from metricgp.errors import MetricGPError, cli_entry
 from metricgp.structured.evaluator import StructuredSpec, prune, speed_report
 from metricgp.structured.methods import METHODS, get_method
 
-DEFAULT_KEEPS = {"table": "0.7,0.5,0.8,0.9", "saap": "0.7"}  # the key level first, so an interrupted run has it
+# the key level first, so an interrupted run has it
+DEFAULT_KEEPS = {"table": "0.7,0.5,0.8,0.9", "saap": "0.7", "seeds": "0.7"}
 
 
 def load_rows(path: Path) -> dict[str, dict]:
@@ -147,6 +149,8 @@ def row_command(method: str, keep: float, args, recover: bool, options: tuple[st
     (the recovery given by `options` when it is not the plain `--recover-tokens`)."""
     parts = ["python -m metricgp.apply --structured", f"--method {method}", *options, f"--keep {keep}",
              f"--dataset {args.dataset}", f"--eval-windows {args.eval_windows}", f"--n-calib {args.n_calib}"]
+    if args.calib_seed:
+        parts.append(f"--calib-seed {args.calib_seed}")
     if recover:
         parts.append(f"--recover-tokens {args.recover_tokens}")
     return " ".join(parts + [f"--out runs/{name or method}-{int(keep * 100)}"])
@@ -162,7 +166,7 @@ def run_table(args) -> None:
     setup = pruning_setup(args)
     evals, dense = evaluation_windows(setup, args)
     before = earlier(path)
-    meta = {"what": "structured pruning of the default model: test perplexity, size and speed",
+    meta = before | {"what": "structured pruning of the default model: test perplexity, size and speed",
             "dense_ppl": dense, "eval_windows": args.eval_windows, "seqlen": args.seqlen,
             "recover_tokens": args.recover_tokens,
             "recover_keeps": sorted(set(before.get("recover_keeps", [])) | set(args.recover_keeps), reverse=True),
@@ -286,7 +290,7 @@ def _reload_check(model, path: Path, ids) -> dict:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m metricgp.structured.experiments")
-    p.add_argument("what", choices=("defaults", "table", "speed", "profile", "saap"))
+    p.add_argument("what", choices=tuple(SUBCOMMANDS))
     p.add_argument("--out", type=Path, default=Path("results/structured"))
     p.add_argument("--model", default="default")
     p.add_argument("--calib", default="c4")
@@ -308,10 +312,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt-lens", default="128,512", help="speed, profile: prompt lengths")
     p.add_argument("--repeats", type=int, default=5, help="speed: timed repeats (medians); profile: dense and pruned "
                    "profiled alternately this many times (medians)")
+    p.add_argument("--calib-seeds", default="0,1,2", help="seeds: calibration seeds, one table each")
+    p.add_argument("--pairs", default=None, help="seeds: A:B,... methods compared per seed (default X-refit:X)")
+    p.add_argument("--reuse", type=Path, default=None, help="seeds: a table.json made with --reuse-seed whose "
+                   "rows fill that seed's table")
+    p.add_argument("--reuse-seed", type=int, default=0, help="seeds: the calibration seed of --reuse (default 0)")
     from metricgp.structured.saap_experiments import add_saap_ablation_options
 
     add_saap_ablation_options(p)
     return p
+
+
+def _run_saap(args) -> None:
+    from metricgp.structured.saap_experiments import run_saap
+
+    run_saap(args)
+
+
+def _run_seeds(args) -> None:
+    from metricgp.structured.seeds import run_seeds
+
+    run_seeds(args)
+
+
+SUBCOMMANDS = {"defaults": run_defaults, "table": run_table, "speed": run_speed, "profile": run_profile,
+               "saap": _run_saap, "seeds": _run_seeds}
 
 
 @cli_entry
@@ -325,10 +350,7 @@ def main(argv: list[str] | None = None) -> int:
         get_method(m)
     if not args.keeps or any(not 0 < k <= 1 for k in args.keeps):
         raise MetricGPError(f"--keeps must be in (0, 1], got {args.keeps}")
-    from metricgp.structured.saap_experiments import run_saap
-
-    {"defaults": run_defaults, "table": run_table, "speed": run_speed, "profile": run_profile,
-     "saap": run_saap}[args.what](args)
+    SUBCOMMANDS[args.what](args)
     return 0
 
 
