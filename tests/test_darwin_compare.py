@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from metricgp.darwin.compare import main
 
 STAGES = [{"survivors": 4, "windows": 2, "train_tokens": 0}, {"survivors": 1, "windows": 8, "train_tokens": 0}]
@@ -25,7 +27,8 @@ def fake_run(path, prior, fitness, seconds, genome, stages=STAGES, ppl=None):
 def test_time_to_fitness_winner_distance_and_report(tmp_path, capsys):
     prior = fake_run(tmp_path / "prior", True, [2.0, 1.5, 1.2, 1.2], [10, 20, 20, 20], [1, 2, 3],
                      ppl={"dense": {"wikitext2": 30.0}, "pruned": {"wikitext2": 90.0}})
-    plain = fake_run(tmp_path / "plain", False, [4.0, 3.0, 1.4, 1.3], [10, 10, 10, 10], [1, 0, 5])
+    plain = fake_run(tmp_path / "plain", False, [4.0, 3.0, 1.4, 1.3], [10, 10, 10, 10], [1, 0, 5],
+                     ppl={"pruned": {"wikitext2": 99.0}})
     trained = fake_run(tmp_path / "trained", True, [1.0, 0.9], [30, 60], [2, 2, 2], stages=TRAINED)
     out = tmp_path / "cmp"
     assert main([str(prior), str(plain), str(trained), "--out", str(out)]) == 0
@@ -40,6 +43,10 @@ def test_time_to_fitness_winner_distance_and_report(tmp_path, capsys):
     text = (out / "compare.md").read_text()
     assert "| prior | pruned | 90.00 |" in text and "not reached" in text and "other schedule" in text
     assert (out / "fitness-vs-time.png").stat().st_size > 1000
+    (versus,) = result["against_first_run"]  # trained has no report: nothing to set against prior's
+    assert versus["run"] == "plain" and versus["lower"] == 0
+    assert versus["delta_percent"]["wikitext2"] == pytest.approx(10.0)
+    assert "- plain pruned: wikitext2 +10.0%; lower on 0 of 1" in text
 
 
 def test_not_a_run_is_a_one_line_error(tmp_path, capsys):

@@ -13,7 +13,9 @@ compare.md, compare.json and fitness-vs-time.png into --out:
   Runs with in-loop training score *trained* candidates, so their fitness is only compared with
   runs of the same schedule; across schedules the comparison is the final model after the same
   recovery;
-- how different the winners are: genes at different levels and the summed level distance.
+- how different the winners are: genes at different levels and the summed level distance;
+- each final model against the first run's, after the same recovery: the difference in percent per
+  test set, and on how many test sets it is lower (one search seed each: no spread is known).
 """
 
 from __future__ import annotations
@@ -66,6 +68,7 @@ def time_to(run: dict[str, Any], target: float) -> tuple[int, float] | None:
 def summary(run: dict[str, Any]) -> dict[str, Any]:
     c, traj, report = run["config"], trajectory(run), run["report"]
     return {"run": run["name"], "prior": c["prior"], "train_tokens": [s.get("train_tokens", 0) for s in c["stages"]],
+            "screen": c.get("screen"), "offspring": c.get("offspring"),
             "generations": traj[-1][0], "seconds": round(traj[-1][1], 1), "start_fitness": traj[0][2],
             "final_fitness": traj[-1][2], "spearman": report.get("spearman_predicted_vs_first_stage_all"),
             "perplexity": report.get("perplexity", {}), "genome": report.get("genome") or run["records"][-1]["genome"]}
@@ -83,6 +86,29 @@ def reach_table(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return rows
 
 
+def against_reference(summaries: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Every other run's final models (pruned, recovered) against the first run's of the same kind:
+    100 x (ppl / reference ppl - 1) per test set, and how many test sets are lower."""
+    ref = summaries[0]
+    rows = []
+    for s in summaries[1:]:
+        for kind, row in s["perplexity"].items():
+            base = ref["perplexity"].get(kind)
+            if kind == "dense" or not row or not base:
+                continue
+            delta = {d: 100.0 * (v / base[d] - 1.0) for d, v in row.items() if d in base and v and base[d]}
+            if delta:
+                rows.append({"run": s["run"], "reference": ref["run"], "model": kind, "delta_percent": delta,
+                             "lower": sum(v < 0 for v in delta.values()), "of": len(delta)})
+    return rows
+
+
+def _screened(s: dict[str, Any]) -> str:
+    if not s["prior"] or not s.get("screen") or not s.get("offspring"):
+        return "all"
+    return f"{s['screen']} of {s['offspring']}"
+
+
 def genome_distance(a: list[int], b: list[int]) -> dict[str, int]:
     return {"genes_differ": sum(x != y for x, y in zip(a, b, strict=True)),
             "level_distance": sum(abs(x - y) for x, y in zip(a, b, strict=True))}
@@ -93,12 +119,14 @@ def _fmt(x: Any, spec: str = ".4g") -> str:
 
 
 def markdown(summaries: list[dict[str, Any]], reach: list[dict[str, Any]], distances: dict[str, Any],
-             command: str) -> str:
+             command: str, versus: list[dict[str, Any]] | None = None) -> str:
     lines = ["# Level searches side by side", "", f"Made by: `{command}` (from each run's log.jsonl and report.json).",
-             "", "| run | prior | in-loop training tokens | generations | seconds | start fitness | final fitness "
-             "| Spearman predicted vs first stage |", "|---|---|---|---|---|---|---|---|"]
+             "", "| run | prior | offspring screened to the first stage | in-loop training tokens | generations "
+             "| seconds | start fitness | final fitness | Spearman predicted vs first stage |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for s in summaries:
-        lines.append(f"| {s['run']} | {'on' if s['prior'] else 'off'} | {s['train_tokens']} | {s['generations']} | "
+        lines.append(f"| {s['run']} | {'on' if s['prior'] else 'off'} | {_screened(s)} | {s['train_tokens']} | "
+                     f"{s['generations']} | "
                      f"{s['seconds']:.0f} | {s['start_fitness']:.4f} | {s['final_fitness']:.4f} | "
                      f"{_fmt(s['spearman'], '.3f')} |")
     ppl_rows = [(s["run"], kind, row) for s in summaries for kind, row in s["perplexity"].items()
@@ -124,6 +152,11 @@ def markdown(summaries: list[dict[str, Any]], reach: list[dict[str, Any]], dista
                 hit = row["reached"][s["run"]]
                 cells.append("not reached" if hit is None else f"gen {hit['generation']}, {hit['seconds']:.0f} s")
         lines.append(f"| {row['target']:.4f} ({row['target_of']}) | " + " | ".join(cells) + " |")
+    if versus:
+        lines += ["", f"Final models against {versus[0]['reference']}'s of the same kind, in percent (negative: "
+                  "lower perplexity); one search seed per run, so no spread is known:", ""]
+        lines += [f"- {v['run']} {v['model']}: " + ", ".join(f"{d} {x:+.1f}%" for d, x in sorted(
+            v["delta_percent"].items())) + f"; lower on {v['lower']} of {v['of']}" for v in versus]
     if distances:
         lines += ["", "Winners compared (genes at a different level / summed level distance):", ""]
         lines += [f"- {pair}: {d['genes_differ']} genes differ, level distance {d['level_distance']}"
@@ -157,10 +190,13 @@ def compare(paths: list[Path], out: Path) -> dict[str, Any]:
     distances = {f"{a['run']} vs {b['run']}": genome_distance(a["genome"], b["genome"])
                  for i, a in enumerate(summaries) for b in summaries[i + 1:] if len(a["genome"]) == len(b["genome"])}
     meta = provenance()
-    result = {"runs": summaries, "time_to_fitness": reach, "winner_distances": distances, **meta}
+    versus = against_reference(summaries)
+    result = {"runs": summaries, "time_to_fitness": reach, "winner_distances": distances,
+              "against_first_run": versus, **meta}
     out.mkdir(parents=True, exist_ok=True)
     write_json_atomic(out / "compare.json", result)
-    (out / "compare.md").write_text(markdown(summaries, reach, distances, meta.get("command", "")), encoding="utf-8")
+    text = markdown(summaries, reach, distances, meta.get("command", ""), versus)
+    (out / "compare.md").write_text(text, encoding="utf-8")
     plot(runs, out / "fitness-vs-time.png")
     return result
 
