@@ -60,9 +60,11 @@ def metric_panel(n_random: int, seed: int, run_dir: Path | None = None, top: int
 
 
 def spearman(a: list[float], b: list[float]) -> float:
-    from scipy.stats import spearmanr
+    """`metricgp.ranking.spearman`, with NaN (a JSON null once written) where that gives None."""
+    from metricgp.ranking import spearman as rho
 
-    return float(spearmanr(a, b).statistic)
+    value = rho(a, b)
+    return math.nan if value is None else value
 
 
 def _evaluator(args: argparse.Namespace, fidelities: tuple[int, ...]):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 
@@ -22,6 +23,7 @@ def test_panel_is_distinct_seeded_and_large_enough():
 def test_spearman():
     assert spearman([1, 2, 3, 4], [10, 20, 30, 40]) == 1.0
     assert spearman([1, 2, 3, 4], [4, 3, 2, 1]) == -1.0
+    assert math.isnan(spearman([1, 2, 3, 4], [5, 5, 5, 5]))  # a constant side has no rank order
 
 
 def test_benchmarks_run_on_a_tiny_model(tmp_path, tiny_llama_dir, text_files, isolated_cache, monkeypatch, capsys):
