@@ -16,7 +16,7 @@ from typing import Any
 
 from metricgp.darwin.levels import Gene, Genome, JsonDatabase, LevelSpace
 from metricgp.errors import MetricGPError
-from metricgp.structured.importance import Unit
+from metricgp.structured.importance import Unit, by_module
 
 DEFAULT_LEVELS = 10
 
@@ -90,12 +90,10 @@ def build_database(pruner, units: list[Unit], levels: int = DEFAULT_LEVELS,
     """Order every module's scored `units` (from `StructuredPruner.score`) and fix the level steps."""
     if levels < 1:
         raise MetricGPError(f"--levels must be at least 1, got {levels}")
-    by_module: dict[str, list[Unit]] = {}
-    for u in units:
-        by_module.setdefault(u.module, []).append(u)
+    ordered = by_module(units, least_important_first=True)
     names = [m.name for m in pruner.modules]
     kinds = [m.kind for m in pruner.modules]
-    order = [sorted(by_module[n], key=lambda u: (u.norm, u.members)) for n in names]
+    order = [ordered[n] for n in names]
     step_units: dict[str, int] = {}
     for kind in dict.fromkeys(kinds):
         mine = [o for o, k in zip(order, kinds, strict=True) if k == kind]

@@ -13,15 +13,11 @@ import heapq
 from collections.abc import Callable, Mapping
 
 from metricgp.errors import MetricGPError
-from metricgp.structured.importance import Unit
+from metricgp.structured.importance import Unit, by_module
 
 
 def _by_module(units: list[Unit]) -> dict[str, list[Unit]]:
-    """Units of each module, least important first (ties by position, so it is deterministic)."""
-    out: dict[str, list[Unit]] = {}
-    for u in units:
-        out.setdefault(u.module, []).append(u)
-    return {m: sorted(us, key=lambda u: (u.norm, u.members)) for m, us in out.items()}
+    return by_module(units, least_important_first=True)
 
 
 def _global(units: list[Unit], budget: int) -> list[Unit]:

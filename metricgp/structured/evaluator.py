@@ -23,7 +23,14 @@ from metricgp.errors import MetricGPError
 from metricgp.structured import baselines
 from metricgp.structured.allocate import ALLOCATIONS, allocate, from_keep_map
 from metricgp.structured.groups import HEAD_MODES, Module, decoder_params, discover, linears_by_name
-from metricgp.structured.importance import NORMALISATIONS, REDUCTIONS, Unit, element_scores, score_units
+from metricgp.structured.importance import (
+    NORMALISATIONS,
+    REDUCTIONS,
+    Unit,
+    by_module,
+    element_scores,
+    score_units,
+)
 from metricgp.structured.shrink import apply_plan, remove_blocks
 
 STRUCTURES = ("width", "depth")  # width: heads + channels; depth: whole decoder blocks
@@ -187,23 +194,19 @@ class StructuredPruner:
         """Each pruned module's output projection re-fitted to the dense output (its removed columns
         zero, so shrinking then drops them)."""
         refit = self.output_refit()
-        by_module: dict[str, list[Unit]] = {}
-        for u in removed:
-            by_module.setdefault(u.module, []).append(u)
+        gone = by_module(removed)
         with torch.no_grad():
             for m in self.modules:
-                if m.name in by_module:
-                    model.get_submodule(m.slices[-1].linear).weight.copy_(refit.weight(m, by_module[m.name]))
+                if m.name in gone:
+                    model.get_submodule(m.slices[-1].linear).weight.copy_(refit.weight(m, gone[m.name]))
 
     def _compensate(self, model: nn.Module, removed: list[Unit]) -> None:
         means = self.output_means()
-        by_module = {m.name: m for m in self.modules}
-        gone: dict[str, set[int]] = {}
-        for u in removed:
-            gone.setdefault(u.module, set()).update(u.members)
-        for name, members in gone.items():
-            out = by_module[name].slices[-1]  # the output projection's columns
-            cols = torch.tensor([i * out.size + j for i in sorted(members) for j in range(out.size)])
+        modules = {m.name: m for m in self.modules}
+        for name, units in by_module(removed).items():
+            out = modules[name].slices[-1]  # the output projection's columns
+            members = sorted({i for u in units for i in u.members})
+            cols = torch.tensor([i * out.size + j for i in members for j in range(out.size)])
             parent, _, attr = out.linear.rpartition(".")
             new = baselines.compensate_bias(model.get_submodule(out.linear), cols, means[out.linear])
             setattr(model.get_submodule(parent), attr, new)

@@ -88,6 +88,17 @@ class Unit:
     norm: float = 0.0  # normalised importance: what allocations compare
 
 
+def by_module(units: list[Unit], least_important_first: bool = False) -> dict[str, list[Unit]]:
+    """The units of each module, in the given order or least important first (ties by position, so
+    the order is deterministic)."""
+    out: dict[str, list[Unit]] = {}
+    for u in units:
+        out.setdefault(u.module, []).append(u)
+    if least_important_first:
+        return {m: sorted(us, key=lambda u: (u.norm, u.members)) for m, us in out.items()}
+    return out
+
+
 def _final(red: Reduction, value: torch.Tensor, count: torch.Tensor) -> float:
     return float(red.final(value, count))
 

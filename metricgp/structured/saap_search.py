@@ -12,7 +12,7 @@ from collections.abc import Mapping
 import torch
 
 from metricgp.errors import MetricGPError
-from metricgp.structured.importance import Unit
+from metricgp.structured.importance import Unit, by_module
 from metricgp.structured.saap import Analysis, SAAPOptions, analyse
 
 
@@ -45,25 +45,23 @@ def propensities(importance: torch.Tensor, stability: torch.Tensor, spread: floa
 def water_fill(units: list[Unit], budget: int, weight: Mapping[str, float]) -> dict[str, int]:
     """Units removed per module: removed fractions grow in proportion to `weight` (modules with no
     or zero weight are untouched) while the removed parameters stay within `budget`."""
-    by_module: dict[str, list[Unit]] = {}
-    for u in units:
-        by_module.setdefault(u.module, []).append(u)
-    size = {m: sum(u.params for u in us) for m, us in by_module.items()}
-    removed = dict.fromkeys(by_module, 0)
-    gone = dict.fromkeys(by_module, 0)
-    heap = [(us[0].params / (size[m] * weight[m]), m) for m, us in by_module.items()
+    grouped = by_module(units)
+    size = {m: sum(u.params for u in us) for m, us in grouped.items()}
+    removed = dict.fromkeys(grouped, 0)
+    gone = dict.fromkeys(grouped, 0)
+    heap = [(us[0].params / (size[m] * weight[m]), m) for m, us in grouped.items()
             if weight.get(m, 0) > 0 and len(us) > 1]
     heapq.heapify(heap)
     while heap:
         _, m = heapq.heappop(heap)
-        params = by_module[m][removed[m]].params
+        params = grouped[m][removed[m]].params
         if params > budget:
             continue  # this module's units no longer fit; smaller ones elsewhere may
         budget -= params
         removed[m] += 1
         gone[m] += params
-        if removed[m] < len(by_module[m]) - 1:
-            heapq.heappush(heap, ((gone[m] + by_module[m][removed[m]].params) / (size[m] * weight[m]), m))
+        if removed[m] < len(grouped[m]) - 1:
+            heapq.heappush(heap, ((gone[m] + grouped[m][removed[m]].params) / (size[m] * weight[m]), m))
     return removed
 
 

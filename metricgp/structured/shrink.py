@@ -13,7 +13,7 @@ from torch import nn
 
 from metricgp.models import find_blocks
 from metricgp.structured.groups import Module, Slice
-from metricgp.structured.importance import Unit
+from metricgp.structured.importance import Unit, by_module
 
 # int attributes an attention module may carry that count heads; updated when they exist
 _HEAD_COUNT_ATTRS = ("num_heads", "num_attention_heads")
@@ -75,12 +75,10 @@ def shrink_module(model: nn.Module, module: Module, removed: list[Unit]) -> None
 
 
 def apply_plan(model: nn.Module, modules: list[Module], removed: list[Unit]) -> None:
-    by_module: dict[str, list[Unit]] = {}
-    for u in removed:
-        by_module.setdefault(u.module, []).append(u)
+    gone = by_module(removed)
     for m in modules:
-        if by_module.get(m.name):
-            shrink_module(model, m, by_module[m.name])
+        if gone.get(m.name):
+            shrink_module(model, m, gone[m.name])
 
 
 def remove_blocks(model: nn.Module, indices: Iterable[int]) -> None:
