@@ -122,6 +122,15 @@ def test_sigma_record_report_and_plot(ablation):
     assert md.count("Lowest perplexity:") == 4 and "The fused importance ranks" in md
 
 
+def test_the_sigma_record_is_the_most_complete_of_equal_ones():
+    old = {"magnitude": {"sigma": 0.4, "loss": 0.16}}
+    new = {"magnitude": {"sigma": 0.4, "loss": 0.16, "probe_spearman": 0.2}}
+    row = {"importance": saap_experiments.FUSED}
+    rows = {"0.7": row | {"fusion": old}, "0.9": row | {"fusion": new}, "0.5": {"importance": "magnitude"}}
+    assert saap_experiments.sigma_of(rows) == new
+    assert saap_experiments.sigma_of({"0.5": {"importance": "magnitude"}}) is None
+
+
 def test_rerun_resumes_without_recomputing(ablation, tmp_path, monkeypatch):
     import metricgp.evaluate
 

@@ -216,8 +216,10 @@ def _recovered_row(setup, v: Variant, keep: float, method: str, train, evals: di
 
 def sigma_of(rows: dict) -> dict | None:
     """The learned sigma_k, L_k and weight 1 / (2 sigma_k^2) of each estimator in the fused importance
-    (they depend on the calibration, not on the keep level)."""
-    return next((r["fusion"] for r in rows.values() if _is_saap(r) and "fusion" in r), None)
+    (they depend on the calibration, not on the keep level). Of equal records, the most complete:
+    rows made later also record each estimator's Spearman against the probes."""
+    fusions = [r["fusion"] for r in rows.values() if _is_saap(r) and "fusion" in r]
+    return max(fusions, key=lambda f: sum(len(v) for v in f.values()), default=None)
 
 
 def _is_saap(row: dict) -> bool:
