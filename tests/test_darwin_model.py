@@ -365,6 +365,19 @@ def test_cli_bad_input_exits_2_with_one_error_line(tiny4_dir, text_files, module
     assert not out.exists()
 
 
+def test_screening_is_off_unless_asked(tiny4_dir, text_files, tmp_path):
+    from metricgp.darwin.cli import build_parser, config_from_args
+
+    def screen(*extra: str):
+        args = build_parser().parse_args(cli_args(tiny4_dir, text_files, tmp_path / "run", "--metric", "wanda",
+                                                  "--offspring", "6", *extra))
+        return config_from_args(args).screen
+
+    assert screen() is None  # every offspring goes to the first stage
+    assert screen("--screen", "4") == 4
+    assert screen("--screen", "4", "--no-prior") is None
+
+
 def test_resume_at_the_last_generation_adds_the_reconstruct_rows(tiny4_dir, text_files, module_cache, tmp_path):
     from metricgp.darwin.__main__ import main
 

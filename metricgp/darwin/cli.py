@@ -67,8 +67,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "(default: --calib; never a test split)")
     s.add_argument("--no-prior", action="store_true", help="no metric prior: uniform start, unbiased mutation, "
                    "no screening (the predicted-vs-measured correlation is still logged)")
-    s.add_argument("--screen", type=int, default=None, help="with the prior: offspring sent to the first stage, "
-                   "lowest predicted loss first (default offspring/2; 0: all)")
+    s.add_argument("--screen", type=int, default=0, help="with the prior: offspring sent to the first stage, "
+                   "lowest predicted loss first (default 0: all; the prediction ranked offspring against their KL "
+                   "in every measured run, and screening half of them gave a worse search: results/darwin/compare.md)")
     s.add_argument("--time-budget", type=float, metavar="MIN", help="stop after the generation exceeding it")
     b = p.add_argument_group("backend")
     b.add_argument("--backend", choices=tuple(BACKENDS), default="serial")
@@ -114,8 +115,7 @@ def config_from_args(args: argparse.Namespace) -> DarwinConfig:
         raise MetricGPError("--out is required (or --resume DIR)")
     metric, source = metric_from_args(args)
     stages = make_schedule(args.survivors, args.fitness_windows, args.train_tokens)
-    screen = args.screen if args.screen is not None else max(stages[0].survivors, args.offspring // 2)
-    screen = None if args.no_prior else screen
+    screen = None if args.no_prior or not args.screen else args.screen
     levels = args.levels if args.levels is not None else (UNSTRUCTURED_LEVELS if args.unstructured else DEFAULT_LEVELS)
     return DarwinConfig(
         spec=model_data_fields(args), metric=metric, metric_source=source, unstructured=args.unstructured,
