@@ -122,7 +122,7 @@ def config_from_args(args: argparse.Namespace) -> DarwinConfig:
         keep=args.keep, sparsity=args.sparsity, levels=levels, reduction=args.reduction,
         normalisation=args.normalisation, head_mode=args.head_mode, stages=tuple(schedule_dict(stages)),
         offspring=args.offspring, generations=args.generations, seed=args.search_seed, prior=not args.no_prior,
-        screen=screen or None, fitness=args.fitness, fitness_data=args.fitness_data or args.calib,
+        screen=screen, fitness=args.fitness, fitness_data=args.fitness_data or args.calib,
         train_method=args.train_method, train_lr=args.train_lr, backend=args.backend, workers=args.workers,
         time_budget_min=args.time_budget, recover_tokens=args.recover_tokens, recover_method=args.recover_method,
         recover_lr=args.recover_lr, dataset=args.dataset, eval_windows=args.eval_windows,

@@ -16,13 +16,9 @@ from metricgp.errors import MetricGPError
 from metricgp.structured.importance import Unit, by_module
 
 
-def _by_module(units: list[Unit]) -> dict[str, list[Unit]]:
-    return by_module(units, least_important_first=True)
-
-
 def _global(units: list[Unit], budget: int) -> list[Unit]:
     """Least important first across all modules; `budget` parameters may be removed."""
-    left = {m: len(us) - 1 for m, us in _by_module(units).items()}
+    left = {m: len(us) - 1 for m, us in by_module(units, least_important_first=True).items()}
     removed: list[Unit] = []
     for u in sorted(units, key=lambda u: (u.norm, u.module, u.members)):
         if left[u.module] > 0 and u.params <= budget:
@@ -34,7 +30,7 @@ def _global(units: list[Unit], budget: int) -> list[Unit]:
 
 def _uniform(units: list[Unit], budget: int) -> list[Unit]:
     """Water-filling: always take the next unit of the module with the smallest removed fraction."""
-    queues = _by_module(units)
+    queues = by_module(units, least_important_first=True)
     size = {m: sum(u.params for u in us) for m, us in queues.items()}
     taken = dict.fromkeys(queues, 0)
     removed_params = dict.fromkeys(queues, 0)
@@ -71,7 +67,7 @@ def allocate(units: list[Unit], budget: int, allocation: str = "global") -> list
 
 def from_keep_map(units: list[Unit], keep: Mapping[str, float]) -> list[Unit]:
     """Each named module keeps round(fraction x its units), at least one; the least important go."""
-    queues = _by_module(units)
+    queues = by_module(units, least_important_first=True)
     unknown = sorted(set(keep) - set(queues))
     if unknown:
         sample = ", ".join(list(queues)[:4])
