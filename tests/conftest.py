@@ -9,6 +9,17 @@ from pathlib import Path
 import pytest
 import torch
 
+
+def pytest_collection_modifyitems(config, items) -> None:
+    """Tests marked `gpu` run only where CUDA is present (never in CI, which has no GPU)."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
 WORDS = ("the cat dog sat on a mat and ran to house tree bird sky blue green red small big "
          "river stone light dark quick slow over under near far").split()
 

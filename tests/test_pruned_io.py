@@ -260,7 +260,13 @@ def test_a_same_shape_checkpoint_loads_as_stock_transformers_does(tiny_llama_dir
     assert torch.equal(logits(mine, ids), logits(stock, ids))
 
 
+# These two call peft's `get_peft_model` as a user would; peft 0.21's wrapper itself reads transformers'
+# deprecated `is_gradient_checkpointing` (not metricgp's code, which uses the tuner directly).
+PEFT_WRAPPER_WARNING = pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing:FutureWarning")
+
+
 @pytest.mark.parametrize("family", FAMILIES)
+@PEFT_WRAPPER_WARNING
 def test_backward_and_lora_merge_survive_save_and_reload(saved, family, tmp_path):
     from peft import LoraConfig, get_peft_model
 
@@ -281,6 +287,7 @@ def test_backward_and_lora_merge_survive_save_and_reload(saved, family, tmp_path
     assert torch.equal(logits(load_pruned(tmp_path / "merged"), IDS), after)
 
 
+@PEFT_WRAPPER_WARNING
 def test_lora_on_the_in_memory_pruned_model_then_save_pruned(tmp_path):
     from peft import LoraConfig, get_peft_model
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import math
 import time
-import warnings
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, field
@@ -65,12 +64,12 @@ Trainable = tuple[nn.Module, list[nn.Parameter]]  # the module to call, the para
 @contextmanager
 def _lora(model: nn.Module, layers: dict[str, nn.Linear], config: RecoveryConfig) -> Iterator[Trainable]:
     """Adapters on `layers`; merged into the weights on success, discarded on error."""
-    from peft import LoraConfig, get_peft_model
+    from peft import LoraConfig, LoraModel
 
     lora = LoraConfig(r=config.rank, lora_alpha=config.alpha, lora_dropout=0.0, target_modules=list(layers))
-    with warnings.catch_warnings():  # peft 0.21 asks transformers 5 a deprecated question; not ours to fix
-        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
-        peft_model = get_peft_model(model, lora)
+    # The tuner itself, not `get_peft_model`'s PeftModel wrapper: we need only inject, train, merge, and the
+    # wrapper reads transformers' deprecated `is_gradient_checkpointing` (peft 0.21).
+    peft_model = LoraModel(model, lora, "default")
     try:
         yield peft_model, [p for p in peft_model.parameters() if p.requires_grad]
     except BaseException:

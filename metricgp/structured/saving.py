@@ -30,6 +30,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import functools
+import inspect
 import json
 from pathlib import Path
 
@@ -43,9 +44,19 @@ from metricgp.models import block_linears, find_blocks, resolve_device
 MODEL_TYPE = "metricgp_pruned"
 _OWN_KEYS = ("model_type", "base_model_type", "pruned_blocks", "per_layer_config", "architectures",
              "transformers_version")
-# keyword arguments of `from_pretrained` that only matter for the hub or for auto-class bookkeeping
+# What a pruned checkpoint does with `from_pretrained`'s keyword arguments (transformers 5.x). Honoured:
+# `config`, `dtype`/`torch_dtype`, `device_map` (one device), `attn_implementation`, `variant`,
+# `state_dict`, `generation_config`, `output_loading_info`, and these, which locate the files:
 _HUB_KWARGS = ("cache_dir", "force_download", "local_files_only", "proxies", "revision", "token")
-_IGNORED_KWARGS = ("_from_auto", "trust_remote_code", "adapter_kwargs", "low_cpu_mem_usage", "use_safetensors")
+# Ignored, because they cannot change what is loaded here: bookkeeping of the auto classes and pipelines,
+# remote code (there is none), loading strategies (weights are always read strictly from safetensors,
+# which run no code, so `weights_only`/`use_safetensors` hold anyway) and the adapter of a PEFT checkpoint.
+_IGNORED_KWARGS = ("_from_auto", "_from_pipeline", "_commit_hash", "trust_remote_code", "adapter_kwargs",
+                   "adapter_name", "low_cpu_mem_usage", "use_safetensors", "weights_only", "disable_mmap",
+                   "tqdm_class", "ignore_mismatched_sizes", "key_mapping")
+# Any other argument is refused by name, unless it carries an empty value, which is how the auto classes
+# forward arguments the caller never gave (`gguf_file=None`, `subfolder=""` before it was honoured here):
+# a new forwarded argument must not break loading.
 
 
 class PrunedConfig(PreTrainedConfig):
@@ -70,6 +81,13 @@ class PrunedConfig(PreTrainedConfig):
         return {int(k): v for k, v in overrides.items()} if overrides else None
 
 
+def _is_empty(value) -> bool:
+    """None, False, "" or an empty container: what an argument nobody gave is forwarded as."""
+    if isinstance(value, str | dict | list | tuple):
+        return not value
+    return value is None or value is False
+
+
 class MetricGPPrunedForCausalLM:
     """Auto-class entry for `metricgp_pruned` checkpoints. It is never instantiated:
     `from_pretrained` returns the base architecture's model, shrunk (see `load_pruned`)."""
@@ -77,19 +95,31 @@ class MetricGPPrunedForCausalLM:
     config_class = PrunedConfig
 
     @classmethod
-    def from_pretrained(cls, path, *model_args, config: PrunedConfig | None = None, **kwargs) -> nn.Module:
-        """What `AutoModelForCausalLM.from_pretrained(path, ...)` calls; dtype defaults to "auto" as there."""
+    def from_pretrained(cls, path, *model_args, config: PrunedConfig | None = None, **kwargs):
+        """What `AutoModelForCausalLM.from_pretrained(path, ...)` calls; dtype defaults to "auto" as there.
+        Returns the model, or `(model, loading_info)` with `output_loading_info=True`."""
         if model_args:
             raise TypeError("pruned checkpoints take no positional model arguments")
         dtype = kwargs.pop("dtype", None) or kwargs.pop("torch_dtype", None) or "auto"
         kwargs.pop("torch_dtype", None)
         device = kwargs.pop("device_map", None)
         attn = kwargs.pop("attn_implementation", None)
+        subfolder = kwargs.pop("subfolder", "") or ""
+        variant = kwargs.pop("variant", None)
+        state_dict = kwargs.pop("state_dict", None)
+        generation_config = kwargs.pop("generation_config", None)
+        loading_info = kwargs.pop("output_loading_info", False)
         hub = {k: kwargs.pop(k) for k in _HUB_KWARGS if k in kwargs}
-        unsupported = sorted(k for k, v in kwargs.items() if k not in _IGNORED_KWARGS and v is not None)
+        unsupported = sorted(k for k, v in kwargs.items() if k not in _IGNORED_KWARGS and not _is_empty(v))
         if unsupported:
             raise TypeError(f"not supported when loading a pruned checkpoint: {', '.join(unsupported)}")
-        return load_pruned(_local_dir(path, hub), dtype, device, config=config, attn_implementation=attn)
+        model = load_pruned(_local_dir(path, subfolder, hub), dtype, device, config=config,
+                            attn_implementation=attn, variant=variant, state_dict=state_dict)
+        if generation_config is not None:
+            model.generation_config = generation_config
+        if loading_info:  # the load is strict: nothing can be missing, unexpected or mismatched
+            return model, {"missing_keys": [], "unexpected_keys": [], "mismatched_keys": [], "error_msgs": []}
+        return model
 
     @classmethod
     def _from_config(cls, config: PrunedConfig, **kwargs) -> nn.Module:
@@ -255,31 +285,40 @@ def _resolve_dtype(dtype, config: PreTrainedConfig) -> torch.dtype:
 
 
 def _resolve_device(device) -> torch.device:
-    """A device or its name ("auto" picks CUDA when present); per-module device maps are not supported."""
+    """A device or its name ("auto" picks CUDA when present), or a device map that puts everything on one
+    device; a map over several devices is not supported."""
+    if isinstance(device, dict) and len(set(map(str, device.values()))) == 1:
+        device = next(iter(device.values()))
+        device = f"cuda:{device}" if isinstance(device, int) else device
     if isinstance(device, dict):
         raise MetricGPError("pruned checkpoints load onto one device; a per-module device_map is not supported")
     return resolve_device(device) if isinstance(device, str) else torch.device(device)
 
 
-def _local_dir(path, hub: dict) -> Path:
-    """A local checkpoint directory; a hub id is downloaded first."""
+def _local_dir(path, subfolder: str, hub: dict) -> Path:
+    """A local checkpoint directory (`path/subfolder`); a hub id is downloaded first, with the hub
+    arguments (revision, cache_dir, local_files_only, token, force_download, proxies) honoured."""
     if Path(path).is_dir():
-        return Path(path)
+        return Path(path) / subfolder
     from huggingface_hub import snapshot_download
 
-    return Path(snapshot_download(str(path), **{k: v for k, v in hub.items() if k != "force_download"}))
+    accepted = inspect.signature(snapshot_download).parameters
+    hub = {k: v for k, v in hub.items() if k in accepted}  # huggingface_hub 1.x has no `proxies`
+    patterns = {"allow_patterns": [f"{subfolder}/*"]} if subfolder else {}
+    return Path(snapshot_download(str(path), **hub, **patterns)) / subfolder
 
 
-def _read_weights(path: Path) -> dict[str, torch.Tensor]:
+def _read_weights(path: Path, variant: str | None = None) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
-    index = path / "model.safetensors.index.json"
+    stem = f"model.{variant}" if variant else "model"
+    index = path / f"{stem}.safetensors.index.json"
     if index.is_file():
         files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-    elif (path / "model.safetensors").is_file():
-        files = ["model.safetensors"]
+    elif (path / f"{stem}.safetensors").is_file():
+        files = [f"{stem}.safetensors"]
     else:
-        raise MetricGPError(f"no model.safetensors (or index) in {path}")
+        raise MetricGPError(f"no {stem}.safetensors (or index) in {path}")
     state = {}
     for name in files:
         state.update(load_file(path / name))
@@ -324,12 +363,14 @@ def build_pruned(config: PrunedConfig, dtype: torch.dtype, attn_implementation: 
 
 
 def load_pruned(path, dtype=None, device=None, *, config: PrunedConfig | None = None,
-                attn_implementation: str | None = None) -> nn.Module:
+                attn_implementation: str | None = None, variant: str | None = None,
+                state_dict: dict[str, torch.Tensor] | None = None) -> nn.Module:
     """Reload a `save_pruned` checkpoint as the base architecture's model, shrunk, in eval mode.
     A same-shape checkpoint (unstructured pruning writes one, as does a dense model) is read by
     stock `AutoModelForCausalLM.from_pretrained`, so one call loads whatever metricgp saved.
 
     dtype: None keeps torch's default (float32), "auto" the checkpoint's dtype, or a torch.dtype.
+    variant: read `model.<variant>.safetensors`; state_dict: these weights instead of the files'.
     """
     path = Path(path)
     config = config if config is not None else _read_config(path)
@@ -337,10 +378,11 @@ def load_pruned(path, dtype=None, device=None, *, config: PrunedConfig | None = 
         from transformers import AutoModelForCausalLM
 
         extra = {"attn_implementation": attn_implementation} if attn_implementation else {}
+        extra |= {k: v for k, v in (("variant", variant), ("state_dict", state_dict)) if v is not None}
         model = AutoModelForCausalLM.from_pretrained(path, dtype=_resolve_dtype(dtype, config), **extra)
         return (model.to(_resolve_device(device)) if device is not None else model).eval()
     model = build_pruned(config, _resolve_dtype(dtype, config), attn_implementation)
-    _load_strict(model, _read_weights(path))
+    _load_strict(model, state_dict if state_dict is not None else _read_weights(path, variant))
     if (path / "generation_config.json").is_file():
         from transformers import GenerationConfig
 

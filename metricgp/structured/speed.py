@@ -175,6 +175,12 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def _cache_argument(model: nn.Module) -> str:
+    """The name of the KV cache in `forward` and in its output: transformers 5.25 calls it
+    `cache` (`past_key_values` is deprecated there, to go in 5.40); earlier releases only know the old name."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
 MATMUL_OPS = frozenset({"aten::mm", "aten::addmm", "aten::bmm"})
 
 
@@ -189,12 +195,13 @@ def decode_op_profile(model: nn.Module, *, prompt_len: int = 128, steps: int = 1
     vocab = model.get_input_embeddings().num_embeddings
     ids = torch.randint(0, vocab, (1, prompt_len), generator=torch.Generator().manual_seed(seed))
     ids = ids.to(next(model.parameters()).device)
+    cache_arg = _cache_argument(model)
     out = model(input_ids=ids, use_cache=True)
-    past, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
+    cache, token = getattr(out, cache_arg), out.logits[:, -1:].argmax(-1)
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         for _ in range(steps):
-            out = model(input_ids=token, past_key_values=past, use_cache=True)
-            past, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
+            out = model(input_ids=token, use_cache=True, **{cache_arg: cache})
+            cache, token = getattr(out, cache_arg), out.logits[:, -1:].argmax(-1)
     events = prof.key_averages()
     total = sum(e.self_cpu_time_total for e in events)
     matmul = sum(e.self_cpu_time_total for e in events if e.key in MATMUL_OPS)
