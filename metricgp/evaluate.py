@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import time
+import weakref
 from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -19,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from metricgp.blocks import LOGIT_CHUNK_ELEMENTS, OutputHead, last_block_output, output_head
 from metricgp.errors import MetricGPError
 
 KL_TOPK = 256  # dense distribution kept as top-k log-probs + the tail mass (memory: EvoPress users)
@@ -28,6 +30,34 @@ KL_TOPK = 256  # dense distribution kept as top-k log-probs + the tail mass (mem
 def _logits(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
     device = next(model.parameters()).device
     return model(input_ids=ids.to(device), use_cache=False).logits.float()
+
+
+_HEADS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> OutputHead or None, found once
+
+
+def _head(model: nn.Module) -> OutputHead | None:
+    if model not in _HEADS:
+        _HEADS[model] = output_head(model)
+    return _HEADS[model]
+
+
+@torch.no_grad()
+def logit_chunks(model: nn.Module, ids: torch.Tensor):
+    """Yield (row, first position, float32 logits of that row's positions first, first+1, ...) over the
+    batch `ids`, at most LOGIT_CHUNK_ELEMENTS logits at a time: the blocks run once on the batch and
+    the output head a chunk of positions at a time. A model whose head is not norm -> LM head
+    (-> soft-capping) gives its whole logits, row by row."""
+    head = _head(model)
+    if head is None:
+        logits = _logits(model, ids)
+        for row in range(len(ids)):
+            yield row, 0, logits[row]
+        return
+    hidden = last_block_output(model, ids.to(head.lm_head.weight.device))
+    step = max(1, LOGIT_CHUNK_ELEMENTS // head.lm_head.weight.shape[0])
+    for row in range(len(ids)):
+        for first in range(0, hidden.shape[1], step):
+            yield row, first, head(hidden[row, first : first + step])
 
 
 @torch.no_grad()
@@ -79,16 +109,19 @@ def window_losses(model: nn.Module, windows: torch.Tensor, batch_size: int = 4,
     batches = range(0, len(windows), batch_size)
     for start in tqdm(batches, desc="perplexity", unit="batch", leave=False, disable=not progress):
         ids = windows[start : start + batch_size]
-        logits = _logits(model, ids)
-        target = ids[:, 1:].to(logits.device)
-        per_token = F.cross_entropy(logits[:, :-1].flatten(0, 1), target.flatten(), reduction="none")
-        per_token = per_token.view_as(target)
-        nll.extend(per_token.sum(1).tolist())
-        tokens.extend([target.shape[1]] * len(ids))
-        for row in range(len(ids)):
-            if reference is not None and first + start + row < len(reference.top_logp):
-                kl.append(reference.window_kl(logits[row], first + start + row).sum().item())
-                kl_tokens.append(logits.shape[1])
+        rows = len(ids)
+        with_kl = [reference is not None and first + start + row < len(reference.top_logp) for row in range(rows)]
+        window_nll, window_kl = [0.0] * rows, [0.0] * rows
+        for row, pos, logits in logit_chunks(model, ids):
+            target = ids[row, pos + 1 : pos + 1 + len(logits)].to(logits.device)  # the last position has none
+            if len(target):
+                window_nll[row] += float(F.cross_entropy(logits[: len(target)], target, reduction="sum"))
+            if with_kl[row]:
+                window_kl[row] += float(reference.window_kl(logits, first + start + row, pos).sum())
+        nll.extend(window_nll)
+        tokens.extend([ids.shape[1] - 1] * rows)
+        kl.extend(v for v, on in zip(window_kl, with_kl, strict=True) if on)
+        kl_tokens.extend(ids.shape[1] for on in with_kl if on)
     return WindowLosses(nll, tokens, kl, kl_tokens)
 
 
@@ -104,17 +137,19 @@ class DenseReference:
     def build(cls, model: nn.Module, windows: torch.Tensor, k: int = KL_TOPK) -> DenseReference:
         logps, idxs = [], []
         for window in windows:
-            logp = _logits(model, window.unsqueeze(0)).log_softmax(-1)[0]
-            top = logp.topk(min(k, logp.shape[-1]), dim=-1)  # a vocabulary smaller than k: all of it
-            logps.append(top.values.cpu())
-            idxs.append(top.indices.cpu())
+            chunks = [logits.log_softmax(-1) for _, _, logits in logit_chunks(model, window.unsqueeze(0))]
+            tops = [logp.topk(min(k, logp.shape[-1]), dim=-1) for logp in chunks]  # small vocabulary: all of it
+            logps.append(torch.cat([top.values.cpu() for top in tops]))
+            idxs.append(torch.cat([top.indices.cpu() for top in tops]))
         return cls(torch.stack(logps), torch.stack(idxs))
 
-    def window_kl(self, logits: torch.Tensor, i: int) -> torch.Tensor:
-        """Per-token KL(dense || pruned) of window `i` from the pruned model's (seqlen, vocab) logits."""
+    def window_kl(self, logits: torch.Tensor, i: int, first: int = 0) -> torch.Tensor:
+        """Per-token KL(dense || pruned) of window `i` from the pruned model's (positions, vocab) logits
+        of positions first, first+1, ..."""
         q_logp = logits.log_softmax(-1)
-        p_logp = self.top_logp[i].to(q_logp.device)
-        q_top = q_logp.gather(-1, self.top_idx[i].to(q_logp.device))
+        positions = slice(first, first + len(logits))
+        p_logp = self.top_logp[i, positions].to(q_logp.device)
+        q_top = q_logp.gather(-1, self.top_idx[i, positions].to(q_logp.device))
         p = p_logp.exp()
         kl = (p * (p_logp - q_top)).sum(-1)
         p_tail = (1 - p.sum(-1)).clamp_min(1e-12)

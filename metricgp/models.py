@@ -14,7 +14,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +22,7 @@ import torch
 from torch import nn
 
 from metricgp.errors import MetricGPError
+from metricgp.fileio import atomic_path
 
 DEFAULT_MODEL = "default"
 _DEFAULT_ALIASES = {"default", "smollm2-135m", "smollm2-135m-instruct"}
@@ -78,19 +78,17 @@ def _gguf_to_safetensors(gguf: Path) -> Path:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     print(f"converting {gguf.name} to safetensors (once) -> {target}", flush=True)
-    tmp = target.with_name(target.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-    model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
-    # The weights are dequantised floats now; drop the GGUF quantiser so save_pretrained works.
-    model.hf_quantizer = None
-    model.is_quantized = False
-    if hasattr(model.config, "quantization_config"):
-        del model.config.quantization_config
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    (tmp / "metricgp_source.json").write_text(json.dumps({"gguf": str(gguf), "size": stat.st_size}))
-    os.replace(tmp, target)
+    with atomic_path(target) as tmp:  # a second process converting at once keeps the first one's
+        tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+        model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+        # The weights are dequantised floats now; drop the GGUF quantiser so save_pretrained works.
+        model.hf_quantizer = None
+        model.is_quantized = False
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        (tmp / "metricgp_source.json").write_text(json.dumps({"gguf": str(gguf), "size": stat.st_size}))
     return target
 
 

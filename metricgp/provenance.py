@@ -13,6 +13,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from metricgp.fileio import atomic_path
+
 
 def git_sha() -> str | None:
     here = Path(__file__).resolve().parent.parent
@@ -95,6 +97,5 @@ def dumps(payload: Any, indent: int | None = 2) -> str:
 
 def write_json_atomic(path: Path, payload: Any) -> None:
     """Write strict JSON (non-finite numbers as null) via a temporary file and os.replace."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(dumps(payload) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        tmp.write_text(dumps(payload) + "\n", encoding="utf-8")

@@ -13,19 +13,22 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import time
 from collections.abc import Callable, Iterable
 from contextlib import contextmanager
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
 
+from metricgp.blocks import LOGIT_CHUNK_ELEMENTS, BlockInputs, OutputHead, output_head
+from metricgp.errors import MetricGPError
 from metricgp.expr.ops import leaves_from
-from metricgp.models import cache_root
+from metricgp.fileio import atomic_path
+from metricgp.models import cache_root, find_blocks
 
 STATS_VERSION = 1  # bump when the definition of X or G changes, to invalidate old caches
 
@@ -87,7 +90,8 @@ def collect_input_stats(
 @contextmanager
 def gradients_of(model: nn.Module, linears: dict[str, nn.Linear], grads: bool = True):
     """The model in float32 (bf16 gradients underflow) with gradients for the linears' weights
-    only (none when not `grads`); dtype, flags and .grad restored afterwards."""
+    only (none when not `grads`); dtype, flags and .grad restored afterwards. For a whole-model
+    backward (SAAP's estimators); the statistics pass itself works a block at a time."""
     dtype = next(model.parameters()).dtype
     flags = {n: p.requires_grad for n, p in model.named_parameters()}
     model.float()
@@ -104,38 +108,150 @@ def gradients_of(model: nn.Module, linears: dict[str, nn.Linear], grads: bool = 
         model.to(dtype)
 
 
+@contextmanager
+def _float32(module: nn.Module):
+    """`module` in float32 while inside (bf16 gradients underflow); its own dtype afterwards. Used on one
+    block (or the output head) at a time, never on the whole model."""
+    dtype = next(module.parameters()).dtype
+    module.float()
+    try:
+        yield module
+    finally:
+        module.to(dtype)
+
+
+@contextmanager
+def _frozen(model: nn.Module):
+    """No parameter asks for gradients inside (the backward pass enables exactly the ones it needs);
+    flags and .grad restored afterwards."""
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    for p, _ in flags:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p, flag in flags:
+            p.requires_grad_(flag)
+            p.grad = None
+
+
+def _layers_by_block(blocks: nn.ModuleList, layers: dict[str, nn.Linear]) -> list[dict[str, nn.Linear]]:
+    """The requested layers of each block, found by identity (callers name layers as they like)."""
+    block_of = {id(m): i for i, block in enumerate(blocks) for m in block.modules()}
+    per_block: list[dict[str, nn.Linear]] = [{} for _ in blocks]
+    for name, module in layers.items():
+        if id(module) not in block_of:
+            raise MetricGPError(f"statistics are computed for decoder-block linears; {name} is in no block")
+        per_block[block_of[id(module)]][name] = module
+    return per_block
+
+
+def _head_gradient(head: OutputHead, hidden: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """d(mean next-token NLL of one window) / d(last block's output), the logits made a chunk of positions
+    at a time (a 128K-262K vocabulary's logits of a whole window never exist at once)."""
+    h = hidden.detach().requires_grad_(True)
+    normed = head.norm(h)
+    leaf = normed.detach().requires_grad_(True)
+    targets = ids.to(h.device)
+    n = targets.shape[-1] - 1
+    step = max(1, LOGIT_CHUNK_ELEMENTS // head.lm_head.weight.shape[0])
+    for first in range(0, n, step):
+        last = min(first + step, n)
+        logits = head.logits(leaf[0, first:last])
+        (F.cross_entropy(logits, targets[first + 1 : last + 1], reduction="sum") / n).backward()
+    normed.backward(leaf.grad)
+    return h.grad
+
+
 def compute_stats(
     model: nn.Module, layers: dict[str, nn.Linear], calib: torch.Tensor, grads: bool = True, desc: str = "stats",
     leaves: Iterable[str] | None = None,
 ) -> dict[str, dict[str, torch.Tensor]]:
-    """One pass over the calibration windows: every registered input leaf (or those in `leaves`),
-    and the gradient leaves too when `grads`. Model left as it was."""
-    device = next(model.parameters()).device
+    """Every registered input leaf (or those in `leaves`) of `layers`, and the gradient leaves too when
+    `grads`, computed one decoder block at a time. Model left as it was.
+
+    Forward: each block, in float32, runs over every calibration window's hidden states while hooks
+    fold its linears' inputs into the input leaves; its outputs are the next block's inputs. Backward
+    (gradient leaves): d loss / d(last hidden) per window from the output head, then each block, last
+    first, is run again on its saved inputs and back-propagated per window; each weight gradient is
+    folded into its leaf as it arrives and freed. The device holds the model plus one block's working
+    set: no whole-model float32 copy, no live gradient for every weight, no whole-batch logits."""
+    prefix_blocks = find_blocks(model)[1]
+    per_block = _layers_by_block(prefix_blocks, layers)
     grad_leaves = leaves_from("gradients", leaves) if grads else {}
-    grad_states = {n: {leaf: lf.statistic.start(tuple(m.weight.shape), m.weight.device)
-                       for leaf, lf in grad_leaves.items()} for n, m in layers.items()}
+    input_leaves = list(leaves_from("inputs", leaves))
+    inputs = BlockInputs.capture(model, calib)
+    head = output_head(model) if grad_leaves else None
+    if grad_leaves and head is None:
+        raise MetricGPError(f"gradient statistics need an output head of final norm -> LM head; "
+                            f"{type(model).__name__}'s could not be found")
+    out: dict[str, dict[str, torch.Tensor]] = {name: {} for name in layers}
+    saved: list[list[torch.Tensor] | None] = []  # each block's float32 inputs, for the backward pass (host)
+    hidden = inputs.first_hidden
+    blocks = range(len(prefix_blocks))
+    with _frozen(model):
+        for i in tqdm(blocks, desc=f"{desc} (forward)", unit="block", leave=False):
+            with _float32(prefix_blocks[i]), torch.no_grad():
+                hidden = [h.float() for h in hidden]
+                if grad_leaves:
+                    saved.append([h.cpu() for h in hidden])
+                outputs: list[torch.Tensor] = []
 
-    def passes():
-        for window in tqdm(calib, desc=desc, unit="win", leave=False):
-            ids = window.unsqueeze(0).to(device)
-            if grad_leaves:
-                out = model(input_ids=ids, labels=ids)
-                out.loss.backward()
-                for n, m in layers.items():
-                    for leaf, state in grad_states[n].items():
-                        grad_leaves[leaf].statistic.add(state, m.weight.grad)
-                    m.weight.grad = None
-            else:
-                with torch.no_grad():
-                    model(input_ids=ids)
-            yield None
+                def forward(i=i, hidden=hidden, outputs=outputs):
+                    for h in hidden:
+                        outputs.append(inputs.call(i, h))
+                        yield None
 
-    with gradients_of(model, layers, bool(grad_leaves)):
-        out = collect_input_stats(layers, passes(), leaves)
-    for n, per in grad_states.items():
-        for leaf, state in per.items():
-            out[n][leaf] = grad_leaves[leaf].statistic.finish(state, len(calib)).cpu()
+                for name, per in collect_input_stats(per_block[i], forward(), input_leaves).items():
+                    out[name].update(per)
+            hidden = outputs
+        if not grad_leaves:
+            return out
+        with _float32(head.norm), _float32(head.lm_head):
+            upstream = [_head_gradient(head, h, window) for h, window in zip(hidden, calib, strict=True)]
+        del hidden
+        for i in tqdm(reversed(blocks), total=len(blocks), desc=f"{desc} (backward)", unit="block", leave=False):
+            states = {name: {leaf: lf.statistic.start(tuple(m.weight.shape), m.weight.device)
+                             for leaf, lf in grad_leaves.items()} for name, m in per_block[i].items()}
+            with _float32(prefix_blocks[i]), _folding_gradients(per_block[i], grad_leaves, states):
+                below = []
+                for h, grad in zip(saved[i], upstream, strict=True):
+                    h = h.to(grad.device).requires_grad_(True)
+                    inputs.call(i, h).backward(grad)
+                    below.append(h.grad)
+                upstream = below
+            saved[i] = None
+            for name, per in states.items():
+                for leaf, state in per.items():
+                    out[name][leaf] = grad_leaves[leaf].statistic.finish(state, len(calib)).cpu()
     return out
+
+
+@contextmanager
+def _folding_gradients(layers: dict[str, nn.Linear], grad_leaves: dict, states: dict):
+    """While inside, the layers' weights take gradients, and each gradient is folded into the layer's
+    gradient leaves the moment it is accumulated, then freed (never a live .grad per weight)."""
+
+    def fold(name: str):
+        def hook(param: torch.Tensor) -> None:
+            for leaf, state in states[name].items():
+                grad_leaves[leaf].statistic.add(state, param.grad)
+            param.grad = None
+
+        return hook
+
+    handles = []
+    for name, module in layers.items():
+        module.weight.requires_grad_(True)
+        handles.append(module.weight.register_post_accumulate_grad_hook(fold(name)))
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+        for module in layers.values():
+            module.weight.requires_grad_(False)
+            module.weight.grad = None
 
 
 def stats_cache_path(key: str, cache_dir: Path | None = None) -> Path:
@@ -186,7 +302,5 @@ def cached_stats(
 
 
 def _save(stats: dict[str, dict[str, torch.Tensor]], path: Path, seconds: float) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    save_file(_flatten(stats), str(tmp), metadata={"seconds": f"{seconds:.1f}"})
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        save_file(_flatten(stats), str(tmp), metadata={"seconds": f"{seconds:.1f}"})

@@ -23,13 +23,14 @@ MEAN_ABS = Statistic(start=lambda shape, dev: torch.zeros(shape, device=dev),
 
 
 def _stats_and_inputs(model, name: str, layer, calib) -> tuple[dict, torch.Tensor]:
-    """compute_stats (no gradients) of one layer, and the inputs that layer saw during the pass."""
-    seen = []
+    """compute_stats (no gradients) of one layer, and the inputs that layer sees in the model's forward."""
+    stats = compute_stats(model, {name: layer}, calib, grads=False)
+    seen = []  # the layer's inputs in the model's own forward passes over the windows
     handle = layer.register_forward_hook(lambda m, a, o: seen.append(a[0].detach().reshape(-1, a[0].shape[-1])))
-    try:
-        stats = compute_stats(model, {name: layer}, calib, grads=False)
-    finally:
-        handle.remove()
+    with torch.no_grad():
+        for window in calib:
+            model(input_ids=window[None])
+    handle.remove()
     return stats[name], torch.cat(seen)
 
 

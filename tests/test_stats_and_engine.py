@@ -21,9 +21,12 @@ def test_x_is_mean_squared_input_and_g_is_grad_norm():
     model = tiny_model("llama", vocab=50)
     layers = {"q": model.model.layers[0].self_attn.q_proj}
     calib = torch.randint(0, 50, (3, 10))
-    seen = []
-    handle = layers["q"].register_forward_hook(lambda m, a, o: seen.append(a[0].detach().reshape(-1, 32)))
     stats = compute_stats(model, layers, calib, grads=True)
+    seen = []  # what the layer sees in the model's own forward passes over the windows
+    handle = layers["q"].register_forward_hook(lambda m, a, o: seen.append(a[0].detach().reshape(-1, 32)))
+    with torch.no_grad():
+        for window in calib:
+            model(input_ids=window[None])
     handle.remove()
     x = torch.cat(seen)
     assert torch.allclose(stats["q"]["X"], x.square().mean(0, keepdim=True), rtol=1e-5)

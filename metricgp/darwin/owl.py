@@ -13,6 +13,9 @@ from collections.abc import Sequence
 
 import torch
 
+from metricgp.expr import compile_metric, resolve_metric
+from metricgp.prune.engine import metric_inputs
+
 OWL_M = 5.0
 OWL_LAMBDA = 0.08
 
@@ -40,9 +43,15 @@ def block_outlier_ratios(setup, m: float = OWL_M) -> list[float]:
     out = []
     for i in range(len(blocks)):
         names = [n for n in setup.layers if n.startswith(f"{prefix}.{i}.")]
-        scores = [setup.dense.weights[n].float().abs() * setup.stats[n]["X"].sqrt() for n in names]
-        out.append(outlier_ratio(scores, m))
+        out.append(outlier_ratio([wanda_scores(setup.dense.weights[n], setup.stats[n]) for n in names], m))
     return out
+
+
+def wanda_scores(weight: torch.Tensor, stats: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The built-in wanda metric's scores of one layer, on the weight's device (the statistics are kept
+    on the host while the weights may be on a GPU)."""
+    wanda = compile_metric(resolve_metric("wanda"))
+    return wanda(metric_inputs(wanda, weight, stats))
 
 
 def owl_layer_sparsities(setup, sparsity: float, m: float = OWL_M, lam: float = OWL_LAMBDA) -> list[float]:

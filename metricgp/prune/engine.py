@@ -16,6 +16,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from metricgp.blocks import BlockInputs
 from metricgp.errors import MetricGPError
 from metricgp.models import block_linears, find_blocks
 from metricgp.prune.patterns import Pattern
@@ -58,13 +59,19 @@ class DenseWeights:
                 m.weight.copy_(self.weights[n])
 
 
+def metric_inputs(metric: MetricFn, weight: torch.Tensor, stats: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The leaves `metric` reads, on the weight's device: statistics live on the host and only those the
+    formula uses travel (a formula without G moves no G)."""
+    used = getattr(metric, "leaves", None)
+    return {"W": weight.float(), **{k: v.to(weight.device) for k, v in stats.items() if used is None or k in used}}
+
+
 def layer_scores(
     metric: MetricFn, weight: torch.Tensor, stats: Mapping[str, torch.Tensor], name: str = ""
 ) -> torch.Tensor:
     """Scores of one layer in float32, checked for degeneracy."""
-    leaves = {"W": weight.float(), **{k: v.to(weight.device) for k, v in stats.items()}}
     try:
-        scores = metric(leaves)
+        scores = metric(metric_inputs(metric, weight, stats))
     except KeyError as err:
         raise MetricGPError(f"metric needs statistic {err} which was not computed for {name}") from err
     # one pass for both checks: a row's min or max is NaN/inf exactly when the row holds one
@@ -95,43 +102,6 @@ def prune_oneshot(
     return report
 
 
-class _StopForward(Exception):
-    pass
-
-
-def capture_block_inputs(model: nn.Module, block: nn.Module, windows: torch.Tensor) -> list[tuple[tuple, dict]]:
-    """The positional and keyword inputs the first block receives for each window."""
-    captured: list[tuple[tuple, dict]] = []
-
-    def hook(_module, args, kwargs):
-        captured.append((args, kwargs))
-        raise _StopForward
-
-    handle = block.register_forward_pre_hook(hook, with_kwargs=True)
-    device = next(model.parameters()).device
-    try:
-        with torch.no_grad():
-            for window in windows:
-                try:
-                    model(input_ids=window.unsqueeze(0).to(device), use_cache=False)
-                except _StopForward:
-                    pass
-    finally:
-        handle.remove()
-    return captured
-
-
-def _run_block(block: nn.Module, args: tuple, kwargs: dict) -> torch.Tensor:
-    out = block(*args, **kwargs)
-    return out[0] if isinstance(out, tuple) else out
-
-
-def _with_hidden(args: tuple, kwargs: dict, hidden: torch.Tensor) -> tuple[tuple, dict]:
-    if args:
-        return (hidden, *args[1:]), kwargs
-    return args, {**kwargs, "hidden_states": hidden}
-
-
 def prune_sequential(
     model: nn.Module,
     calib: torch.Tensor,
@@ -152,14 +122,15 @@ def prune_sequential(
     # the input leaves the metric reads (compile_metric records them), recomputed on the pruned prefix
     needed = input_leaf_names(getattr(metric, "leaves", None))
     prefix, blocks = find_blocks(model)
-    inputs = capture_block_inputs(model, blocks[0], calib)
+    inputs = BlockInputs.capture(model, calib)  # each block's own mask and rotary inputs (Gemma 3 alternates)
+    hidden = inputs.first_hidden
     report = PruneReport()
     with torch.no_grad():
         for i, block in enumerate(tqdm(blocks, desc="sequential", unit="block", leave=False)):
             linears = block_linears(block)
             hessians: dict[str, torch.Tensor] = {}
             with hessian_hooks(linears, hessians) if reconstruct else nullcontext():
-                fresh = collect_input_stats(linears, (_run_block(block, a, k) for a, k in inputs), needed)
+                fresh = collect_input_stats(linears, (inputs.call(i, h) for h in hidden), needed)
             for rel, module in linears.items():
                 name = f"{prefix}.{i}.{rel}"
                 dense_stats = (grad_stats or {}).get(name, {})
@@ -171,7 +142,7 @@ def prune_sequential(
                 else:
                     mask_layer(module, w, keep)
                 report.add(name, keep)
-            inputs = [_with_hidden(a, k, _run_block(block, a, k)) for a, k in inputs]
+            hidden = [inputs.call(i, h) for h in hidden]
     return report
 
 

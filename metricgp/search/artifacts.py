@@ -12,13 +12,13 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from metricgp.expr.parse import parse
 from metricgp.expr.printing import describe
+from metricgp.fileio import atomic_path
 from metricgp.provenance import dumps, write_json_atomic
 from metricgp.search.staged import FitnessCache
 
@@ -34,9 +34,8 @@ def append_log(run_dir: Path, record: dict[str, Any]) -> None:
 
 def rewrite_log(run_dir: Path, records: Sequence[dict[str, Any]]) -> None:
     path = Path(run_dir) / LOG
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(dumps(r, indent=None) + "\n" for r in records), encoding="utf-8")
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        tmp.write_text("".join(dumps(r, indent=None) + "\n" for r in records), encoding="utf-8")
 
 
 def read_log(run_dir: Path) -> list[dict[str, Any]]:

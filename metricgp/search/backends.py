@@ -5,7 +5,8 @@ A backend takes an evaluator *factory* (a picklable zero-argument callable, e.g.
 `FitnessResult`s in job order. A candidate is whatever the evaluator scores: an expression tree
 for the metric search, a level genome (`metricgp.darwin.fitness.Candidate`) for the level search.
 An exception raised by `evaluate` never escapes: it becomes a degenerate result whose reason
-names it, so one broken candidate cannot end a long search. A backend also reports the
+names it, so one broken candidate cannot end a long search. Running out of memory is the exception:
+it stops the run with a one-line error. A backend also reports the
 evaluator's fidelities and simplification scope (its `scope` attribute; "tensor" without one).
 """
 
@@ -17,9 +18,14 @@ import traceback
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
-from metricgp.errors import MetricGPError
+import torch
+
+from metricgp.errors import MetricGPError, out_of_memory
 from metricgp.evaluate import FitnessResult
 from metricgp.expr.simplify import DEFAULT_SCOPE
+
+# Out of memory is the run's fault, not the candidate's: it must stop the search, not score `inf`.
+OUT_OF_MEMORY = (getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError), MemoryError)
 
 Job = tuple[Any, int]  # (candidate, windows); the candidate is opaque to the backends
 EvaluatorFactory = Callable[[], Any]
@@ -35,6 +41,8 @@ def safe_evaluate(evaluator: Any, candidate: Any, n_windows: int) -> FitnessResu
     t0 = time.perf_counter()
     try:
         res = evaluator.evaluate(candidate, n_windows)
+    except OUT_OF_MEMORY as err:
+        raise out_of_memory(f"a search evaluation ({n_windows} windows)", err) from err
     except Exception as err:  # noqa: BLE001 - any failure of one candidate is that candidate's fault
         last = traceback.extract_tb(err.__traceback__)[-1:]
         where = f" at {last[0].filename.rsplit('/', 1)[-1]}:{last[0].lineno}" if last else ""

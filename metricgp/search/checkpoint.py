@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from metricgp.errors import MetricGPError
+from metricgp.fileio import atomic_path
 
 CHECKPOINT = "checkpoint.pkl"
 VERSION = 1
@@ -20,13 +21,11 @@ VERSION = 1
 def save_checkpoint(run_dir: Path, config: dict[str, Any], search_state: dict[str, Any]) -> Path:
     """Write `run_dir/checkpoint.pkl` via a temporary file and os.replace (never half-written)."""
     path = Path(run_dir) / CHECKPOINT
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as fh:
+    with atomic_path(path) as tmp, open(tmp, "wb") as fh:
         pickle.dump({"version": VERSION, "config": config, "search": search_state}, fh,
                     protocol=pickle.HIGHEST_PROTOCOL)
         fh.flush()
         os.fsync(fh.fileno())
-    os.replace(tmp, path)
     return path
 
 

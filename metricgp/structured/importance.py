@@ -63,7 +63,7 @@ def _combine(parts: list[tuple[torch.Tensor, int]], n: int, red: Reduction) -> t
         return torch.zeros(0, dtype=torch.float64), torch.zeros(0, dtype=torch.float64)
     values = torch.stack([p.double() for p, _ in parts])
     value = values.amax(0) if red.use_max else values.sum(0)
-    return value, torch.full((n,), float(sum(c for _, c in parts)), dtype=torch.float64)
+    return value, torch.full((n,), float(sum(c for _, c in parts)), dtype=torch.float64, device=value.device)
 
 
 def module_partial(module: Module, scores: Mapping[str, torch.Tensor], red: Reduction) -> Partial:
@@ -99,42 +99,34 @@ def by_module(units: list[Unit], least_important_first: bool = False) -> dict[st
     return out
 
 
-def _final(red: Reduction, value: torch.Tensor, count: torch.Tensor) -> float:
-    return float(red.final(value, count))
-
-
 def module_units(module: Module, part: Partial, linears: dict[str, nn.Linear], red: Reduction,
                  head_mode: str = "per-group") -> list[Unit]:
-    """The removable units of one module with their reduced importance."""
+    """The removable units of one module with their reduced importance. Every unit's score is computed
+    on the scores' device at once and read back in one transfer (one sync per module, not per unit)."""
     if head_mode not in HEAD_MODES:
         raise MetricGPError(f"unknown head mode '{head_mode}' (choose from {', '.join(HEAD_MODES)})")
     per = module.element_params(linears)
     kind = "head" if module.kind == "attention" else "channel"
     if module.kind == "mlp" or module.group_size == 1 and not module.kv_slices:
-        scores = red.final(part.value, part.count)
-        return [Unit(module.name, kind, (i,), (), per, float(scores[i])) for i in range(module.n_elements)]
+        scores = red.final(part.value, part.count).tolist()
+        return [Unit(module.name, kind, (i,), (), per, scores[i]) for i in range(module.n_elements)]
     g = module.group_size
-    if head_mode == "kv-group":
-        units = []
-        for k in range(module.n_kv):
-            members = tuple(range(k * g, (k + 1) * g))
-            value = torch.cat([part.value[list(members)], part.kv_value[k : k + 1]])
-            count = torch.cat([part.count[list(members)], part.kv_count[k : k + 1]])
-            pooled = value.max() if red.use_max else value.sum()
-            units.append(Unit(module.name, kind, members, (k,), per * g + module.kv_params(linears),
-                              _final(red, pooled, count.sum())))
-        return units
+    if head_mode == "kv-group":  # unit k: the g query heads of KV group k and the KV head itself
+        value = torch.cat([part.value.view(module.n_kv, g), part.kv_value.view(module.n_kv, 1)], dim=1)
+        count = torch.cat([part.count.view(module.n_kv, g), part.kv_count.view(module.n_kv, 1)], dim=1)
+        pooled = value.amax(1) if red.use_max else value.sum(1)
+        scores = red.final(pooled, count.sum(1)).tolist()
+        params = per * g + module.kv_params(linears)
+        return [Unit(module.name, kind, tuple(range(k * g, (k + 1) * g)), (k,), params, scores[k])
+                for k in range(module.n_kv)]
     # per-group: unit r takes the r-th least important query head of every KV group
-    head_scores = red.final(part.value, part.count).view(module.n_kv, g)
-    order = head_scores.argsort(dim=1, stable=True)
-    units = []
-    for r in range(g):
-        members = tuple(int(k * g + order[k, r]) for k in range(module.n_kv))
-        idx = list(members)
-        pooled = part.value[idx].max() if red.use_max else part.value[idx].sum()
-        units.append(Unit(module.name, kind, members, (), per * module.n_kv,
-                          _final(red, pooled, part.count[idx].sum())))
-    return units
+    order = red.final(part.value, part.count).view(module.n_kv, g).argsort(dim=1, stable=True)
+    heads = order + torch.arange(module.n_kv, device=order.device).unsqueeze(1) * g  # (n_kv, g) head indices
+    value, count = part.value[heads], part.count[heads]
+    pooled = value.amax(0) if red.use_max else value.sum(0)
+    scores = red.final(pooled, count.sum(0)).tolist()
+    members = heads.t().tolist()
+    return [Unit(module.name, kind, tuple(members[r]), (), per * module.n_kv, scores[r]) for r in range(g)]
 
 
 def _per_module(units: list[Unit], fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> list[Unit]:

@@ -17,13 +17,13 @@ independently (not sequentially on the pruned model's own inputs).
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable, Sequence
 
 import torch
 from torch import nn
 
 from metricgp.errors import MetricGPError
+from metricgp.fileio import atomic_path
 from metricgp.structured.groups import Module
 from metricgp.structured.importance import Unit
 
@@ -92,10 +92,8 @@ def cached_output_hessians(setup, modules: list[Module]) -> dict[str, torch.Tens
             return {n: cached[n] for n in names}
     setup.dense.restore()
     found = output_hessians(setup.model, {n: setup.layers[n] for n in names}, setup.calib)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    save_file({n: t.contiguous() for n, t in found.items()}, str(tmp))
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        save_file({n: t.contiguous() for n, t in found.items()}, str(tmp))
     return found
 
 

@@ -18,7 +18,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +27,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from metricgp.errors import MetricGPError
+from metricgp.fileio import atomic_path
 from metricgp.stats import gradients_of
 from metricgp.structured.groups import Module
 from metricgp.structured.importance import REDUCTIONS, module_partial
@@ -192,10 +192,8 @@ def cached_batch_scores(setup, modules: list[Module], linears: dict[str, nn.Line
     missing = [e for e in estimators if e.key not in rows]
     if missing:
         fresh = compute_batch_scores(setup.model, modules, linears, setup.calib, missing)
-        paths[missing[0].key].parent.mkdir(parents=True, exist_ok=True)
         for e, scores in zip(missing, fresh, strict=True):
             rows[e.key] = scores.unsqueeze(0).contiguous()
-            tmp = paths[e.key].with_suffix(".tmp")
-            save_file({"scores": rows[e.key]}, str(tmp), metadata={"estimators": json.dumps([e.key])})
-            os.replace(tmp, paths[e.key])
+            with atomic_path(paths[e.key]) as tmp:
+                save_file({"scores": rows[e.key]}, str(tmp), metadata={"estimators": json.dumps([e.key])})
     return torch.cat([rows[e.key] for e in estimators]), not missing

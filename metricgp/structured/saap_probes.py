@@ -20,12 +20,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from dataclasses import asdict, dataclass
 
 import torch
 from torch import nn
 
+from metricgp.fileio import atomic_path
 from metricgp.structured.groups import Module
 
 PROBES_VERSION = 1  # bump when a probe's loss changes meaning, to invalidate old caches
@@ -139,9 +139,7 @@ def cached_probe_deltas(setup, modules: list[Module], linears: dict[str, nn.Line
         return probes, torch.tensor(json.loads(path.read_text())["deltas"], dtype=torch.float64), True
     device = next(setup.model.parameters()).device
     deltas = measure_probes(setup.model, modules, linears, probes, ids.to(device))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps({"deltas": deltas.tolist(), "probes": [asdict(p) for p in probes]}))
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps({"deltas": deltas.tolist(), "probes": [asdict(p) for p in probes]}))
     return probes, deltas, False
 
