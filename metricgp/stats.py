@@ -11,8 +11,10 @@ run loads in seconds.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import tempfile
 import time
 from collections.abc import Callable, Iterable
 from contextlib import contextmanager
@@ -186,15 +188,17 @@ def compute_stats(
         raise MetricGPError(f"gradient statistics need an output head of final norm -> LM head; "
                             f"{type(model).__name__}'s could not be found")
     out: dict[str, dict[str, torch.Tensor]] = {name: {} for name in layers}
-    saved: list[list[torch.Tensor] | None] = []  # each block's float32 inputs, for the backward pass (host)
+    # each block's float32 inputs, kept for its backward pass on disk (a depth's worth of activations in
+    # memory would outgrow a small model), read back memory-mapped
+    scratch = tempfile.TemporaryDirectory(prefix="metricgp-stats-") if grad_leaves else contextlib.nullcontext()
     hidden = inputs.first_hidden
     blocks = range(len(prefix_blocks))
-    with _frozen(model):
+    with _frozen(model), scratch as scratch_dir:
         for i in tqdm(blocks, desc=f"{desc} (forward)", unit="block", leave=False):
             with _float32(prefix_blocks[i]), torch.no_grad():
                 hidden = [h.float() for h in hidden]
                 if grad_leaves:
-                    saved.append([h.cpu() for h in hidden])
+                    torch.save(torch.cat(hidden).cpu(), Path(scratch_dir) / f"block-{i}.pt")
                 outputs: list[torch.Tensor] = []
 
                 def forward(i=i, hidden=hidden, outputs=outputs):
@@ -214,13 +218,15 @@ def compute_stats(
             states = {name: {leaf: lf.statistic.start(tuple(m.weight.shape), m.weight.device)
                              for leaf, lf in grad_leaves.items()} for name, m in per_block[i].items()}
             with _float32(prefix_blocks[i]), _folding_gradients(per_block[i], grad_leaves, states):
+                saved = torch.load(Path(scratch_dir) / f"block-{i}.pt", mmap=True, weights_only=True)
                 below = []
-                for h, grad in zip(saved[i], upstream, strict=True):
-                    h = h.to(grad.device).requires_grad_(True)
+                for h, grad in zip(saved, upstream, strict=True):
+                    h = h.unsqueeze(0).to(grad.device).requires_grad_(True)
                     inputs.call(i, h).backward(grad)
                     below.append(h.grad)
                 upstream = below
-            saved[i] = None
+                del saved
+            (Path(scratch_dir) / f"block-{i}.pt").unlink()
             for name, per in states.items():
                 for leaf, state in per.items():
                     out[name][leaf] = grad_leaves[leaf].statistic.finish(state, len(calib)).cpu()

@@ -110,9 +110,13 @@ def mask_plan(model: nn.Module, modules: list[Module], removed: list[Unit]) -> N
     shrinking (a removed head or channel writes nothing), without copying the model. The metric
     search uses it as its fitness; restore the dense weights afterwards."""
     by_name = {m.name: m for m in modules}
-    with torch.no_grad():
-        for u in removed:
-            out = by_name[u.module].slices[-1]
+    members: dict[str, list[int]] = {}
+    for u in removed:
+        members.setdefault(u.module, []).extend(u.members)
+    with torch.no_grad():  # one index_fill_ per output projection, not one slice assignment per element
+        for module, elements in members.items():
+            out = by_name[module].slices[-1]
             weight = model.get_submodule(out.linear).weight
-            for i in u.members:
-                weight[:, i * out.size : (i + 1) * out.size] = 0
+            first = torch.tensor(elements, device=weight.device).unsqueeze(1) * out.size
+            columns = (first + torch.arange(out.size, device=weight.device)).flatten()
+            weight.index_fill_(1, columns, 0.0)
