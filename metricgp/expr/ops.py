@@ -160,15 +160,27 @@ HESSIAN_DAMP = 0.01
 
 
 def _inverse_hessian_diagonal(gram: Tensor, tokens: int) -> Tensor:
-    """diag((XᵀX/n + lambda I)^-1) as (1, in); a feature that never fires gets H_jj = 1 (SparseGPT)."""
-    h = gram.double() / max(tokens, 1)
+    """diag((XᵀX/n + lambda I)^-1) as (1, in); a feature that never fires gets H_jj = 1 (SparseGPT).
+    In float64, in place where it can be: for a 14336-wide down_proj one float64 copy is 1.6 GB, so
+    the diagonal of the inverse is read off the Cholesky factor a block of columns at a time
+    (diag(H^-1)_j = ||L^-1 e_j||^2) instead of forming H^-1."""
+    h = gram.double().div_(max(tokens, 1))
     diag = h.diagonal()
     diag[diag <= 0] = 1.0
-    damp = HESSIAN_DAMP * float(diag.mean())
+    undamped = diag.clone()
+    damp = HESSIAN_DAMP * float(undamped.mean())
     for _ in range(6):  # raise the dampening until H is numerically positive definite
-        chol, info = torch.linalg.cholesky_ex(h + damp * torch.eye(h.shape[0], dtype=h.dtype, device=h.device))
+        diag.copy_(undamped + damp)
+        chol, info = torch.linalg.cholesky_ex(h)
         if int(info) == 0:
-            return torch.cholesky_inverse(chol).diagonal().float().unsqueeze(0)
+            del h
+            n, step = chol.shape[0], 1024
+            out = torch.empty(n, dtype=chol.dtype, device=chol.device)
+            for first in range(0, n, step):
+                cols = torch.zeros(n, min(step, n - first), dtype=chol.dtype, device=chol.device)
+                cols[first : first + step].fill_diagonal_(1.0)
+                out[first : first + step] = torch.linalg.solve_triangular(chol, cols, upper=False).square().sum(0)
+            return out.float().unsqueeze(0)
         damp *= 10.0
     raise ValueError("input Hessian is not positive definite even after dampening")
 
