@@ -8,6 +8,8 @@ raises for a bad candidate: degenerate metrics get `inf` and a reason.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 import time
 from collections import defaultdict
@@ -18,8 +20,16 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
+from tqdm.auto import tqdm
 
+from metricgp.data import parse_data_ref, windows
 from metricgp.errors import MetricGPError
+from metricgp.expr import compile_metric, to_functional
+from metricgp.models import cache_root, load_model, prunable_layers
+from metricgp.provenance import json_safe
+from metricgp.prune.engine import PRUNE_MODES, DegenerateMetric, DenseWeights, prune_oneshot
+from metricgp.prune.patterns import parse_pattern
+from metricgp.stats import cached_stats, stats_cache_path, stats_key
 
 KL_TOPK = 256  # dense distribution kept as top-k log-probs + the tail mass (memory: EvoPress users)
 
@@ -73,7 +83,6 @@ def window_losses(model: nn.Module, windows: torch.Tensor, batch_size: int = 4,
                   reference: DenseReference | None = None, progress: bool = False, first: int = 0) -> WindowLosses:
     """Next-token NLL of each window and, for the windows `reference` covers, KL to dense.
     `first`: the index of windows[0] among the windows `reference` was built on."""
-    from tqdm.auto import tqdm
 
     nll, tokens, kl, kl_tokens = [], [], [], []
     batches = range(0, len(windows), batch_size)
@@ -190,8 +199,6 @@ class MetricEvaluator:
     that ranks reduced structure scores across layers sets "global")."""
 
     def __init__(self, spec: EvaluatorSpec, setup: PruningSetup | None = None):
-        from metricgp.prune.patterns import parse_pattern
-
         self._check(spec)
         self.pattern = parse_pattern(spec.pattern, spec.sparsity)
         self.scope = self.pattern.simplify_scope
@@ -217,16 +224,12 @@ class MetricEvaluator:
 
     def prune_with(self, tree) -> float:
         """Prune the model in place with `tree`; returns the fraction removed. Raises DegenerateMetric."""
-        from metricgp.expr import compile_metric
-        from metricgp.prune.engine import prune_oneshot
 
         return prune_oneshot(self.setup.dense, self.setup.stats, compile_metric(tree), self.pattern).sparsity
 
     def evaluate(self, tree, n_windows: int) -> FitnessResult:
         """Fitness on the first `n_windows` validation windows. A candidate seen before at a lower
         fidelity is pruned again but only its new windows are run (fidelity stages are prefixes)."""
-        from metricgp.expr import to_functional
-        from metricgp.prune.engine import DegenerateMetric
 
         t0 = time.perf_counter()
         n_windows = min(n_windows, len(self.valid))
@@ -280,10 +283,6 @@ class PruningSetup:
     def from_spec(cls, spec: EvaluatorSpec, grads: bool = True) -> PruningSetup:
         """Load the model and its statistics. With grads=False, G is
         still used when a cached gradient pass exists (it holds X too, so it costs nothing)."""
-        from metricgp.data import parse_data_ref, windows
-        from metricgp.models import load_model, prunable_layers
-        from metricgp.prune.engine import DenseWeights
-        from metricgp.stats import cached_stats, stats_cache_path, stats_key
 
         t0 = time.perf_counter()
         calib_ref = parse_data_ref(spec.calib, "calibration")
@@ -303,21 +302,16 @@ class PruningSetup:
                    loaded.fingerprint, was_cached, {"load_model": t1 - t0, "stats": t2 - t1}, calib, loaded.path)
 
     def fitness_windows(self, n: int | None) -> torch.Tensor:
-        from metricgp.data import parse_data_ref, windows
-
         ref = parse_data_ref(self.spec.valid, "fitness")
         return windows(ref, self.tokenizer, "fitness", self.spec.seqlen, n)
 
     def report_windows(self, data: str, n: int | None) -> torch.Tensor:
         """The first `n` (None: all) test windows of `data`, for reports only."""
-        from metricgp.data import parse_data_ref, windows
 
         return windows(parse_data_ref(data, "report"), self.tokenizer, "report", self.spec.seqlen, n)
 
     def prune(self, tree, pattern, mode: str = "oneshot"):
         """Restore the dense weights, then prune with `tree` in `mode`. Returns a PruneReport."""
-        from metricgp.expr import compile_metric
-        from metricgp.prune.engine import PRUNE_MODES
 
         if mode not in PRUNE_MODES:
             raise MetricGPError(f"unknown mode '{mode}' (choose from {', '.join(PRUNE_MODES)})")
@@ -328,11 +322,7 @@ class PruningSetup:
 def cached_dense_perplexity(setup: PruningSetup, data: str, windows: torch.Tensor) -> float:
     """The dense model's perplexity on `windows`, cached on disk under the exact weights and
     tokens (every report of the same model and data needs it; it costs as much as the pruned one)."""
-    import hashlib
-    import json
 
-    from metricgp.models import cache_root
-    from metricgp.provenance import json_safe
 
     setup.dense.restore()
     digest = hashlib.sha256(windows.numpy().tobytes()).hexdigest()[:16]

@@ -10,7 +10,7 @@ import torch
 from conftest import train_tokenizer
 from structured_models import family_model
 
-from metricgp.apply import main
+from metricgp.cli.apply import main
 from metricgp.errors import MetricGPError
 from metricgp.evaluate import EvaluatorSpec, PruningSetup
 from metricgp.ranking import spearman
@@ -385,7 +385,6 @@ def test_saap_command_lines(tmp_path, base_args):
         (["--importance", "saap", "--recover-tokens", "8", "--group-finetune-tokens", "8"], "not both"),
         (["--importance", "saap", "--saap-spread", "-1"], "spread must be in [0, 1]"),
         (["--importance", "saap", "--allocation", "global", "--skip-edge-blocks"], "not 'global'"),
-        (["--importance", "saap", "--recover-tokens", "8", "--recover-method", "qlora"], "unknown recovery method"),
     ],
 )
 def test_saap_user_errors(tmp_path, base_args, capsys, extra, message):

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
+from metricgp.cli.search import main
 from metricgp.evaluate import EvaluatorSpec
 from metricgp.expr import parse
-from metricgp.search.__main__ import main
 from metricgp.structured.evaluator import StructuredSpec, prune
 from metricgp.structured.fitness import StructuredMetricEvaluator
 

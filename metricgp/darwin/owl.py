@@ -13,6 +13,8 @@ from collections.abc import Sequence
 
 import torch
 
+from metricgp.models import find_blocks
+
 OWL_M = 5.0
 OWL_LAMBDA = 0.08
 
@@ -34,7 +36,6 @@ def outlier_ratio(scores: Sequence[torch.Tensor], m: float = OWL_M) -> float:
 
 def block_outlier_ratios(setup, m: float = OWL_M) -> list[float]:
     """Wanda-score outlier ratio of every decoder block, from the cached statistics."""
-    from metricgp.models import find_blocks
 
     prefix, blocks = find_blocks(setup.model)
     out = []
@@ -47,7 +48,6 @@ def block_outlier_ratios(setup, m: float = OWL_M) -> list[float]:
 
 def owl_layer_sparsities(setup, sparsity: float, m: float = OWL_M, lam: float = OWL_LAMBDA) -> list[float]:
     """OWL's sparsity of every prunable linear (its block's), in `setup.layers` order."""
-    from metricgp.models import find_blocks
 
     prefix, _ = find_blocks(setup.model)
     per_block = owl_sparsities(block_outlier_ratios(setup, m), sparsity, lam)

