@@ -50,7 +50,7 @@ from metricgp.structured.importance import NORMALISATIONS, REDUCTIONS
 from metricgp.structured.methods import METHODS, get_method
 from metricgp.structured.recover import RECOVERY_METHODS, compare_with_lora, recover
 from metricgp.structured.saap import SAAPOptions
-from metricgp.structured.saap_estimators import DEFAULT_ESTIMATORS, ESTIMATORS, split_estimators
+from metricgp.structured.saap.estimators import DEFAULT_ESTIMATORS, ESTIMATORS, split_estimators
 from metricgp.structured.saving import save_pruned
 
 DEFAULTS = StructuredSpec()

@@ -46,7 +46,7 @@ from metricgp.structured.evaluator import StructuredSpec, prune, speed_report
 from metricgp.structured.methods import get_method
 from metricgp.structured.recover import compare_with_lora, recover
 from metricgp.structured.saap import SAAPOptions
-from metricgp.structured.saap_estimators import DEFAULT_ESTIMATORS, ESTIMATORS, split_estimators
+from metricgp.structured.saap.estimators import DEFAULT_ESTIMATORS, ESTIMATORS, split_estimators
 
 FUSED = "fused"
 DEFAULT_FUSION = SAAPOptions().fusion

@@ -35,7 +35,7 @@ from metricgp.structured.importance import (
 )
 from metricgp.structured.refit import OutputRefit
 from metricgp.structured.saap import saap_units
-from metricgp.structured.saap_search import stability_keep_map
+from metricgp.structured.saap.allocation import stability_keep_map
 from metricgp.structured.shrink import apply_plan, remove_blocks
 from metricgp.structured.speed import compare_speed
 

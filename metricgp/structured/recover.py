@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 from metricgp.errors import MetricGPError
 from metricgp.evaluate import perplexity
 from metricgp.models import find_blocks, prunable_layers
-from metricgp.structured.saap_group import group_adapters, group_lora_params, matched_lora_rank
+from metricgp.structured.saap.group import group_adapters, group_lora_params, matched_lora_rank
 
 MAX_GRAD_NORM = 1.0  # gradient clipping, so a too-large lr degrades rather than explodes
 
@@ -95,7 +95,7 @@ def _full(model: nn.Module, layers: dict[str, nn.Linear], config: RecoveryConfig
 
 @contextmanager
 def _group_lora(model: nn.Module, layers: dict[str, nn.Linear], config: RecoveryConfig) -> Iterator[Trainable]:
-    """SAAP's group fine-tuning (`metricgp.structured.saap_group`): merged on success, dropped on error."""
+    """SAAP's group fine-tuning (`metricgp.structured.saap.group`): merged on success, dropped on error."""
 
     with group_adapters(model, layers, config.groups, config.rank, config.alpha) as params:
         yield model, params
