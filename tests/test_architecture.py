@@ -19,6 +19,7 @@ LAYERS = [
     ("models", "data"),
     ("stats",),
     ("prune",),
+    ("measure",),
     ("evaluate",),
     ("refit_fitness",),
     ("structured",),

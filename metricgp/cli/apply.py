@@ -35,8 +35,9 @@ from metricgp.cli.options import (
 )
 from metricgp.data import parse_report_data
 from metricgp.errors import MetricGPError, cli_entry
-from metricgp.evaluate import PruningSetup, cached_dense_perplexity, perplexity
+from metricgp.evaluate import PruningSetup, cached_dense_perplexity
 from metricgp.expr import BUILTIN_METRICS, OPERATORS, describe
+from metricgp.measure import perplexity
 from metricgp.provenance import provenance, write_json_atomic
 from metricgp.prune.engine import PRUNE_MODES
 

@@ -30,8 +30,9 @@ from metricgp.cli.options import (
 )
 from metricgp.data import parse_data_ref, parse_report_data, windows
 from metricgp.errors import MetricGPError
-from metricgp.evaluate import PruningSetup, cached_dense_perplexity, perplexity
+from metricgp.evaluate import PruningSetup, cached_dense_perplexity
 from metricgp.expr import describe
+from metricgp.measure import perplexity
 from metricgp.provenance import provenance, write_json_atomic
 from metricgp.structured.allocate import ALLOCATIONS
 from metricgp.structured.evaluator import (

@@ -20,7 +20,8 @@ from metricgp.darwin.fitness import calibration_windows, structured_masks
 from metricgp.darwin.levels import Genome
 from metricgp.darwin.owl import owl_layer_sparsities
 from metricgp.data import parse_report_data
-from metricgp.evaluate import cached_dense_perplexity, perplexity
+from metricgp.evaluate import cached_dense_perplexity
+from metricgp.measure import perplexity
 from metricgp.prune.engine import prune_sequential
 from metricgp.prune.patterns import Unstructured
 from metricgp.structured.evaluator import per_layer_sizes, size_report, speed_report

@@ -30,9 +30,10 @@ from tqdm.auto import tqdm
 
 from metricgp.cli.options import add_model_data_options, add_pattern_options, evaluator_spec, pattern_from_args
 from metricgp.errors import MetricGPError, cli_entry
-from metricgp.evaluate import DenseReference, MetricEvaluator, perplexity, window_losses
+from metricgp.evaluate import MetricEvaluator
 from metricgp.expr import BUILTIN_METRICS, Node, compile_metric, resolve_metric, to_functional
 from metricgp.expr.randomtree import random_tree
+from metricgp.measure import DenseReference, perplexity, window_losses
 from metricgp.plotting import pyplot, save_figure
 from metricgp.provenance import dumps, json_safe, provenance, write_json_atomic
 from metricgp.prune.engine import DegenerateMetric, PruneReport, layer_scores, mask_layer

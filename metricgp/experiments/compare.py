@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 from metricgp.cli.options import add_model_data_options, evaluator_spec, model_data_fields
 from metricgp.data import parse_report_data
 from metricgp.errors import MetricGPError, cli_entry
-from metricgp.evaluate import PruningSetup, cached_dense_perplexity, perplexity
+from metricgp.evaluate import PruningSetup, cached_dense_perplexity
 from metricgp.experiments import noise as floor
 from metricgp.experiments.noise import row_key, setting_label
 from metricgp.expr import (
@@ -42,6 +42,7 @@ from metricgp.expr import (
     resolve_metric,
     to_functional,
 )
+from metricgp.measure import perplexity
 from metricgp.plotting import pyplot, save_figure
 from metricgp.provenance import provenance, write_json_atomic
 from metricgp.prune.engine import PRUNE_MODES

@@ -10,8 +10,9 @@ from pathlib import Path
 
 from metricgp.cli.options import evaluator_spec
 from metricgp.data import parse_data_ref, parse_report_data, windows
-from metricgp.evaluate import PruningSetup, cached_dense_perplexity, perplexity
+from metricgp.evaluate import PruningSetup, cached_dense_perplexity
 from metricgp.expr import resolve_metric
+from metricgp.measure import perplexity
 from metricgp.provenance import command_line, write_json_atomic
 
 

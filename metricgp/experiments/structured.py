@@ -25,7 +25,6 @@ import torch
 import metricgp
 from metricgp.cli.options import add_model_data_options
 from metricgp.errors import MetricGPError, cli_entry
-from metricgp.evaluate import perplexity
 from metricgp.experiments.rows import (
     load_rows,
     metric_tree,
@@ -36,6 +35,7 @@ from metricgp.experiments.rows import (
 from metricgp.experiments.saap import add_saap_ablation_options, run_saap
 from metricgp.experiments.seeds import run_seeds
 from metricgp.experiments.table import run_table
+from metricgp.measure import perplexity
 from metricgp.structured.evaluator import StructuredSpec, per_layer_sizes, prune, speed_report
 from metricgp.structured.methods import METHODS, get_method
 from metricgp.structured.saving import save_pruned

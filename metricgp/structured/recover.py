@@ -26,7 +26,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from metricgp.errors import MetricGPError
-from metricgp.evaluate import perplexity
+from metricgp.measure import perplexity
 from metricgp.models import find_blocks, prunable_layers
 from metricgp.structured.saap.group import group_adapters, group_lora_params, matched_lora_rank
 

@@ -28,7 +28,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from metricgp.data import parse_data_ref, windows
-from metricgp.evaluate import window_losses
+from metricgp.measure import window_losses
 from metricgp.models import cache_root
 from metricgp.structured.groups import Module
 
