@@ -7,11 +7,9 @@
     python -m metricgp.apply --metric-file runs/<search>/best.json --out runs/evolved
     python -m metricgp.apply --structured --method flap --keep 0.7 --out runs/flap70   # structured mode
 
-Unstructured pruning (masks) is the default mode; `--structured` removes heads, channels or blocks
-(`metricgp.cli.structured`). One parser holds both modes' options, so `--help` lists them all, and
-an option of the other mode is an error. Everything the user gives is checked before the model
-loads. The output directory is written under a temporary name and moved into place at the end, so
-an error leaves nothing half-written.
+One parser holds both modes (masks by default; `--structured`: `metricgp.cli.structured`), so
+`--help` lists every option; an option of the other mode is an error. Everything is checked before
+the model loads, and the output directory is moved into place at the end (never half-written).
 """
 
 from __future__ import annotations
@@ -40,8 +38,6 @@ from metricgp.expr import BUILTIN_METRICS, OPERATORS, describe
 from metricgp.measure import perplexity
 from metricgp.provenance import provenance, write_json_atomic
 from metricgp.prune.engine import PRUNE_MODES
-
-UNSTRUCTURED_ONLY = ("pattern", "sparsity", "mode")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -72,8 +68,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def check_mode(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     """An option of the other mode is an error, as it was when each mode had its own parser."""
-    other = structured.STRUCTURED_ONLY if not args.structured else UNSTRUCTURED_ONLY
-    given = [k for k in other if getattr(args, k) != parser.get_default(k)]
+    other = ("unstructured mode",) if args.structured else ("structured mode", "SAAP")
+    given = [a.dest for g in parser._action_groups if g.title.startswith(other) for a in g._group_actions
+             if getattr(args, a.dest) != a.default]
     if given:
         mode = "--structured" if not args.structured else "the unstructured mode (no --structured)"
         raise MetricGPError(f"{', '.join('--' + k.replace('_', '-') for k in given)} belong to {mode}")

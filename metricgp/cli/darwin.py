@@ -16,10 +16,16 @@ import argparse
 import sys
 from pathlib import Path
 
-from metricgp.cli.options import add_model_data_options, add_recovery_options, metric_from_args, model_data_fields
+from metricgp.cli.options import (
+    add_model_data_options,
+    add_recovery_options,
+    metric_from_args,
+    model_data_fields,
+    resume_overrides,
+)
 from metricgp.darwin.config import DarwinConfig
 from metricgp.darwin.database import DEFAULT_LEVELS
-from metricgp.darwin.run import resume, start
+from metricgp.darwin.run import RESUMABLE, resume, start
 from metricgp.darwin.stages import make_schedule, schedule_dict
 from metricgp.darwin.unstructured import DEFAULT_LEVELS as UNSTRUCTURED_LEVELS
 from metricgp.errors import MetricGPError, cli_entry
@@ -35,8 +41,6 @@ DESCRIPTION = ("DarwinLM level search: a database of per-module pruning levels o
                "(1+lambda) evolution on KL to the dense model; --unstructured: EvoPress per-layer sparsity.")
 # importance names beyond the built-in metrics (metricgp.expr.BUILTIN_METRICS)
 IMPORTANCE_ALIASES = {"taylor": "mul(abs(W), G)"}  # first-order Taylor |W * dL/dW| (LLM-Pruner)
-# what a resume may change: how long and where it runs, and (final report only) the reconstruct rows
-RESUME_OPTIONS = ("resume", "generations", "backend", "workers", "time_budget", "reconstruct", "no_progress")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -126,20 +130,6 @@ def config_from_args(args: argparse.Namespace) -> DarwinConfig:
         name=args.out.name).validate()
 
 
-def resume_overrides(parser: argparse.ArgumentParser, args: argparse.Namespace) -> dict:
-    """What a resume may change; any other option given is an error (the run continues as configured)."""
-    given = [k for k, v in vars(args).items() if v != parser.get_default(k) and k not in RESUME_OPTIONS]
-    if given:
-        names = ", ".join(f"--{k.replace('_', '-')}" for k in given)
-        raise MetricGPError(f"--resume continues the run as configured; drop {names} "
-                            "(only --generations, --time-budget, --backend, --workers, --reconstruct may change)")
-    defaults = {k: parser.get_default(k) for k in ("generations", "backend", "workers", "time_budget")}
-    return {"generations": args.generations if args.generations != defaults["generations"] else None,
-            "backend": args.backend if args.backend != defaults["backend"] else None,
-            "workers": args.workers if args.workers != defaults["workers"] else None,
-            "time_budget_min": args.time_budget, "reconstruct": True if args.reconstruct else None}
-
-
 @cli_entry
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
@@ -147,7 +137,8 @@ def main(argv: list[str] | None = None) -> int:
     progress = not args.no_progress
     if args.resume is not None:
         out = args.resume
-        search = resume(out, resume_overrides(parser, args), progress=progress, provenance=provenance())
+        overrides = resume_overrides(parser, args, RESUMABLE)
+        search = resume(out, overrides, progress=progress, provenance=provenance())
     else:
         config = config_from_args(args)
         out = args.out

@@ -138,6 +138,18 @@ def add_recovery_options(group: argparse._ActionsContainer, methods: tuple[str, 
     group.add_argument("--recover-lr", type=float, default=None, help="learning rate (default per method)")
 
 
+def resume_overrides(parser: argparse.ArgumentParser, args: argparse.Namespace, resumable: tuple) -> dict:
+    """What `--resume` changes: the run-config fields in `resumable` whose option (the field without
+    `_min`) was given. Any other option given is an error: the run continues as configured."""
+    dests = {field.removesuffix("_min"): field for field in resumable}
+    given = [k for k, v in vars(args).items()
+             if k not in {"resume", "no_progress", *dests} and v != parser.get_default(k)]
+    if given:
+        names, allowed = (", ".join(f"--{k.replace('_', '-')}" for k in keys) for keys in (given, dests))
+        raise MetricGPError(f"--resume continues the run as configured; drop {names} (only {allowed} may change)")
+    return {field: getattr(args, k) for k, field in dests.items() if getattr(args, k) != parser.get_default(k)}
+
+
 def metric_from_args(args: argparse.Namespace) -> tuple[Node | None, str | None]:
     """The tree of --metric or --metric-file (`resolve_metric`: a name, a formula or a JSON file) and
     where it came from; (None, None) when neither is given."""

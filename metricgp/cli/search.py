@@ -20,6 +20,7 @@ from metricgp.cli.options import (
     deprecated_alias,
     model_data_fields,
     pattern_from_args,
+    resume_overrides,
     split_metrics,
 )
 from metricgp.errors import MetricGPError, cli_entry
@@ -29,7 +30,7 @@ from metricgp.expr.parse import FormulaError
 from metricgp.provenance import provenance
 from metricgp.search.backends import BACKENDS
 from metricgp.search.breeding import ALGORITHMS
-from metricgp.search.run import EVALUATORS, RunConfig, resume, start
+from metricgp.search.run import EVALUATORS, RESUMABLE, RunConfig, resume, start
 from metricgp.search.space import load_space, with_overrides
 from metricgp.structured.evaluator import StructuredSpec
 
@@ -155,19 +156,12 @@ def _fresh(args: argparse.Namespace) -> RunConfig:
 
 @cli_entry
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     progress = not args.no_progress
     if args.resume is not None:
-        fixed = [f"--{k.replace('_', '-')}" for k in ("population", "offspring", "algorithm", "search_seed",
-                                                      "fidelities", "eta")
-                 if getattr(args, k) is not None]
-        if fixed:
-            raise MetricGPError(f"--resume continues the run as configured; drop {', '.join(fixed)} "
-                                "(only --generations, --time-budget, --backend, --workers may change)")
-        search = resume(args.resume, {"generations": args.generations, "backend": args.backend,
-                                      "workers": args.workers, "gpus_per_worker": args.gpus_per_worker,
-                                      "time_budget_min": args.time_budget}, progress=progress)
+        search = resume(args.resume, resume_overrides(parser, args, RESUMABLE), progress=progress)
         run_dir = args.resume
     else:
         config = _fresh(args)

@@ -83,11 +83,6 @@ def add_structured_options(p: argparse.ArgumentParser) -> None:
     add_saap_options(p)
 
 
-STRUCTURED_ONLY = ("keep", "importance", "structures", "allocation", "keep_map", "reduction", "normalisation",
-                   "head_mode", "method", "bias_compensation", "refit", "recover_tokens", "recover_method",
-                   "recover_lr", "speed", "estimators", "skip_edge_blocks", "fusion", "saap_spread",
-                   "group_finetune_tokens", "group_finetune_groups", "compare_lora")
-
 
 def add_saap_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("SAAP (--importance saap; metricgp.structured.saap)")

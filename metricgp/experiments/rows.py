@@ -1,7 +1,5 @@
-"""The shared table I/O of the experiment drivers: a JSON table of rows, written after each row so
-an interrupted run continues where it stopped, and what every structured row needs (the session,
-its test windows and dense perplexity, sizes, perplexities, recovery windows, the reproducing
-`python -m metricgp.apply` command)."""
+"""The drivers' shared table I/O (a JSON table, written after every row, so a rerun resumes) and what
+every structured row needs: session, test windows, sizes, perplexities, its `apply` command."""
 
 from __future__ import annotations
 

@@ -5,11 +5,9 @@
     python -m metricgp.structured.experiments saap --out results/structured       # make saap-ablation
     python -m metricgp.structured.experiments seeds --calib-seeds 0,1,2 ...       # the spread over seeds (seeds.py)
 
-The model and its statistics load once. Every row prunes a copy of the dense model and is
-written to the JSON table when it finishes, so an interrupted run continues where it stopped.
-Each row of the table carries the `python -m metricgp.apply --structured ...` command that
-reproduces it. `table` is in table.py, the SAAP ablation in saap.py, the seed spread in seeds.py;
-the helpers every subcommand shares (setup, test windows, sizes, perplexities) are in rows.py.
+The model and its statistics load once; every row is written when it finishes (a rerun resumes)
+and carries the `python -m metricgp.apply --structured ...` command that reproduces it. `table` is
+in table.py, `saap` in saap.py, `seeds` in seeds.py; their shared helpers in rows.py.
 """
 
 from __future__ import annotations
