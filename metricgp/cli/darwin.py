@@ -39,8 +39,6 @@ from metricgp.structured.recover import RECOVERY_METHODS
 
 DESCRIPTION = ("DarwinLM level search: a database of per-module pruning levels ordered by a metric, searched by "
                "(1+lambda) evolution on KL to the dense model; --unstructured: EvoPress per-layer sparsity.")
-# importance names beyond the built-in metrics (metricgp.expr.BUILTIN_METRICS)
-IMPORTANCE_ALIASES = {"taylor": "mul(abs(W), G)"}  # first-order Taylor |W * dL/dW| (LLM-Pruner)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -52,7 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--keep", type=float, default=0.6, help="structured: fraction of decoder parameters kept")
     t.add_argument("--unstructured", action="store_true", help="EvoPress: per-layer unstructured sparsity levels")
     t.add_argument("--sparsity", type=float, default=0.7, help="--unstructured: fraction of weights removed")
-    t.add_argument("--metric", help=f"importance: a built-in metric, {', '.join(IMPORTANCE_ALIASES)}, or a formula")
+    t.add_argument("--metric", help="importance: a built-in metric, taylor (|W|*G), or a formula")
     t.add_argument("--metric-file", type=Path, help="a search's best.json (default, with no --metric "
                    "either: the default search's best formula, metricgp.expr.builtins.EVOLVED)")
     t.add_argument("--levels", type=int, help=f"levels per module (default {DEFAULT_LEVELS}; "
@@ -100,11 +98,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def importance_metric(args: argparse.Namespace) -> tuple[str, str]:
     """(functional formula, where it came from)."""
-
     if args.metric is None and args.metric_file is None:
         return EVOLVED, "the default: the default search's best formula (metricgp.expr.builtins.EVOLVED)"
-    if args.metric is not None and args.metric.strip().lower() in IMPORTANCE_ALIASES:
-        args = argparse.Namespace(**{**vars(args), "metric": IMPORTANCE_ALIASES[args.metric.strip().lower()]})
     tree, source = metric_from_args(args)
     return to_functional(tree), source
 

@@ -31,12 +31,15 @@ BUILTIN_METRICS: dict[str, str] = {
     # reconstruct mode's job here (`--mode reconstruct`).
     "sparsegpt": "div(sqr(W), Hinv)",
 }
+# Names that are not baselines of their own (not in BUILTIN_METRICS, which compare tabulates):
+# first-order Taylor |W * dL/dW| (LLM-Pruner), with G the per-weight gradient l2 norm over the windows.
+ALIASES: dict[str, str] = {"taylor": "mul(abs(W), G)"}
 
 # The default metric search's best formula (run smollm2-default-s0 of this project, generation 24): the
 # "evolved" presets' metric unless --metric/--metric-file gives another. It is GBLM's form, found again.
 EVOLVED = "mul(abs(W), add(sqrt(X), mul(100.0, G)))"
 # The best formula of the structured search at 70% kept (structured-search-k70): first-order Taylor.
-EVOLVED_STRUCTURED = "mul(abs(W), G)"
+EVOLVED_STRUCTURED = ALIASES["taylor"]
 
 
 def formula_from_file(path) -> str:
@@ -62,6 +65,6 @@ def resolve_metric(text) -> Node:
     if not isinstance(text, str) or not text.strip():
         raise FormulaError(f"empty metric; give a formula or one of: {', '.join(BUILTIN_METRICS)}")
     name = text.strip().lower().replace("_", "-")
-    if name in BUILTIN_METRICS:
-        return parse(BUILTIN_METRICS[name])
+    if name in BUILTIN_METRICS or name in ALIASES:
+        return parse({**BUILTIN_METRICS, **ALIASES}[name])
     return parse(text)

@@ -28,7 +28,7 @@ class Method:
 METHODS: dict[str, Method] = {
     "magnitude-uniform": Method({"reduction": "l2", "allocation": "uniform"}, "magnitude",
                                 "Torch-Pruning's LLM default: group L2 magnitude, the same ratio per layer"),
-    "llm-pruner-taylor": Method({"reduction": "sum", "allocation": "uniform"}, "mul(abs(W), G)",
+    "llm-pruner-taylor": Method({"reduction": "sum", "allocation": "uniform"}, "taylor",
                                 "LLM-Pruner: element-wise first-order Taylor |W*dL/dW| summed over the group"),
     "flap": Method({"importance": "flap", "reduction": "sum", "normalisation": "module-zscore",
                     "allocation": "global", "bias_compensation": True}, None,
@@ -48,7 +48,7 @@ METHODS: dict[str, Method] = {
                           "by least squares on calibration inputs"),
     "evolved-refit": Method({"refit": True}, EVOLVED,
                             "the evolved formula, defaults, with the least-squares refit of output projections"),
-    "llm-pruner-taylor-refit": Method({"reduction": "sum", "allocation": "uniform", "refit": True}, "mul(abs(W), G)",
+    "llm-pruner-taylor-refit": Method({"reduction": "sum", "allocation": "uniform", "refit": True}, "taylor",
                                       "LLM-Pruner's Taylor importance with the least-squares refit"),
     "evolved-structured": Method({}, EVOLVED_STRUCTURED,
                                  "the best formula of a search whose fitness is this evaluator at 70% kept"),
