@@ -3,13 +3,15 @@
     p = argparse.ArgumentParser(...)
     add_model_data_options(p)          # --model --dtype --device --calib --n-calib --seqlen --calib-seed
     add_pattern_options(p)             # --pattern --sparsity
+    add_report_options(p)              # --dataset --eval-windows --out --overwrite --no-save-model ...
     args = p.parse_args(argv)
+    tree, source = metric_from_args(args)      # --metric / --metric-file: a name, a formula or a file
     spec = evaluator_spec(args, pattern=...)   # or model_data_fields(args) for a spec of your own
 
 Seeds have one name per meaning: `--calib-seed` (which calibration windows are drawn; part of the
 statistics' identity), `--search-seed` (the search's random generator) and `--panel-seed` (the
-benchmark's random metrics). `deprecated_alias` keeps an old spelling working where documented
-commands still use it.
+benchmark's random metrics); fitness data is `--fitness-data`. `deprecated_alias` keeps an old
+spelling working (`--seed`, `--gp-seed`, `--valid`), with a warning on stderr.
 """
 
 from __future__ import annotations
