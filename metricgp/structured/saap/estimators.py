@@ -51,8 +51,8 @@ class Estimator:
 ESTIMATORS: dict[str, Estimator] = {
     "taylor-element": Estimator("taylor-element", lambda t: (t["W"] * t["g"]).abs(), key="taylor-element"),
     "taylor-vector": Estimator("taylor-vector", lambda t: t["W"] * t["g"], signed=True, key="taylor-vector"),
-    "magnitude": Estimator("magnitude", lambda t: t["W"].abs(), key="magnitude"),
-    "wanda": Estimator("wanda", lambda t: t["W"].abs() * t["X"].sqrt(), key="wanda"),
+    # the built-ins' own formulas (expr.builtins), compiled: equal to |W| and |W|*sqrt(X) in fp32
+    **{name: Estimator(name, compile_metric(resolve_metric(name)), key=name) for name in ("magnitude", "wanda")},
 }
 DEFAULT_ESTIMATORS = ("taylor-element", "taylor-vector", "magnitude", "wanda")
 
