@@ -22,7 +22,7 @@ SEARCH_BUDGET_MIN ?= 23
 SEARCH_OUT ?= runs/search-metric
 SEARCH_ARGS ?=
 
-.PHONY: venv test test-latest test-lowest lock lint search-metric search-scratch search-hessian search-long fidelity-final baselines-full refit-fidelity baselines noise-floor bench bench-fidelity bench-structured structured saap-ablation darwin clean-venv
+.PHONY: venv test test-latest test-lowest lock lint search-metric search-scratch search-hessian search-long fidelity-final baselines-full refit-fidelity baselines noise-floor bench bench-fidelity bench-scale bench-structured structured saap-ablation darwin clean-venv
 
 venv: $(STAMP)
 
@@ -119,7 +119,7 @@ search-hessian: venv
 # below shows why 16 windows do not separate near-equal metrics). Resumable: rerun with --resume.
 search-long: venv
 	$(PY) -m metricgp.search --space search_spaces/hessian.yaml --references wanda,gblm,sparsegpt \
-	  --fidelities 1,4,16,64 --gp-seed 1 --time-budget 110 --out results/hessian-long-s1
+	  --fidelities 1,4,16,64 --search-seed 1 --time-budget 110 --out results/hessian-long-s1
 
 # Which final stage ranks competitive metrics like 128 validation windows? The built-ins and the default
 # search's hall of fame; every prefix fidelity and KL to dense from one pass per metric (resumable).
@@ -159,6 +159,12 @@ structured: venv
 # (resumable; results/structured/saap.md, saap.json, saap-sigma.png).
 saap-ablation: venv
 	$(PY) -m metricgp.structured.experiments saap --out results/structured
+
+# Peak resident memory of each phase against depth, random-weight Llama models at Llama-3.1-8B's block
+# shape and a small one (results/scale/memory.{json,md}; resumable; about an hour here).
+bench-scale: venv
+	$(PY) -m metricgp.experiments.scale --shapes small,8b --layers 1,2,4 \
+	  --phases model,statistics,search-evaluation,sequential --out results/scale
 
 bench-structured: venv
 	$(PY) -m metricgp.structured.experiments speed --keep 0.7 --out results/structured

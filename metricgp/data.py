@@ -17,6 +17,7 @@ from __future__ import annotations
 import gzip
 import json
 import os
+import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -53,7 +54,6 @@ def data_dir() -> Path | None:
 
 def _local_origin(repo: Path) -> Path | None:
     """The directory a git clone was made from, when that was a local path."""
-    import subprocess
 
     try:
         url = subprocess.run(["git", "config", "--get", "remote.origin.url"], cwd=repo, capture_output=True,

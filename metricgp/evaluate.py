@@ -1,160 +1,35 @@
-"""Perplexity, KL to the dense model, and the metric evaluator the search calls.
+"""The session every command builds (`PruningSetup`) and the metric evaluator the search calls.
 
 `MetricEvaluator.evaluate(tree, n_windows)` is the one fitness entry point: prune the model
 one-shot with cached statistics, measure validation perplexity (or KL to dense) on the first
 `n_windows` validation windows, restore the dense weights, return a `FitnessResult`. It never
-raises for a bad candidate: degenerate metrics get `inf` and a reason.
+raises for a bad candidate: degenerate metrics get `inf` and a reason. Perplexity and KL
+themselves are measured in `metricgp.measure`.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 import time
-import weakref
 from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from metricgp.blocks import LOGIT_CHUNK_ELEMENTS, OutputHead, last_block_output, output_head
+from metricgp.data import parse_data_ref, windows
 from metricgp.errors import MetricGPError
-
-KL_TOPK = 256  # dense distribution kept as top-k log-probs + the tail mass (memory: EvoPress users)
-
-
-@torch.no_grad()
-def _logits(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
-    device = next(model.parameters()).device
-    return model(input_ids=ids.to(device), use_cache=False).logits.float()
-
-
-_HEADS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> OutputHead or None, found once
-
-
-def _head(model: nn.Module) -> OutputHead | None:
-    if model not in _HEADS:
-        _HEADS[model] = output_head(model)
-    return _HEADS[model]
-
-
-@torch.no_grad()
-def logit_chunks(model: nn.Module, ids: torch.Tensor):
-    """Yield (row, first position, float32 logits of that row's positions first, first+1, ...) over the
-    batch `ids`, at most LOGIT_CHUNK_ELEMENTS logits at a time: the blocks run once on the batch and
-    the output head a chunk of positions at a time. A model whose head is not norm -> LM head
-    (-> soft-capping) gives its whole logits, row by row."""
-    head = _head(model)
-    if head is None:
-        logits = _logits(model, ids)
-        for row in range(len(ids)):
-            yield row, 0, logits[row]
-        return
-    hidden = last_block_output(model, ids.to(head.lm_head.weight.device))
-    step = max(1, LOGIT_CHUNK_ELEMENTS // head.lm_head.weight.shape[0])
-    for row in range(len(ids)):
-        for first in range(0, hidden.shape[1], step):
-            yield row, first, head(hidden[row, first : first + step])
-
-
-@torch.no_grad()
-def perplexity(model: nn.Module, windows: torch.Tensor, batch_size: int = 4, progress: bool = False) -> float:
-    """exp(mean next-token NLL) over all predicted tokens of the windows."""
-    losses = window_losses(model, windows, batch_size, progress=progress)
-    return losses.perplexity(len(windows))
-
-
-def _exp_or_inf(mean: float) -> float:
-    # exp overflows a Python float beyond ~709.78: such a model is as bad as a non-finite one
-    return math.exp(mean) if math.isfinite(mean) and mean < 709.0 else math.inf
-
-
-@dataclass(frozen=True)
-class WindowLosses:
-    """Per-window sums from one forward pass, so every prefix of the windows (each fidelity
-    stage evaluates the first n) gets its perplexity and KL without another pass."""
-
-    nll: list[float]  # summed next-token NLL of each window
-    tokens: list[int]  # predicted tokens of each window
-    kl: list[float] = field(default_factory=list)  # summed KL(dense || pruned), first len(kl) windows
-    kl_tokens: list[int] = field(default_factory=list)  # positions KL covers (every position, the last too)
-
-    def perplexity(self, n: int) -> float:
-        return _exp_or_inf(sum(self.nll[:n]) / sum(self.tokens[:n]))
-
-    def extend(self, more: WindowLosses) -> WindowLosses:
-        """These windows followed by `more`'s."""
-        if len(self.kl) != len(self.nll) and more.kl:
-            raise ValueError("cannot append KL windows after windows measured without KL")
-        return WindowLosses(self.nll + more.nll, self.tokens + more.tokens, self.kl + more.kl,
-                            self.kl_tokens + more.kl_tokens)
-
-    def kl_to_dense(self, n: int) -> float:
-        if n > len(self.kl):
-            raise ValueError(f"KL was measured on {len(self.kl)} windows, not {n}")
-        return sum(self.kl[:n]) / sum(self.kl_tokens[:n])
-
-
-@torch.no_grad()
-def window_losses(model: nn.Module, windows: torch.Tensor, batch_size: int = 4,
-                  reference: DenseReference | None = None, progress: bool = False, first: int = 0) -> WindowLosses:
-    """Next-token NLL of each window and, for the windows `reference` covers, KL to dense.
-    `first`: the index of windows[0] among the windows `reference` was built on."""
-    from tqdm.auto import tqdm
-
-    nll, tokens, kl, kl_tokens = [], [], [], []
-    batches = range(0, len(windows), batch_size)
-    for start in tqdm(batches, desc="perplexity", unit="batch", leave=False, disable=not progress):
-        ids = windows[start : start + batch_size]
-        rows = len(ids)
-        with_kl = [reference is not None and first + start + row < len(reference.top_logp) for row in range(rows)]
-        window_nll, window_kl = [0.0] * rows, [0.0] * rows
-        for row, pos, logits in logit_chunks(model, ids):
-            target = ids[row, pos + 1 : pos + 1 + len(logits)].to(logits.device)  # the last position has none
-            if len(target):
-                window_nll[row] += float(F.cross_entropy(logits[: len(target)], target, reduction="sum"))
-            if with_kl[row]:
-                window_kl[row] += float(reference.window_kl(logits, first + start + row, pos).sum())
-        nll.extend(window_nll)
-        tokens.extend([ids.shape[1] - 1] * rows)
-        kl.extend(v for v, on in zip(window_kl, with_kl, strict=True) if on)
-        kl_tokens.extend(ids.shape[1] for on in with_kl if on)
-    return WindowLosses(nll, tokens, kl, kl_tokens)
-
-
-@dataclass
-class DenseReference:
-    """Top-k next-token log-probs of the dense model, computed once, for KL fitness."""
-
-    top_logp: torch.Tensor  # (n, seqlen, k)
-    top_idx: torch.Tensor  # (n, seqlen, k)
-
-    @classmethod
-    @torch.no_grad()
-    def build(cls, model: nn.Module, windows: torch.Tensor, k: int = KL_TOPK) -> DenseReference:
-        logps, idxs = [], []
-        for window in windows:
-            chunks = [logits.log_softmax(-1) for _, _, logits in logit_chunks(model, window.unsqueeze(0))]
-            tops = [logp.topk(min(k, logp.shape[-1]), dim=-1) for logp in chunks]  # small vocabulary: all of it
-            logps.append(torch.cat([top.values.cpu() for top in tops]))
-            idxs.append(torch.cat([top.indices.cpu() for top in tops]))
-        return cls(torch.stack(logps), torch.stack(idxs))
-
-    def window_kl(self, logits: torch.Tensor, i: int, first: int = 0) -> torch.Tensor:
-        """Per-token KL(dense || pruned) of window `i` from the pruned model's (positions, vocab) logits
-        of positions first, first+1, ..."""
-        q_logp = logits.log_softmax(-1)
-        positions = slice(first, first + len(logits))
-        p_logp = self.top_logp[i, positions].to(q_logp.device)
-        q_top = q_logp.gather(-1, self.top_idx[i, positions].to(q_logp.device))
-        p = p_logp.exp()
-        kl = (p * (p_logp - q_top)).sum(-1)
-        p_tail = (1 - p.sum(-1)).clamp_min(1e-12)
-        q_tail = (1 - q_top.exp().sum(-1)).clamp_min(1e-12)
-        return kl + p_tail * (p_tail.log() - q_tail.log())
+from metricgp.expr import compile_metric, to_functional
+from metricgp.measure import DenseReference, WindowLosses, perplexity, window_losses
+from metricgp.models import cache_root, load_model, prunable_layers
+from metricgp.provenance import json_safe
+from metricgp.prune.engine import PRUNE_MODES, DegenerateMetric, DenseWeights, prune_oneshot
+from metricgp.prune.patterns import parse_pattern
+from metricgp.stats import cached_stats, stats_cache_path, stats_key
 
 
 @dataclass(frozen=True)
@@ -225,8 +100,6 @@ class MetricEvaluator:
     that ranks reduced structure scores across layers sets "global")."""
 
     def __init__(self, spec: EvaluatorSpec, setup: PruningSetup | None = None):
-        from metricgp.prune.patterns import parse_pattern
-
         self._check(spec)
         self.pattern = parse_pattern(spec.pattern, spec.sparsity)
         self.scope = self.pattern.simplify_scope
@@ -252,16 +125,12 @@ class MetricEvaluator:
 
     def prune_with(self, tree) -> float:
         """Prune the model in place with `tree`; returns the fraction removed. Raises DegenerateMetric."""
-        from metricgp.expr import compile_metric
-        from metricgp.prune.engine import prune_oneshot
 
         return prune_oneshot(self.setup.dense, self.setup.stats, compile_metric(tree), self.pattern).sparsity
 
     def evaluate(self, tree, n_windows: int) -> FitnessResult:
         """Fitness on the first `n_windows` validation windows. A candidate seen before at a lower
         fidelity is pruned again but only its new windows are run (fidelity stages are prefixes)."""
-        from metricgp.expr import to_functional
-        from metricgp.prune.engine import DegenerateMetric
 
         t0 = time.perf_counter()
         n_windows = min(n_windows, len(self.valid))
@@ -315,10 +184,6 @@ class PruningSetup:
     def from_spec(cls, spec: EvaluatorSpec, grads: bool = True) -> PruningSetup:
         """Load the model and its statistics. With grads=False, G is
         still used when a cached gradient pass exists (it holds X too, so it costs nothing)."""
-        from metricgp.data import parse_data_ref, windows
-        from metricgp.models import load_model, prunable_layers
-        from metricgp.prune.engine import DenseWeights
-        from metricgp.stats import cached_stats, stats_cache_path, stats_key
 
         t0 = time.perf_counter()
         calib_ref = parse_data_ref(spec.calib, "calibration")
@@ -338,21 +203,16 @@ class PruningSetup:
                    loaded.fingerprint, was_cached, {"load_model": t1 - t0, "stats": t2 - t1}, calib, loaded.path)
 
     def fitness_windows(self, n: int | None) -> torch.Tensor:
-        from metricgp.data import parse_data_ref, windows
-
         ref = parse_data_ref(self.spec.valid, "fitness")
         return windows(ref, self.tokenizer, "fitness", self.spec.seqlen, n)
 
     def report_windows(self, data: str, n: int | None) -> torch.Tensor:
         """The first `n` (None: all) test windows of `data`, for reports only."""
-        from metricgp.data import parse_data_ref, windows
 
         return windows(parse_data_ref(data, "report"), self.tokenizer, "report", self.spec.seqlen, n)
 
     def prune(self, tree, pattern, mode: str = "oneshot"):
         """Restore the dense weights, then prune with `tree` in `mode`. Returns a PruneReport."""
-        from metricgp.expr import compile_metric
-        from metricgp.prune.engine import PRUNE_MODES
 
         if mode not in PRUNE_MODES:
             raise MetricGPError(f"unknown mode '{mode}' (choose from {', '.join(PRUNE_MODES)})")
@@ -363,11 +223,7 @@ class PruningSetup:
 def cached_dense_perplexity(setup: PruningSetup, data: str, windows: torch.Tensor) -> float:
     """The dense model's perplexity on `windows`, cached on disk under the exact weights and
     tokens (every report of the same model and data needs it; it costs as much as the pruned one)."""
-    import hashlib
-    import json
 
-    from metricgp.models import cache_root
-    from metricgp.provenance import json_safe
 
     setup.dense.restore()
     digest = hashlib.sha256(windows.numpy().tobytes()).hexdigest()[:16]

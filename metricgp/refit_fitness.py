@@ -26,7 +26,11 @@ import time
 import torch
 
 from metricgp.evaluate import EvaluatorSpec, FitnessResult, PruningSetup
+from metricgp.expr import compile_metric
 from metricgp.models import block_linears, find_blocks
+from metricgp.prune.engine import DegenerateMetric, layer_scores
+from metricgp.prune.patterns import parse_pattern
+from metricgp.prune.reconstruct import hessian_hooks, least_squares_update
 
 
 def spread_order(n: int) -> list[int]:
@@ -49,8 +53,6 @@ class RefitResidualEvaluator:
     """The `MetricEvaluator` protocol with the refit residual as fitness (see the module doc)."""
 
     def __init__(self, spec: EvaluatorSpec, rows_per_layer: int = 32, setup: PruningSetup | None = None):
-        from metricgp.prune.patterns import parse_pattern
-
         self.spec = spec
         self.pattern = parse_pattern(spec.pattern, spec.sparsity)
         self.scope = self.pattern.simplify_scope  # masks of one tensor: the unstructured search's scope
@@ -70,7 +72,6 @@ class RefitResidualEvaluator:
 
     def _hessians(self, names: list[str]) -> dict[str, torch.Tensor]:
         """H = XᵀX / tokens of each named layer on the calibration windows of the dense model."""
-        from metricgp.prune.reconstruct import hessian_hooks
 
         layers = {n: self.setup.layers[n] for n in names}
         sums: dict[str, torch.Tensor] = {}
@@ -83,8 +84,6 @@ class RefitResidualEvaluator:
 
     def layer_residual(self, metric, name: str, rows: torch.Tensor) -> float:
         """e_layer of one layer for a compiled metric (raises DegenerateMetric like pruning does)."""
-        from metricgp.prune.engine import layer_scores
-        from metricgp.prune.reconstruct import least_squares_update
 
         w = self.setup.dense.weights[name].float()
         keep = self.pattern.mask(layer_scores(metric, w, self.setup.stats[name], name))[rows]
@@ -97,9 +96,6 @@ class RefitResidualEvaluator:
         return max(residual, 0.0) / max(energy, 1e-30)
 
     def evaluate(self, tree, n_blocks: int) -> FitnessResult:
-        from metricgp.expr import compile_metric
-        from metricgp.prune.engine import DegenerateMetric
-
         t0 = time.perf_counter()
         metric = compile_metric(tree)
         logs = []

@@ -9,7 +9,7 @@ import sys
 import pytest
 import torch
 
-from metricgp.apply import main
+from metricgp.cli.apply import main
 from metricgp.evaluate import EvaluatorSpec, PruningSetup
 from metricgp.expr import resolve_metric
 from metricgp.prune.patterns import NM

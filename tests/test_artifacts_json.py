@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from metricgp.compare import Entry, markdown
+from metricgp.experiments.compare import Entry, markdown
 from metricgp.expr import parse
 from metricgp.provenance import write_json_atomic
 from metricgp.search.artifacts import append_log, read_log, write_summary

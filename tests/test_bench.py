@@ -7,7 +7,7 @@ import math
 
 import pytest
 
-from metricgp.bench import main, metric_panel, spearman
+from metricgp.experiments.bench import main, metric_panel, spearman
 from metricgp.expr import BUILTIN_METRICS, to_functional
 
 
@@ -57,7 +57,7 @@ def test_benchmarks_run_on_a_tiny_model(tmp_path, tiny_llama_dir, text_files, is
     assert 0 < wanda["kl1"] < 5 < wanda["4"]  # KL in nats; perplexity of a tiny random model is large
     assert (tmp_path / "f" / "fidelity.png").stat().st_size > 1000
     # an interrupted panel resumes: a row left by the previous run (same arguments) is taken as is
-    from metricgp.bench import PanelRows, build_parser
+    from metricgp.experiments.bench import PanelRows, build_parser
 
     formula = next(r for r in fid["rows"] if r["name"] == "wanda")["formula"]
     stored = {"name": "wanda", "formula": formula, "fitness": {**wanda, "4": 1234.5}}

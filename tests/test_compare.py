@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from metricgp.compare import main, parse_metric_arg, parse_settings
 from metricgp.errors import MetricGPError
+from metricgp.experiments.compare import main, parse_metric_arg, parse_settings
 
 
 def test_compare_table_and_resume(tmp_path, tiny_llama_dir, text_files, isolated_cache, monkeypatch):
@@ -83,7 +83,7 @@ def test_tables_grow_by_union_and_reuse_rows(tmp_path, tiny_llama_dir, text_file
 
 
 def test_run_entries_skip_builtins(tmp_path):
-    from metricgp.compare import run_entries
+    from metricgp.experiments.compare import run_entries
 
     entries = [{"rank": 1, "functional": "mul(sqrt(X), abs(W))"},  # wanda, written the other way round
                {"rank": 2, "functional": "mul(abs(W), X)"},

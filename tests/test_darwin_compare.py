@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from metricgp.darwin.compare import main
+from metricgp.experiments.darwin import main
 
 STAGES = [{"survivors": 4, "windows": 2, "train_tokens": 0}, {"survivors": 1, "windows": 8, "train_tokens": 0}]
 TRAINED = [{**STAGES[0], "train_tokens": 2048}, {**STAGES[1], "train_tokens": 4096}]

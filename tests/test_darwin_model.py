@@ -366,7 +366,7 @@ def test_cli_bad_input_exits_2_with_one_error_line(tiny4_dir, text_files, module
 
 
 def test_screening_is_off_unless_asked(tiny4_dir, text_files, tmp_path):
-    from metricgp.darwin.cli import build_parser, config_from_args
+    from metricgp.cli.darwin import build_parser, config_from_args
 
     def screen(*extra: str):
         args = build_parser().parse_args(cli_args(tiny4_dir, text_files, tmp_path / "run", "--metric", "wanda",

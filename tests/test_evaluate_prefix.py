@@ -8,7 +8,8 @@ import math
 import pytest
 import torch
 
-from metricgp.evaluate import FITNESSES, DenseReference, WindowLosses, perplexity, window_losses
+from metricgp.evaluate import FITNESSES
+from metricgp.measure import DenseReference, WindowLosses, perplexity, window_losses
 
 
 class _Bigram(torch.nn.Module):

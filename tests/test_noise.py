@@ -12,10 +12,18 @@ from pathlib import Path
 
 import pytest
 
-from metricgp.compare import Entry, build_parser, context_of, main, markdown
 from metricgp.evaluate import PruningSetup
+from metricgp.experiments.compare import Entry, build_parser, context_of, main, markdown
+from metricgp.experiments.noise import (
+    combine,
+    noise_options,
+    parse_args,
+    plot_relative,
+    split_windows,
+    summarise,
+    verdict_lines,
+)
 from metricgp.expr import resolve_metric
-from metricgp.noise import combine, noise_options, parse_args, plot_relative, split_windows, summarise, verdict_lines
 
 ROOT = Path(__file__).resolve().parents[1]
 WANDA, MAGNITUDE = "mul(abs(W), sqrt(X))", "abs(W)"

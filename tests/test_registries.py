@@ -11,8 +11,9 @@ import pytest
 import torch
 
 from metricgp.errors import MetricGPError
-from metricgp.evaluate import FITNESSES, DenseReference, EvaluatorSpec, Fitness, FitnessResult, MetricEvaluator
+from metricgp.evaluate import FITNESSES, EvaluatorSpec, Fitness, FitnessResult, MetricEvaluator
 from metricgp.expr import parse
+from metricgp.measure import DenseReference
 from metricgp.prune.engine import PRUNE_MODES, DenseWeights
 from metricgp.prune.patterns import PATTERNS
 from metricgp.search.backends import BACKENDS, SerialBackend, make_backend

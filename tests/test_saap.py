@@ -10,7 +10,7 @@ import torch
 from conftest import train_tokenizer
 from structured_models import family_model
 
-from metricgp.apply import main
+from metricgp.cli.apply import main
 from metricgp.errors import MetricGPError
 from metricgp.evaluate import EvaluatorSpec, PruningSetup
 from metricgp.ranking import spearman
@@ -26,9 +26,9 @@ from metricgp.structured.saap import (
     normalised,
     rank_error,
 )
-from metricgp.structured.saap_estimators import compute_batch_scores, parse_estimators, split_estimators
-from metricgp.structured.saap_group import GroupLoRALinear, group_lora_params, matched_lora_rank
-from metricgp.structured.saap_probes import choose_probes, measure_probes
+from metricgp.structured.saap.estimators import compute_batch_scores, parse_estimators, split_estimators
+from metricgp.structured.saap.group import GroupLoRALinear, group_lora_params, matched_lora_rank
+from metricgp.structured.saap.probes import choose_probes, measure_probes
 
 # ---------------------------------------------------------------- fusion
 
@@ -173,7 +173,7 @@ def test_per_batch_scores_are_per_window_structure_sums(setup):
 
 
 def test_scores_are_cached_per_estimator_and_only_missing_ones_computed(setup, monkeypatch):
-    from metricgp.structured import saap_estimators
+    from metricgp.structured.saap import estimators as saap_estimators
 
     modules, linears = discover(setup.model), linears_by_name(setup.model)
     calls = []
@@ -385,7 +385,6 @@ def test_saap_command_lines(tmp_path, base_args):
         (["--importance", "saap", "--recover-tokens", "8", "--group-finetune-tokens", "8"], "not both"),
         (["--importance", "saap", "--saap-spread", "-1"], "spread must be in [0, 1]"),
         (["--importance", "saap", "--allocation", "global", "--skip-edge-blocks"], "not 'global'"),
-        (["--importance", "saap", "--recover-tokens", "8", "--recover-method", "qlora"], "unknown recovery method"),
     ],
 )
 def test_saap_user_errors(tmp_path, base_args, capsys, extra, message):
@@ -399,7 +398,7 @@ def test_saap_user_errors(tmp_path, base_args, capsys, extra, message):
 
 def test_less_important_more_stable_modules_are_pruned_more():
     from metricgp.structured.importance import Unit
-    from metricgp.structured.saap_search import propensities, water_fill
+    from metricgp.structured.saap.allocation import propensities, water_fill
 
     importance = torch.tensor([1.0, 2.0, 3.0], dtype=torch.float64)
     stability = torch.tensor([0.1, 0.2, 0.3], dtype=torch.float64)

@@ -12,8 +12,8 @@ import pytest
 from conftest import train_tokenizer
 from structured_models import family_model
 
-from metricgp.structured import saap_experiments
-from metricgp.structured.experiments import main
+from metricgp.experiments import saap as saap_experiments
+from metricgp.experiments.structured import main
 
 ESTIMATORS = ["taylor-element", "taylor-vector", "magnitude", "wanda"]
 
@@ -144,6 +144,7 @@ def test_rerun_resumes_without_recomputing(ablation, tmp_path, monkeypatch):
         return real(*args, **kwargs)
 
     monkeypatch.setattr(metricgp.evaluate, "perplexity", counted)
+    monkeypatch.setattr(saap_experiments.ex, "perplexity", counted)  # the rows' own import of it
     assert main([*ablation.args, "--out", str(out)]) == 0
     again = json.loads((out / "saap.json").read_text())
     assert again["rows"] == ablation.table["rows"] and calls == []  # dense perplexities come from the disk cache
@@ -189,7 +190,7 @@ def test_a_rows_command_reproduces_it(ablation, tmp_path, monkeypatch):
     """The recorded `python -m metricgp.apply` command (with this test's model and data) gives the row."""
     import shlex
 
-    from metricgp.apply import main as apply_main
+    from metricgp.cli.apply import main as apply_main
 
     monkeypatch.setenv("METRICGP_CACHE", str(ablation.root / "cache"))
     row = ablation.table["rows"]["0.7|fused|uniform"]

@@ -158,7 +158,7 @@ def gemma3_softcapped():
 @pytest.mark.parametrize("make", [lambda: family_model("llama"), lambda: family_model("qwen2"), gemma3_softcapped],
                          ids=["llama", "qwen2", "gemma3-softcapped"])
 def test_chunked_logits_give_the_numbers_of_whole_logits(make, monkeypatch):
-    from metricgp import evaluate
+    from metricgp import measure as evaluate
 
     model = make()
     windows = torch.randint(0, 300, (5, 12), generator=torch.Generator().manual_seed(0))
@@ -195,7 +195,7 @@ class LargestVocabTensor(TorchDispatchMode):
 
 
 def test_a_batch_never_holds_its_whole_logits(monkeypatch):
-    from metricgp import evaluate
+    from metricgp import measure as evaluate
 
     model = family_model("llama", vocab=997)  # a vocabulary no other dimension equals
     windows = torch.randint(0, 997, (4, 24), generator=torch.Generator().manual_seed(0))

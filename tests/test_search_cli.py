@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from metricgp.search.__main__ import build_parser, evaluator_spec, main
+from metricgp.cli.search import build_parser, evaluator_spec, main
 from metricgp.search.artifacts import load_best, read_log
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -17,7 +17,7 @@ TINY = str(ROOT / "search_spaces" / "tiny.yaml")
 def test_cli_run_writes_every_artifact(tmp_path, capsys):
     out = tmp_path / "demo"
     rc = main(["--evaluator", "synthetic", "--space", TINY, "--generations", "3", "--population", "10",
-               "--fidelities", "1,3", "--eta", "2", "--gp-seed", "2", "--out", str(out), "--no-progress"])
+               "--fidelities", "1,3", "--eta", "2", "--search-seed", "2", "--out", str(out), "--no-progress"])
     assert rc == 0
     assert "best:" in capsys.readouterr().out
     config = json.loads((out / "config.json").read_text())
@@ -51,22 +51,25 @@ def test_cli_run_writes_every_artifact(tmp_path, capsys):
      "pattern 2:4 fixes sparsity at 0.5; got --sparsity 0.7"),
     (["--space", TINY, "--pattern", "blocky"], "unknown pattern 'blocky'"),
     (["--resume", "no/such/run"], "no/such/run: no checkpoint.pkl to resume from"),
-    (["--resume", "no/such/run", "--gp-seed", "1"], "--resume continues the run as configured; drop --gp-seed"),
+    (["--resume", "no/such/run", "--search-seed", "1"], "--resume continues the run as configured; drop --search-seed"),
+    (["--resume", "no/such/run", "--space", TINY], "drop --space (only --generations, --backend, --workers, "
+     "--gpus-per-worker, --time-budget may change)"),
     (["--space", TINY, "--backend", "ray", "--workers", "0"], "--workers must be >= 1"),
 ])
 def test_user_errors_are_one_line_and_exit_2(tmp_path, capsys, argv, message):
-    rc = main(["--evaluator", "synthetic", "--out", str(tmp_path / "r"), "--no-progress", *argv])
+    fresh = [] if "--resume" in argv else ["--evaluator", "synthetic", "--out", str(tmp_path / "r")]
+    rc = main([*fresh, "--no-progress", *argv])
     err = capsys.readouterr().err
     assert rc == 2 and message in err and err.count("\n") == 1, err
 
 
 def test_the_searched_pattern_is_what_the_config_records(tmp_path, capsys):
     """An N:M pattern fixes the sparsity the run records (no silent 0.5 default next to 1:4), and
-    the README's `--seed` still sets the GP seed (a deprecated alias of --gp-seed)."""
+    the README's `--seed` still sets the search seed (a deprecated alias of --search-seed)."""
     out = tmp_path / "nm"
     assert main(["--evaluator", "synthetic", "--space", TINY, "--generations", "0", "--pattern", "1:4",
                  "--seed", "3", "--calib-seed", "5", "--out", str(out), "--no-progress"]) == 0
-    assert "--seed is deprecated; use --gp-seed" in capsys.readouterr().err
+    assert "--seed is deprecated; use --search-seed" in capsys.readouterr().err
     config = json.loads((out / "config.json").read_text())
     assert config["seed"] == 3 and config["config"]["space"]["gp"]["seed"] == 3
     assert config["config"]["evaluator_spec"]["sparsity"] == 0.25

@@ -46,7 +46,7 @@ def test_model_search_resumes_exactly_and_its_best_applies(tmp_path, spec, isola
     hof = _outcome(full)[0]
     assert hof[0]["fitness"] is not None and hof[0]["fidelity"] == 2
 
-    from metricgp.apply import main as apply_main
+    from metricgp.cli.apply import main as apply_main
 
     out = tmp_path / "applied"
     assert apply_main(["--metric-file", str(full / "best.json"), "--model", spec["model"], "--calib", spec["calib"],

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
+from metricgp.cli.search import main
 from metricgp.evaluate import EvaluatorSpec
 from metricgp.expr import parse
-from metricgp.search.__main__ import main
 from metricgp.structured.evaluator import StructuredSpec, prune
 from metricgp.structured.fitness import StructuredMetricEvaluator
 
@@ -36,7 +36,7 @@ def test_structured_search_runs_with_global_scope(tmp_path, model_args):
 
 def test_structured_fitness_equals_the_shrunk_model(tiny_llama_dir, text_files, isolated_cache):
     """Masking inside the search gives the perplexity of the physically pruned model."""
-    from metricgp.evaluate import perplexity
+    from metricgp.measure import perplexity
 
     spec = EvaluatorSpec(model=str(tiny_llama_dir), calib=str(text_files["calib"]), valid=str(text_files["valid"]),
                          n_calib=4, seqlen=32, fidelities=(2,))

@@ -9,8 +9,9 @@ import torch
 from conftest import tiny_model
 from torch import nn
 
-from metricgp.evaluate import EvaluatorSpec, PruningSetup, perplexity
+from metricgp.evaluate import EvaluatorSpec, PruningSetup
 from metricgp.expr import compile_metric, resolve_metric
+from metricgp.measure import perplexity
 from metricgp.prune.engine import DegenerateMetric, DenseWeights, prune_oneshot
 from metricgp.prune.patterns import NM, Unstructured
 from metricgp.stats import cached_stats, compute_stats

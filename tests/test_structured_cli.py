@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from metricgp.apply import main
+from metricgp.cli.apply import main
 
 
 @pytest.fixture()
@@ -85,7 +85,7 @@ def test_keep_map_drives_the_pruning(tmp_path, base_args):
 
 
 def test_speed_check_measures_and_reloads_identically(tmp_path, tiny_llama_dir, text_files, isolated_cache):
-    from metricgp.structured.experiments import main as experiments_main
+    from metricgp.experiments.structured import main as experiments_main
 
     assert experiments_main(["speed", "--model", str(tiny_llama_dir), "--calib", str(text_files["calib"]),
                              "--n-calib", "4", "--seqlen", "32", "--keep", "0.7", "--prompt-lens", "16",

@@ -8,9 +8,9 @@ import math
 
 import pytest
 
-from metricgp.noise import relative
-from metricgp.structured.experiments import main
-from metricgp.structured.seeds import parse_pairs
+from metricgp.experiments.noise import relative
+from metricgp.experiments.seeds import parse_pairs
+from metricgp.experiments.structured import main
 
 
 def _args(tiny_llama_dir, text_files, out, *extra: str) -> list[str]:
@@ -52,11 +52,11 @@ def test_each_seed_draws_its_own_calibration_and_the_pairs_are_per_seed(seeds_ru
 
 def test_reuse_fills_seed_0_without_pruning_it_again(seeds_run, tiny_llama_dir, text_files, tmp_path,
                                                      monkeypatch):
-    from metricgp.structured import experiments
+    from metricgp.experiments import table
 
     monkeypatch.setenv("METRICGP_CACHE", str(seeds_run / "cache"))
     source = seeds_run / "out" / "seed0" / "table.json"
-    monkeypatch.setattr(experiments, "prune", lambda *a, **k: pytest.fail("pruned a reused row"))
+    monkeypatch.setattr(table, "prune", lambda *a, **k: pytest.fail("pruned a reused row"))
     assert main(_args(tiny_llama_dir, text_files, tmp_path / "out", "--calib-seeds", "0", "--reuse",
                       str(source), "--pairs", "wanda:magnitude-uniform")) == 0
     reused = json.loads((tmp_path / "out" / "seed0" / "table.json").read_text())

@@ -9,12 +9,14 @@
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from metricgp.darwin.levels import Genome, LevelSpace
+from metricgp.plotting import pyplot, save_figure
 from metricgp.provenance import write_json_atomic
 
 
@@ -44,8 +46,6 @@ def write_best(run_dir: Path, space: LevelSpace, genome: Genome, fitness: float,
 
 def write_plots(run_dir: Path, records: Sequence[dict[str, Any]], space: LevelSpace, genome: Genome,
                 fitness_name: str) -> None:
-    from metricgp.plotting import pyplot, save_figure
-
     plt = pyplot()
     gens = [r["gen"] for r in records]
     fig, ax = plt.subplots(figsize=(6, 4))
@@ -116,7 +116,6 @@ def write_summary(run_dir: Path, config: dict[str, Any], records: Sequence[dict[
              f"all generations): {'n/a' if spearman_all is None else f'{spearman_all:.3f}'}.", ""]
     config_file = Path(run_dir) / "config.json"
     if config_file.is_file():
-        import json
 
         disk = json.loads(config_file.read_text(encoding="utf-8")).get("database", {})
         if disk:

@@ -13,13 +13,22 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from metricgp.darwin.database import LevelDatabase, build_database
 from metricgp.darwin.fitness import Recipe, Training
 from metricgp.darwin.levels import Genome, LevelSpace, start_genome
+from metricgp.darwin.owl import owl_layer_sparsities
 from metricgp.darwin.prior import MetricPrior, allocation_start, structured_prior
 from metricgp.darwin.search import SearchConfig
 from metricgp.darwin.stages import Stage, make_schedule
+from metricgp.darwin.unstructured import UnstructuredDatabase, build_unstructured
+from metricgp.data import parse_data_ref, parse_report_data
 from metricgp.errors import MetricGPError
-from metricgp.structured.evaluator import StructuredSpec
+from metricgp.evaluate import FITNESSES, EvaluatorSpec, PruningSetup
+from metricgp.expr import parse
+from metricgp.search.backends import BACKENDS
+from metricgp.structured.evaluator import StructuredPruner, StructuredSpec
+from metricgp.structured.recover import RECOVERY_METHODS
+from metricgp.structured.refit import check_update
 
 DATABASE = "database.json"
 
@@ -75,8 +84,6 @@ class DarwinConfig:
                             self.screen if self.prior else None, self.prior)
 
     def recipe(self, database) -> Recipe:
-        from metricgp.evaluate import EvaluatorSpec
-
         stages = self.schedule()
         return Recipe(EvaluatorSpec(**self.spec), self.kind, database, self.fitness, self.fitness_data,
                       max(s.windows for s in stages), self.spec.get("seed", 0) + 2,
@@ -84,16 +91,9 @@ class DarwinConfig:
                       Training(self.train_method, self.train_lr, 1, self.seed), self.uses_grads(), self.update)
 
     def uses_grads(self) -> bool:
-        from metricgp.expr import parse
-
         return "G" in parse(self.metric).leaves_used()
 
     def validate(self) -> DarwinConfig:
-        from metricgp.data import parse_data_ref, parse_report_data
-        from metricgp.evaluate import FITNESSES
-        from metricgp.search.backends import BACKENDS
-        from metricgp.structured.recover import METHODS
-
         if not self.unstructured and not 0.0 < self.keep <= 1.0:
             raise MetricGPError(f"--keep must be in (0, 1], got {self.keep}")
         if self.unstructured and not 0.0 < self.sparsity < 1.0:
@@ -104,11 +104,11 @@ class DarwinConfig:
                                 "would grow back")
         self.search_config().validate()
         checks = ((self.fitness, FITNESSES, "fitness"), (self.backend, BACKENDS, "backend"),
-                  (self.train_method, METHODS, "training method"), (self.recover_method, METHODS, "recovery method"))
+                  (self.train_method, RECOVERY_METHODS, "training method"),
+                  (self.recover_method, RECOVERY_METHODS, "recovery method"))
         for value, choices, what in checks:
             if value not in choices:
                 raise MetricGPError(f"unknown {what} '{value}' (choose from {', '.join(choices)})")
-        from metricgp.structured.refit import check_update
 
         check_update(self.update)
         if self.unstructured and self.update != "none":
@@ -140,16 +140,10 @@ class Prepared:
 
 
 def _load_setup(config: DarwinConfig):
-    from metricgp.evaluate import EvaluatorSpec, PruningSetup
-
     return PruningSetup.from_spec(EvaluatorSpec(**config.spec), grads=config.uses_grads())
 
 
 def _structured(config: DarwinConfig, setup, db_path: Path | None):
-    from metricgp.darwin.database import LevelDatabase, build_database
-    from metricgp.expr import parse
-    from metricgp.structured.evaluator import StructuredPruner, StructuredSpec
-
     if db_path is not None:
         db = LevelDatabase.load(db_path)
     else:
@@ -164,9 +158,6 @@ def _structured(config: DarwinConfig, setup, db_path: Path | None):
 
 
 def _unstructured(config: DarwinConfig, setup, db_path: Path | None):
-    from metricgp.darwin.unstructured import UnstructuredDatabase, build_unstructured
-    from metricgp.expr import parse
-
     db = UnstructuredDatabase.load(db_path) if db_path is not None else build_unstructured(
         setup, parse(config.metric), config.levels)
     return db, MetricPrior(db.costs), round(config.sparsity * db.total)
@@ -177,7 +168,6 @@ def _start(config: DarwinConfig, setup, db, space: LevelSpace, budget: int) -> G
     if not config.prior:
         return start_genome(space, budget, what=what)
     if config.unstructured:  # OWL's outlier-weighted allocation, on the level grid
-        from metricgp.darwin.owl import owl_layer_sparsities
 
         return start_genome(space, budget, owl_layer_sparsities(setup, config.sparsity), what=what)
     weights, kinds = allocation_start(db, budget)

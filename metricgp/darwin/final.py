@@ -14,32 +14,32 @@ import time
 from pathlib import Path
 from typing import Any
 
+from metricgp import load_pruned
 from metricgp.darwin.config import DarwinConfig, Prepared
+from metricgp.darwin.fitness import calibration_windows, structured_masks
 from metricgp.darwin.levels import Genome
+from metricgp.darwin.owl import owl_layer_sparsities
+from metricgp.data import parse_report_data
+from metricgp.evaluate import cached_dense_perplexity
+from metricgp.measure import perplexity
+from metricgp.prune.engine import prune_sequential
+from metricgp.prune.patterns import Unstructured
+from metricgp.structured.evaluator import per_layer_sizes, size_report, speed_report
+from metricgp.structured.recover import recover
+from metricgp.structured.saving import save_pruned
 
 MODEL_DIR = "model"
 
 
 def _test_windows(config: DarwinConfig, setup) -> dict[str, Any]:
-    from metricgp.data import parse_report_data
-
     return {d: setup.report_windows(d, config.eval_windows or None) for d in parse_report_data(config.dataset)}
 
 
 def _dense_ppl(config: DarwinConfig, setup, evals: dict) -> dict[str, float]:
-    from metricgp.evaluate import cached_dense_perplexity
-
     return {d: cached_dense_perplexity(setup, d, w) for d, w in evals.items()} if config.dense_eval else {}
 
 
 def structured_model(config: DarwinConfig, prep: Prepared, genome: Genome, out: Path) -> dict[str, Any]:
-    from metricgp import load_pruned
-    from metricgp.darwin.fitness import calibration_windows, structured_masks
-    from metricgp.evaluate import perplexity
-    from metricgp.structured.evaluator import per_layer_sizes, size_report, speed_report
-    from metricgp.structured.recover import recover
-    from metricgp.structured.saving import save_pruned
-
     setup, t0 = prep.setup, time.perf_counter()
     setup.dense.restore()
     model = structured_masks(setup, prep.database, config.update).build(genome)
@@ -74,8 +74,6 @@ def unstructured_model(config: DarwinConfig, prep: Prepared, genome: Genome, out
     Every allocation (uniform, OWL, the winner) is scored with the metric's masks on the dense model
     and, with `config.reconstruct`, again after sequential pruning with a least-squares refit of the
     kept weights (`metricgp.prune.engine.prune_sequential`), named `<allocation>+reconstruct`."""
-    from metricgp.darwin.owl import owl_layer_sparsities
-    from metricgp.evaluate import perplexity
 
     setup, t0 = prep.setup, time.perf_counter()
     masks = evaluator.masks
@@ -117,8 +115,6 @@ def unstructured_model(config: DarwinConfig, prep: Prepared, genome: Genome, out
 
 def _reconstruct(setup, metric, sparsities: dict[str, float]) -> None:
     """Sequential pruning at per-layer sparsities with the least-squares refit, on the dense model."""
-    from metricgp.prune.engine import prune_sequential
-    from metricgp.prune.patterns import Unstructured
 
     patterns = {name: Unstructured(s) for name, s in sparsities.items()}
     prune_sequential(setup.model, setup.calib, setup.stats, metric, patterns.__getitem__, reconstruct=True)

@@ -22,8 +22,14 @@ from typing import Any
 import torch
 
 from metricgp.darwin.levels import Genome, LevelSpace
+from metricgp.darwin.masking import StructuredMasks
+from metricgp.darwin.unstructured import UnstructuredMasks
+from metricgp.data import parse_data_ref, windows
 from metricgp.errors import MetricGPError
 from metricgp.evaluate import FITNESSES, EvaluatorSpec, FitnessResult, PruningSetup
+from metricgp.structured.evaluator import StructuredPruner
+from metricgp.structured.recover import recover
+from metricgp.structured.refit import UPDATES, check_update
 
 
 @dataclass(frozen=True)
@@ -66,17 +72,11 @@ class Recipe:
 
 
 def structured_masks(setup: PruningSetup, database, update: str = "none"):
-    from metricgp.darwin.masking import StructuredMasks
-    from metricgp.structured.evaluator import StructuredPruner
-    from metricgp.structured.refit import UPDATES, check_update
-
     pruner = StructuredPruner(setup)
     return StructuredMasks(pruner, database, UPDATES[check_update(update)](pruner))
 
 
 def _unstructured_masks(setup: PruningSetup, database, update: str = "none"):
-    from metricgp.darwin.unstructured import UnstructuredMasks
-
     if update != "none":
         raise MetricGPError("a weight update of the levels needs structured pruning (--unstructured has "
                             "--reconstruct for the final comparison)")
@@ -92,7 +92,6 @@ MASKS: dict[str, Callable[..., Any]] = {
 
 def calibration_windows(setup: PruningSetup, data: str, n: int, seed: int) -> torch.Tensor:
     """`n` seeded random windows of the calibration split of `data`."""
-    from metricgp.data import parse_data_ref, windows
 
     ref = parse_data_ref(data, "calibration")
     return windows(ref, setup.tokenizer, "calibration", setup.spec.seqlen, n, seed)
@@ -138,7 +137,6 @@ class LevelEvaluator:
 
     def trained(self, genome: Genome, tokens: int):
         """A physically shrunk copy of the genome, fine-tuned on calibration windows for `tokens`."""
-        from metricgp.structured.recover import recover
 
         if self.train_windows is None or tokens > self.recipe.train_tokens:
             raise MetricGPError(f"in-loop training of {tokens} tokens exceeds the recipe's {self.recipe.train_tokens}")

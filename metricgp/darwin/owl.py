@@ -14,6 +14,7 @@ from collections.abc import Sequence
 import torch
 
 from metricgp.expr import compile_metric, resolve_metric
+from metricgp.models import find_blocks
 from metricgp.prune.engine import metric_inputs
 
 OWL_M = 5.0
@@ -37,7 +38,6 @@ def outlier_ratio(scores: Sequence[torch.Tensor], m: float = OWL_M) -> float:
 
 def block_outlier_ratios(setup, m: float = OWL_M) -> list[float]:
     """Wanda-score outlier ratio of every decoder block, from the cached statistics."""
-    from metricgp.models import find_blocks
 
     prefix, blocks = find_blocks(setup.model)
     out = []
@@ -56,7 +56,6 @@ def wanda_scores(weight: torch.Tensor, stats: dict[str, torch.Tensor]) -> torch.
 
 def owl_layer_sparsities(setup, sparsity: float, m: float = OWL_M, lam: float = OWL_LAMBDA) -> list[float]:
     """OWL's sparsity of every prunable linear (its block's), in `setup.layers` order."""
-    from metricgp.models import find_blocks
 
     prefix, _ = find_blocks(setup.model)
     per_block = owl_sparsities(block_outlier_ratios(setup, m), sparsity, lam)

@@ -18,6 +18,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from metricgp.darwin.levels import Genome
+from metricgp.structured.allocate import allocate
 
 
 def _rank_weights(values: Sequence[float], dearest_first: bool) -> list[float]:
@@ -72,7 +73,6 @@ def structured_prior(db) -> MetricPrior:
 def allocation_start(db, budget: int) -> tuple[list[float], dict[str, float]]:
     """Per-gene weights and per-kind parameter targets from the global allocation of the units by
     importance (`metricgp.structured.allocate`): the structured start genome of the prior."""
-    from metricgp.structured.allocate import allocate
 
     removed = allocate([u for units in db.order for u in units], budget, "global")
     per_module: dict[str, int] = {}

@@ -16,21 +16,26 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 import time
 from pathlib import Path
 from typing import Any
 
 from metricgp.darwin import artifacts
+from metricgp.darwin import final as final_model
 from metricgp.darwin.config import DATABASE, DarwinConfig, Prepared, prepare
 from metricgp.darwin.fitness import build_evaluator
 from metricgp.darwin.search import LevelSearch, backend_scorer
 from metricgp.darwin.stages import schedule_dict
-from metricgp.errors import MetricGPError
 from metricgp.provenance import write_json_atomic
+from metricgp.search import loop
 from metricgp.search.artifacts import append_log, rewrite_log
 from metricgp.search.backends import make_backend
-from metricgp.search.checkpoint import CHECKPOINT, load_checkpoint, save_checkpoint
+from metricgp.search.checkpoint import load_checkpoint, save_checkpoint
+from metricgp.structured.groups import discover, linears_by_name
+from metricgp.structured.refit import hessian_bytes
 
+# what a resume may change: how long and where it runs, and (final report only) the reconstruct rows
 RESUMABLE = ("generations", "backend", "workers", "time_budget_min", "reconstruct")
 
 
@@ -58,10 +63,8 @@ def _run(config: DarwinConfig, prep: Prepared, start) -> Run:
 
 def start(config: DarwinConfig, out: Path, provenance: dict[str, Any] | None = None, progress: bool = False,
           stop_after: int | None = None) -> LevelSearch:
-    out = Path(out)
+    out = loop.fresh_dir(out)
     config.validate()
-    if (out / CHECKPOINT).exists():
-        raise MetricGPError(f"{out} already holds a run; use --resume {out} or another --out")
     t0 = time.monotonic()
     prep = prepare(config)  # an unreachable target fails here, before anything is written
     out.mkdir(parents=True, exist_ok=True)
@@ -70,8 +73,6 @@ def start(config: DarwinConfig, out: Path, provenance: dict[str, Any] | None = N
     calib_seed = config.spec.get("seed", 0)
     update: dict[str, Any] = {}
     if config.update != "none":  # what the update stores: one Hessian per output projection, no weights
-        from metricgp.structured.groups import discover, linears_by_name
-        from metricgp.structured.refit import hessian_bytes
 
         model = prep.setup.model
         update = {"update": config.update, "update_bytes": hessian_bytes(discover(model), linears_by_name(model))}
@@ -102,9 +103,7 @@ def resume(out: Path, overrides: dict[str, Any] | None = None, progress: bool = 
            stop_after: int | None = None, provenance: dict[str, Any] | None = None) -> LevelSearch:
     out = Path(out)
     payload = load_checkpoint(out)
-    overrides = {k: v for k, v in (overrides or {}).items() if v is not None}
-    if set(overrides) - set(RESUMABLE):
-        raise MetricGPError(f"--resume cannot change {', '.join(sorted(set(overrides) - set(RESUMABLE)))}")
+    overrides = loop.check_overrides(overrides, RESUMABLE)
     config = dataclasses.replace(DarwinConfig.from_dict(payload["config"]), **overrides).validate()
     prep = prepare(config, db_path=out / DATABASE)
     state = payload["search"]
@@ -120,7 +119,6 @@ def resume(out: Path, overrides: dict[str, Any] | None = None, progress: bool = 
 
 def _note_resume(out: Path, gen: int, overrides: dict[str, Any], provenance: dict[str, Any] | None) -> None:
     """config.json keeps the first command; every resume is appended with what it changed."""
-    import json
 
     path = out / "config.json"
     payload = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
@@ -137,34 +135,17 @@ def _checkpoint(run: Run, out: Path) -> None:
 
 def drive(run: Run, out: Path, progress: bool = False, stop_after: int | None = None,
           t0: float | None = None) -> LevelSearch:
-    from tqdm.auto import tqdm
-
     search, config = run.search, run.config
-    budget = None if config.time_budget_min is None else 60.0 * config.time_budget_min
-    t0 = time.monotonic() if t0 is None else t0
-    stopped, done = "all generations done", 0
-    with tqdm(total=config.generations, initial=min(search.gen, config.generations), desc=config.name, unit="gen",
-              disable=not progress) as bar:
-        while search.gen < config.generations:
-            if stop_after is not None and done >= stop_after:
-                stopped = f"stopped after {done} generations"
-                break
-            rec = search.step()
-            done += 1
-            append_log(out, rec)
-            _checkpoint(run, out)
-            bar.update(1)
-            bar.set_postfix(fitness=f"{rec['fitness']:.4g}", kept=f"{rec['kept']:.3f}")
-            if budget is not None and time.monotonic() - t0 > budget:
-                stopped = f"time budget of {config.time_budget_min:g} min exceeded"
-                break
+    stopped = loop.drive(search.step, lambda: search.gen, config.generations, out, lambda: _checkpoint(run, out),
+                         lambda rec: {"fitness": f"{rec['fitness']:.4g}", "kept": f"{rec['kept']:.3f}"},
+                         name=config.name, budget_min=config.time_budget_min, progress=progress,
+                         stop_after=stop_after, t0=t0)
     finish(run, out, stopped, final=stop_after is None or search.gen >= config.generations)
     return search
 
 
 def finish(run: Run, out: Path, stopped: str, final: bool = True) -> None:
     """Plots and summary; with `final`, the winner as a model and report.json."""
-    from metricgp.darwin import final as final_model
 
     search, config, prep = run.search, run.config, run.prep
     artifacts.write_plots(out, search.records, prep.space, search.parent, config.fitness)

@@ -20,6 +20,10 @@ import torch
 
 from metricgp.darwin.levels import Gene, JsonDatabase, LevelSpace
 from metricgp.errors import MetricGPError
+from metricgp.expr import compile_metric, parse, to_functional
+from metricgp.models import find_blocks
+from metricgp.prune.engine import DegenerateMetric, layer_scores, mask_layer
+from metricgp.prune.patterns import Unstructured
 
 DEFAULT_LEVELS = 20  # 5% steps
 
@@ -64,16 +68,12 @@ class UnstructuredDatabase(JsonDatabase):
 
 
 def _kinds(setup) -> tuple[list[str], list[str]]:
-    from metricgp.models import find_blocks
-
     prefix, _ = find_blocks(setup.model)
     names = list(setup.layers)
     return names, [n[len(prefix) + 1 :].split(".", 1)[1] for n in names]
 
 
 def _scores(metric, setup, name: str) -> torch.Tensor:
-    from metricgp.prune.engine import DegenerateMetric, layer_scores
-
     try:
         return layer_scores(metric, setup.dense.weights[name], setup.stats[name], name)
     except DegenerateMetric as err:
@@ -82,7 +82,6 @@ def _scores(metric, setup, name: str) -> torch.Tensor:
 
 def build_unstructured(setup, tree, levels: int = DEFAULT_LEVELS) -> UnstructuredDatabase:
     """Steps per kind, and the prior's cost tables from the metric's scores of the dense weights."""
-    from metricgp.expr import compile_metric, to_functional
 
     if levels < 2:
         raise MetricGPError(f"--levels must be at least 2 for unstructured levels, got {levels}")
@@ -114,8 +113,6 @@ class UnstructuredMasks:
     """Masks the genome's per-layer sparsity on the dense model, recomputing only changed layers."""
 
     def __init__(self, setup, db: UnstructuredDatabase):
-        from metricgp.expr import compile_metric, parse
-
         self.setup = setup
         self.db = db
         self.metric = compile_metric(parse(db.metric))
@@ -130,9 +127,6 @@ class UnstructuredMasks:
         return len(changed)
 
     def mask_layer(self, name: str, sparsity: float) -> None:
-        from metricgp.prune.engine import mask_layer
-        from metricgp.prune.patterns import Unstructured
-
         dense = self.setup.dense.weights[name]
         keep = Unstructured(sparsity).mask(_scores(self.metric, self.setup, name))
         mask_layer(self.setup.dense.layers[name], dense, keep)

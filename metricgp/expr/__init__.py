@@ -4,9 +4,9 @@ from metricgp.expr.builtins import BUILTIN_METRICS, formula_from_file, resolve_m
 from metricgp.expr.compile import compile_metric
 from metricgp.expr.ops import LEAVES, OPERATORS
 from metricgp.expr.parse import FormulaError, parse
-from metricgp.expr.printing import describe, to_functional, to_infix, to_latex, to_sympy
+from metricgp.expr.printing import to_functional, to_infix, to_latex, to_sympy
 from metricgp.expr.randomtree import random_tree
-from metricgp.expr.simplify import RANK_RULES, RULES, SCOPES, canonical_key, simplify
+from metricgp.expr.simplify import RANK_RULES, RULES, SCOPES, canonical_key, describe, simplify
 from metricgp.expr.tree import CONST, Node, call, const, leaf
 
 __all__ = [

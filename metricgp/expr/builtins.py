@@ -1,4 +1,4 @@
-"""Published pruning metrics as formulas, and `resolve_metric` (a built-in name or a formula).
+"""Published pruning metrics as formulas, and `resolve_metric` (a built-in name, a formula or a file).
 
 X is the mean squared input activation per feature, so sqrt(X) is Wanda's ||X_j||_2 up to the
 constant sqrt(#tokens), which no per-row or N:M ranking can see.
@@ -6,6 +6,10 @@ constant sqrt(#tokens), which no per-row or N:M ranking can see.
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
+from metricgp.errors import MetricGPError
 from metricgp.expr.parse import FormulaError, parse
 from metricgp.expr.tree import Node
 
@@ -27,15 +31,19 @@ BUILTIN_METRICS: dict[str, str] = {
     # reconstruct mode's job here (`--mode reconstruct`).
     "sparsegpt": "div(sqr(W), Hinv)",
 }
+# Names that are not baselines of their own (not in BUILTIN_METRICS, which compare tabulates):
+# first-order Taylor |W * dL/dW| (LLM-Pruner), with G the per-weight gradient l2 norm over the windows.
+ALIASES: dict[str, str] = {"taylor": "mul(abs(W), G)"}
+
+# The default metric search's best formula (run smollm2-default-s0 of this project, generation 24): the
+# "evolved" presets' metric unless --metric/--metric-file gives another. It is GBLM's form, found again.
+EVOLVED = "mul(abs(W), add(sqrt(X), mul(100.0, G)))"
+# The best formula of the structured search at 70% kept (structured-search-k70): first-order Taylor.
+EVOLVED_STRUCTURED = ALIASES["taylor"]
 
 
 def formula_from_file(path) -> str:
     """The 'formula' string of a JSON file (a search's best.json), or a one-line MetricGPError."""
-    import json
-    from pathlib import Path
-
-    from metricgp.errors import MetricGPError
-
     path = Path(path)
     if not path.is_file():
         raise MetricGPError(f"metric file not found: {path}")
@@ -49,11 +57,14 @@ def formula_from_file(path) -> str:
     return formula
 
 
-def resolve_metric(text: str) -> Node:
-    """A built-in metric name (case-insensitive, '_' or '-') or a formula, as a tree."""
+def resolve_metric(text) -> Node:
+    """The one way to name a metric: a built-in name (case-insensitive, '_' or '-'), a formula, or a
+    JSON file with a 'formula' key (a path ending in .json: a search's best.json), as a tree."""
+    if isinstance(text, Path) or (isinstance(text, str) and text.strip().lower().endswith(".json")):
+        return parse(formula_from_file(text))
     if not isinstance(text, str) or not text.strip():
         raise FormulaError(f"empty metric; give a formula or one of: {', '.join(BUILTIN_METRICS)}")
     name = text.strip().lower().replace("_", "-")
-    if name in BUILTIN_METRICS:
-        return parse(BUILTIN_METRICS[name])
+    if name in BUILTIN_METRICS or name in ALIASES:
+        return parse({**BUILTIN_METRICS, **ALIASES}[name])
     return parse(text)

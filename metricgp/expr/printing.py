@@ -6,25 +6,24 @@
 from __future__ import annotations
 
 from fractions import Fraction
-from typing import Any
 
 import sympy
 
-from metricgp.expr.ops import LEAVES, NONNEGATIVE, OPERATORS, PRECEDENCE_ATOM, PRECEDENCE_PREFIX, Operator
-from metricgp.expr.tree import Node
+from metricgp.expr.ops import FOLLOWS, LEAVES, NONNEGATIVE, OPERATORS, PRECEDENCE_ATOM, PRECEDENCE_PREFIX, Operator
+from metricgp.expr.tree import Node, const_text
+from metricgp.expr.tree import to_functional as to_functional  # the functional printer lives with the tree
 
 
-def _const_text(value: float | None) -> str:
-    # repr(float) is Python's shortest round-trip form (2.0, 0.001, 1e-05).
-    return repr(float(value if value is not None else 0.0))
-
-
-def to_functional(node: Node) -> str:
+def is_nonnegative(node: Node) -> bool:
+    """True if the node's value is >= 0 for every finite input (conservative)."""
     if node.is_const:
-        return _const_text(node.value)
+        return (node.value or 0.0) >= 0
     if node.is_leaf:
-        return node.op
-    return f"{node.op}({', '.join(to_functional(c) for c in node.children)})"
+        return LEAVES[node.op].nonnegative
+    sign = OPERATORS[node.op].sign
+    if sign == NONNEGATIVE:
+        return True
+    return sign == FOLLOWS and all(is_nonnegative(c) for c in node.children)
 
 
 def _prec(node: Node) -> int:
@@ -40,7 +39,7 @@ def _prec(node: Node) -> int:
 def to_infix(node: Node) -> str:
     """Infix with the fewest parentheses that still parse back to exactly this tree."""
     if node.is_const:
-        return _const_text(node.value)
+        return const_text(node.value)
     if node.is_leaf:
         return node.op
     op = OPERATORS[node.op]
@@ -120,43 +119,6 @@ def to_sympy(node: Node) -> sympy.Expr:
     if op.sympy_fn is None:
         return opaque_function(op)(*args)
     if op.sympy_fn_nonneg is not None:
-        from metricgp.expr.simplify import is_nonnegative
-
         if all(is_nonnegative(c) for c in node.children):
             return op.sympy_fn_nonneg(*args)
     return op.sympy_fn(*args)
-
-
-_SYMPY_STR: dict[str, str] = {}
-
-
-def _sympy_str(node: Node) -> str:
-    """str of the simplified sympy form (same function, not rank-reduced); cached by formula."""
-    from metricgp.expr.simplify import SYMPY_MAX_SIZE, simplify
-
-    key = to_functional(node)
-    if key not in _SYMPY_STR:
-        tree = simplify(node, scope="exact")
-        text = to_functional(tree)
-        if tree.size() <= SYMPY_MAX_SIZE:
-            try:
-                text = str(to_sympy(tree))
-            except (RecursionError, ValueError, TypeError, ArithmeticError):
-                pass  # the simplified functional form is still a faithful description
-        if len(_SYMPY_STR) > 10_000:
-            _SYMPY_STR.clear()
-        _SYMPY_STR[key] = text
-    return _SYMPY_STR[key]
-
-
-def describe(node: Node) -> dict[str, Any]:
-    """Every printed form of a metric plus its size, depth and leaves (for reports and the CLI)."""
-    return {
-        "functional": to_functional(node),
-        "infix": to_infix(node),
-        "latex": to_latex(node),
-        "sympy": _sympy_str(node),
-        "size": node.size(),
-        "depth": node.depth(),
-        "leaves": sorted(node.leaves_used()),
-    }

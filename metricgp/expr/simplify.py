@@ -36,13 +36,14 @@ from __future__ import annotations
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import sympy
 import torch
 
-from metricgp.expr.ops import FOLLOWS, LEAVES, LOG_EPS, NONNEGATIVE, OPERATORS, PROTECT_EPS
-from metricgp.expr.printing import to_functional, to_sympy
-from metricgp.expr.tree import Node, call, const
+from metricgp.expr.ops import LOG_EPS, OPERATORS, PROTECT_EPS
+from metricgp.expr.printing import is_nonnegative, to_infix, to_latex, to_sympy
+from metricgp.expr.tree import Node, call, const, to_functional
 
 # Trees larger than this (after simplification) skip sympy in canonical_key: cost grows fast.
 SYMPY_MAX_SIZE = 40
@@ -59,18 +60,6 @@ class Rule:
 
 def _c(node: Node) -> float | None:
     return node.value if node.is_const else None
-
-
-def is_nonnegative(node: Node) -> bool:
-    """True if the node's value is >= 0 for every finite input (conservative)."""
-    if node.is_const:
-        return (node.value or 0.0) >= 0
-    if node.is_leaf:
-        return LEAVES[node.op].nonnegative
-    sign = OPERATORS[node.op].sign
-    if sign == NONNEGATIVE:
-        return True
-    return sign == FOLLOWS and all(is_nonnegative(c) for c in node.children)
 
 
 def _away_from_zero(node: Node) -> bool:
@@ -426,3 +415,36 @@ def canonical_key(node: Node, scope: str = DEFAULT_SCOPE, *, rank_only: bool | N
         _keys.clear()
     _keys[fkey] = key
     return key
+
+
+_SYMPY_STR: dict[str, str] = {}
+
+
+def _sympy_str(node: Node) -> str:
+    """str of the simplified sympy form (same function, not rank-reduced); cached by formula."""
+    key = to_functional(node)
+    if key not in _SYMPY_STR:
+        tree = simplify(node, scope="exact")
+        text = to_functional(tree)
+        if tree.size() <= SYMPY_MAX_SIZE:
+            try:
+                text = str(to_sympy(tree))
+            except (RecursionError, ValueError, TypeError, ArithmeticError):
+                pass  # the simplified functional form is still a faithful description
+        if len(_SYMPY_STR) > 10_000:
+            _SYMPY_STR.clear()
+        _SYMPY_STR[key] = text
+    return _SYMPY_STR[key]
+
+
+def describe(node: Node) -> dict[str, Any]:
+    """Every printed form of a metric plus its size, depth and leaves (for reports and the CLI)."""
+    return {
+        "functional": to_functional(node),
+        "infix": to_infix(node),
+        "latex": to_latex(node),
+        "sympy": _sympy_str(node),
+        "size": node.size(),
+        "depth": node.depth(),
+        "leaves": sorted(node.leaves_used()),
+    }

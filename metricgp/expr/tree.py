@@ -47,10 +47,22 @@ class Node:
     def leaves_used(self) -> frozenset[str]:
         return frozenset(n.op for n in self.walk() if n.is_leaf)
 
-    def __str__(self) -> str:  # functional form; imported lazily to keep this module dependency-free
-        from metricgp.expr.printing import to_functional
-
+    def __str__(self) -> str:
         return to_functional(self)
+
+
+def const_text(value: float | None) -> str:
+    # repr(float) is Python's shortest round-trip form (2.0, 0.001, 1e-05).
+    return repr(float(value if value is not None else 0.0))
+
+
+def to_functional(node: Node) -> str:
+    """The functional form, `mul(abs(W), sqrt(X))` (str(node); every other printer is in printing.py)."""
+    if node.is_const:
+        return const_text(node.value)
+    if node.is_leaf:
+        return node.op
+    return f"{node.op}({', '.join(to_functional(c) for c in node.children)})"
 
 
 def leaf(name: str) -> Node:

@@ -20,6 +20,7 @@ from metricgp.blocks import BlockInputs
 from metricgp.errors import MetricGPError
 from metricgp.models import block_linears, find_blocks
 from metricgp.prune.patterns import Pattern
+from metricgp.prune.reconstruct import hessian_hooks, least_squares_update
 from metricgp.stats import collect_input_stats, input_leaf_names
 
 MetricFn = Callable[[Mapping[str, torch.Tensor]], torch.Tensor]
@@ -114,7 +115,6 @@ def prune_sequential(
     G stays the dense one.
     With `reconstruct`, the kept weights get a least-squares update (prune/reconstruct.py).
     `pattern` may be a function of the layer's name (non-uniform sparsity: OWL, EvoPress)."""
-    from metricgp.prune.reconstruct import hessian_hooks, least_squares_update
 
     pattern_of = pattern if callable(pattern) else (lambda name: pattern)
 

@@ -16,9 +16,11 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from metricgp.evaluate import EvaluatorSpec
 from metricgp.expr.parse import parse
-from metricgp.expr.printing import describe
+from metricgp.expr.simplify import describe
 from metricgp.fileio import atomic_path
+from metricgp.plotting import pyplot, save_figure
 from metricgp.provenance import dumps, write_json_atomic
 from metricgp.search.staged import FitnessCache
 
@@ -79,7 +81,6 @@ def write_results(run_dir: Path, run_name: str, hof: Sequence[Any], cache: Fitne
 def write_plots(run_dir: Path, records: Sequence[dict[str, Any]], cache: FitnessCache,
                 fidelities: Sequence[int]) -> list[Path]:
     """Three PNGs (matplotlib, Agg backend)."""
-    from metricgp.plotting import pyplot, save_figure
 
     plt = pyplot()
     run_dir = Path(run_dir)
@@ -154,7 +155,6 @@ def write_summary(run_dir: Path, run_name: str, records: Sequence[dict[str, Any]
         lines += [f"Made by `{config.get('command', '?')}` (git {config.get('git')}, GP seed {config.get('seed')}), "
                   f"search space `{run_config['space'].get('source')}`.", ""]
     if run_config.get("evaluator") == "model":
-        from metricgp.evaluate import EvaluatorSpec
 
         spec = {**EvaluatorSpec().to_dict(), **run_config.get("evaluator_spec", {})}  # what the evaluator used
         lines += [f"Fitness: {spec['fitness']} on the first N {spec['seqlen']}-token windows of "

@@ -19,6 +19,7 @@ from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
 import torch
+from tqdm.auto import tqdm
 
 from metricgp.errors import MetricGPError, out_of_memory
 from metricgp.evaluate import FitnessResult
@@ -81,7 +82,6 @@ class SerialBackend:
         return evaluator_scope(self.evaluator)
 
     def evaluate(self, jobs: Sequence[Job]) -> list[FitnessResult]:
-        from tqdm.auto import tqdm
 
         # disable=None: a bar on a terminal, silence in logs and tests
         bar = tqdm(jobs, desc="candidates", unit="eval", leave=False, disable=None)

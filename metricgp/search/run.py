@@ -16,11 +16,19 @@ from pathlib import Path
 from typing import Any
 
 from metricgp.errors import MetricGPError
-from metricgp.search import artifacts
+from metricgp.evaluate import EvaluatorSpec, build_evaluator
+from metricgp.refit_fitness import RefitResidualEvaluator
+from metricgp.search import artifacts, loop
 from metricgp.search.backends import Backend, EvaluatorFactory, make_backend
 from metricgp.search.checkpoint import load_checkpoint, save_checkpoint
 from metricgp.search.gp import GPSearch
 from metricgp.search.space import SearchSpace, space_from_dict
+from metricgp.search.synthetic import SyntheticSpec, build_synthetic
+from metricgp.structured.evaluator import StructuredSpec
+from metricgp.structured.fitness import StructuredMetricEvaluator
+
+# what a resume may change: how long and where it runs, never what it computes
+RESUMABLE = ("generations", "backend", "workers", "gpus_per_worker", "time_budget_min")
 
 
 @dataclass(frozen=True)
@@ -49,34 +57,23 @@ class RunConfig:
 
 
 def _synthetic(spec: dict[str, Any]) -> EvaluatorFactory:
-    from metricgp.search.synthetic import SyntheticSpec, build_synthetic
-
     if "shapes" in spec:
         spec["shapes"] = tuple(tuple(s) for s in spec["shapes"])
     return functools.partial(build_synthetic, SyntheticSpec(**spec))
 
 
 def _model(spec: dict[str, Any]) -> EvaluatorFactory:
-    from metricgp.evaluate import EvaluatorSpec, build_evaluator
-
     return functools.partial(build_evaluator, EvaluatorSpec(**spec))
 
 
 # evaluator name -> fn(spec fields) -> a picklable evaluator factory; one entry adds an evaluator.
 def _structured(spec: dict[str, Any]) -> EvaluatorFactory:
-    from metricgp.evaluate import EvaluatorSpec
-    from metricgp.structured.evaluator import StructuredSpec
-    from metricgp.structured.fitness import StructuredMetricEvaluator
-
     spec = dict(spec)
     structured = StructuredSpec(**spec.pop("structured", {})).validate()
     return functools.partial(StructuredMetricEvaluator, EvaluatorSpec(**spec), structured)
 
 
 def _refit(spec: dict[str, Any]) -> EvaluatorFactory:
-    from metricgp.evaluate import EvaluatorSpec
-    from metricgp.refit_fitness import RefitResidualEvaluator
-
     return functools.partial(RefitResidualEvaluator, EvaluatorSpec(**spec))
 
 
@@ -108,9 +105,7 @@ def _backend(config: RunConfig) -> Backend:
 def start(config: RunConfig, run_dir: Path, provenance: dict[str, Any] | None = None,
           progress: bool = False, stop_after: int | None = None) -> GPSearch:
     """A fresh run in `run_dir` (which must not hold a checkpoint already)."""
-    run_dir = Path(run_dir)
-    if (run_dir / "checkpoint.pkl").exists():
-        raise MetricGPError(f"{run_dir} already holds a run; use --resume {run_dir} or another --out")
+    run_dir = loop.fresh_dir(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     t0 = time.monotonic()
     backend = _backend(config)
@@ -129,15 +124,12 @@ def start(config: RunConfig, run_dir: Path, provenance: dict[str, Any] | None = 
 
 def resume(run_dir: Path, overrides: dict[str, Any] | None = None, progress: bool = False,
            stop_after: int | None = None) -> GPSearch:
-    """Continue a run from its checkpoint. `overrides` may change generations, backend, workers,
-    gpus_per_worker and time_budget_min (nothing that would change the results)."""
+    """Continue a run from its checkpoint. `overrides` may change what `RESUMABLE` names (nothing
+    that would change the results)."""
     run_dir = Path(run_dir)
     payload = load_checkpoint(run_dir)
     config = RunConfig.from_dict(payload["config"])
-    allowed = {"generations", "backend", "workers", "gpus_per_worker", "time_budget_min"}
-    overrides = {k: v for k, v in (overrides or {}).items() if v is not None}
-    if set(overrides) - allowed:
-        raise MetricGPError(f"--resume cannot change {', '.join(sorted(set(overrides) - allowed))}")
+    overrides = loop.check_overrides(overrides, RESUMABLE)
     if "generations" in overrides:
         gp_params = dataclasses.replace(config.space.gp, generations=overrides.pop("generations"))
         config = dataclasses.replace(config, space=dataclasses.replace(config.space, gp=gp_params))
@@ -159,32 +151,13 @@ def _checkpoint(search: GPSearch, config: RunConfig, run_dir: Path) -> None:
 
 def drive(search: GPSearch, config: RunConfig, run_dir: Path, progress: bool = False,
           stop_after: int | None = None, t0: float | None = None) -> GPSearch:
-    """Generations until `generations` (or `stop_after` more, or the time budget, counted from
-    `t0` (default now), is exceeded), each followed by log, results and checkpoint; then plots and
-    the summary. A resumed run gets the whole budget again."""
-    from tqdm.auto import tqdm
-
-    total = config.space.gp.generations
-    budget = None if config.time_budget_min is None else 60.0 * config.time_budget_min
-    t0 = time.monotonic() if t0 is None else t0
-    stopped = "all generations done"
-    done = 0
-    with tqdm(total=total, initial=min(search.gen, total), desc=config.name, unit="gen",
-              disable=not progress) as bar:
-        while search.gen < total:
-            if stop_after is not None and done >= stop_after:
-                stopped = f"stopped after {done} generations"
-                break
-            rec = search.step()
-            done += 1
-            artifacts.append_log(run_dir, rec)
-            _checkpoint(search, config, run_dir)
-            bar.update(1)
-            bar.set_postfix(best=f"{rec['best_fitness']:.4g}" if rec["best_fitness"] is not None else "-",
-                            div=f"{rec['diversity']:.2f}")
-            if budget is not None and time.monotonic() - t0 > budget:
-                stopped = f"time budget of {config.time_budget_min:g} min exceeded"
-                break
+    """`loop.drive` over the GP's generations (log, results and checkpoint after each); then plots
+    and the summary."""
+    stopped = loop.drive(search.step, lambda: search.gen, config.space.gp.generations, run_dir,
+                         lambda: _checkpoint(search, config, run_dir),
+                         lambda r: {"best": "-" if r["best_fitness"] is None else f"{r['best_fitness']:.4g}",
+                                    "div": f"{r['diversity']:.2f}"}, name=config.name,
+                         budget_min=config.time_budget_min, progress=progress, stop_after=stop_after, t0=t0)
     finish(search, config, run_dir, stopped)
     return search
 

@@ -16,6 +16,7 @@ from typing import Any
 import yaml
 
 from metricgp.errors import MetricGPError
+from metricgp.expr import resolve_metric
 from metricgp.expr.ops import LEAVES, OPERATORS
 from metricgp.search.breeding import ALGORITHMS, MUTATIONS
 
@@ -226,8 +227,6 @@ _TOP = ("name", "leaves", "operators", "constants", "limits", "gp", "fidelity", 
 
 
 def _seed_metrics(where: str, raw: Any) -> tuple[str, ...]:
-    from metricgp.expr import resolve_metric
-
     if raw is None:
         return ()
     if not isinstance(raw, (list, tuple)) or not all(isinstance(m, str) for m in raw):

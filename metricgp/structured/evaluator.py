@@ -20,9 +20,11 @@ import torch
 from torch import nn
 
 from metricgp.errors import MetricGPError
+from metricgp.expr import compile_metric
+from metricgp.models import find_blocks
 from metricgp.structured import baselines
 from metricgp.structured.allocate import ALLOCATIONS, allocate, from_keep_map
-from metricgp.structured.groups import HEAD_MODES, Module, decoder_params, discover, linears_by_name
+from metricgp.structured.groups import HEAD_MODES, Module, decoder_params, discover, linears_by_name, model_dims
 from metricgp.structured.importance import (
     NORMALISATIONS,
     REDUCTIONS,
@@ -31,7 +33,11 @@ from metricgp.structured.importance import (
     element_scores,
     score_units,
 )
+from metricgp.structured.refit import OutputRefit
+from metricgp.structured.saap import saap_units
+from metricgp.structured.saap.allocation import stability_keep_map
 from metricgp.structured.shrink import apply_plan, remove_blocks
+from metricgp.structured.speed import compare_speed
 
 STRUCTURES = ("width", "depth")  # width: heads + channels; depth: whole decoder blocks
 
@@ -74,7 +80,6 @@ class StructuredSpec:
 def _metric_scores(pruner: StructuredPruner, tree, names: set[str]) -> dict[str, torch.Tensor]:
     if tree is None:
         raise MetricGPError("importance 'metric' needs --metric or --metric-file")
-    from metricgp.expr import compile_metric
 
     return element_scores(compile_metric(tree), pruner.linears, pruner.setup.stats, names)
 
@@ -98,14 +103,10 @@ IMPORTANCES: dict[str, Callable[..., dict[str, torch.Tensor]]] = {
 
 
 def _saap_units(pruner: StructuredPruner, tree, spec: StructuredSpec) -> list[Unit]:
-    from metricgp.structured.saap import saap_units
-
     return saap_units(pruner, tree, spec)
 
 
 def _stability_keep_map(pruner: StructuredPruner, units: list[Unit], spec: StructuredSpec) -> dict[str, float]:
-    from metricgp.structured.saap_search import stability_keep_map
-
     return stability_keep_map(pruner, units, spec)
 
 
@@ -117,7 +118,6 @@ PLANNERS: dict[str, Callable[..., dict[str, float]]] = {"stability": _stability_
 
 def _metric_blocks(pruner: StructuredPruner, tree) -> list[float]:
     """Mean element score of each block's linears."""
-    from metricgp.models import find_blocks
 
     prefix, blocks = find_blocks(pruner.setup.model)
     names = {s.linear for m in pruner.modules for s in m.slices + m.kv_slices}
@@ -184,7 +184,6 @@ class StructuredPruner:
 
     def output_refit(self):
         """The least-squares refit of output projections (`refit.OutputRefit`), its Hessians loaded once."""
-        from metricgp.structured.refit import OutputRefit
 
         if "refit" not in self.memo:
             self.memo["refit"] = OutputRefit(self.setup, self.modules)
@@ -213,7 +212,6 @@ class StructuredPruner:
 
     def remove_depth(self, tree, spec: StructuredSpec) -> tuple[nn.Module, list[int], list[float]]:
         """Depth pruning: drop the least important blocks while the kept count stays >= target."""
-        from metricgp.models import find_blocks
 
         scores = BLOCK_IMPORTANCES[spec.importance](self, tree)
         _, blocks = find_blocks(self.setup.model)
@@ -278,7 +276,6 @@ def size_report(dense: nn.Module, pruned: nn.Module, target: float) -> dict:
 
 def attention_widths(model: nn.Module) -> list[int]:
     """Query width (heads x head_dim) of every block's attention: the attention-matmul FLOPs term."""
-    from metricgp.structured.groups import model_dims
 
     head_dim = model_dims(model).head_dim
     return [m.n_elements * head_dim for m in discover(model) if m.kind == "attention"]
@@ -287,7 +284,6 @@ def attention_widths(model: nn.Module) -> list[int]:
 def speed_report(dense: nn.Module, pruned: nn.Module, **settings) -> dict:
     """Measured prefill/decode throughput ratios next to the parameter and FLOPs ratios
     (`settings`: `metricgp.structured.speed.measure_throughput`'s)."""
-    from metricgp.structured.speed import compare_speed
 
     return compare_speed(dense, pruned, dense_attn_widths=attention_widths(dense),
                          pruned_attn_widths=attention_widths(pruned), **settings)

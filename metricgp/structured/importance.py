@@ -11,12 +11,13 @@ dict, so adding one is one line.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import nn
 
 from metricgp.errors import MetricGPError
+from metricgp.prune.engine import layer_scores
 from metricgp.structured.groups import HEAD_MODES, Module, Slice
 
 
@@ -130,8 +131,6 @@ def module_units(module: Module, part: Partial, linears: dict[str, nn.Linear], r
 
 
 def _per_module(units: list[Unit], fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> list[Unit]:
-    from dataclasses import replace
-
     by_module: dict[str, list[int]] = {}
     for i, u in enumerate(units):
         by_module.setdefault(u.module, []).append(i)
@@ -172,7 +171,6 @@ def normalise(units: list[Unit], name: str) -> list[Unit]:
 def element_scores(metric, linears: dict[str, nn.Linear], stats: Mapping[str, Mapping[str, torch.Tensor]],
                    names: set[str]) -> dict[str, torch.Tensor]:
     """The metric's score of every weight of the named linears (float32, shape of the weight)."""
-    from metricgp.prune.engine import layer_scores
 
     return {n: layer_scores(metric, linears[n].weight.detach(), stats.get(n, {}), n) for n in names}
 

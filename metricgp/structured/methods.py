@@ -5,6 +5,9 @@ options override its fields. Adding a method is one entry.
 Gradients: `llm-pruner-taylor` uses the cached G (per-weight l2 norm of the gradient over the
 calibration windows) in place of LLM-Pruner's gradient summed over the batch, i.e. |W|*G summed
 over the coupled group; both are first-order Taylor estimates of the loss change.
+
+The `evolved*` presets use `metricgp.expr.builtins.EVOLVED` (the default search's best formula) and
+`EVOLVED_STRUCTURED`; `--metric`/`--metric-file` replace a preset's metric.
 """
 
 from __future__ import annotations
@@ -12,19 +15,20 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from metricgp.errors import MetricGPError
+from metricgp.expr.builtins import EVOLVED, EVOLVED_STRUCTURED
 
 
 @dataclass(frozen=True)
 class Method:
     spec: dict = field(default_factory=dict)  # StructuredSpec fields
-    metric: str | None = None  # a built-in, a formula, or a path to a best.json
+    metric: str | None = None  # a built-in name or a formula
     about: str = ""
 
 
 METHODS: dict[str, Method] = {
     "magnitude-uniform": Method({"reduction": "l2", "allocation": "uniform"}, "magnitude",
                                 "Torch-Pruning's LLM default: group L2 magnitude, the same ratio per layer"),
-    "llm-pruner-taylor": Method({"reduction": "sum", "allocation": "uniform"}, "mul(abs(W), G)",
+    "llm-pruner-taylor": Method({"reduction": "sum", "allocation": "uniform"}, "taylor",
                                 "LLM-Pruner: element-wise first-order Taylor |W*dL/dW| summed over the group"),
     "flap": Method({"importance": "flap", "reduction": "sum", "normalisation": "module-zscore",
                     "allocation": "global", "bias_compensation": True}, None,
@@ -35,18 +39,18 @@ METHODS: dict[str, Method] = {
                    "SAAP: Taylor/magnitude/Wanda estimators fused by learned uncertainty, per-layer ratios "
                    "from batch stability (metricgp.structured.saap)"),
     "wanda": Method({}, "wanda", "Wanda's |W|*sqrt(X) with the evaluator's default reduction and allocation"),
-    "evolved": Method({}, "results/smollm2-default-s0/best.json",
+    "evolved": Method({}, EVOLVED,
                       "the committed search run's best formula with the evaluator's defaults"),
-    "evolved-uniform": Method({"allocation": "uniform"}, "results/smollm2-default-s0/best.json",
+    "evolved-uniform": Method({"allocation": "uniform"}, EVOLVED,
                               "the evolved formula with the same ratio in every layer (what DarwinLM's search "
                               "is compared with)"),
     "wanda-refit": Method({"refit": True}, "wanda", "wanda with each pruned module's output projection re-fitted "
                           "by least squares on calibration inputs"),
-    "evolved-refit": Method({"refit": True}, "results/smollm2-default-s0/best.json",
+    "evolved-refit": Method({"refit": True}, EVOLVED,
                             "the evolved formula, defaults, with the least-squares refit of output projections"),
-    "llm-pruner-taylor-refit": Method({"reduction": "sum", "allocation": "uniform", "refit": True}, "mul(abs(W), G)",
+    "llm-pruner-taylor-refit": Method({"reduction": "sum", "allocation": "uniform", "refit": True}, "taylor",
                                       "LLM-Pruner's Taylor importance with the least-squares refit"),
-    "evolved-structured": Method({}, "results/structured-search-k70/best.json",
+    "evolved-structured": Method({}, EVOLVED_STRUCTURED,
                                  "the best formula of a search whose fitness is this evaluator at 70% kept"),
 }
 

@@ -13,16 +13,21 @@ back afterwards (buffers are left alone). Train windows must come from a calibra
 
 from __future__ import annotations
 
+import copy
 import math
 import time
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 from metricgp.errors import MetricGPError
+from metricgp.measure import perplexity
+from metricgp.models import find_blocks, prunable_layers
+from metricgp.structured.saap.group import group_adapters, group_lora_params, matched_lora_rank
 
 MAX_GRAD_NORM = 1.0  # gradient clipping, so a too-large lr degrades rather than explodes
 
@@ -40,8 +45,6 @@ class RecoveryReport:
     val_ppl_after: float | None = None
 
     def to_dict(self) -> dict:
-        from dataclasses import asdict
-
         return asdict(self)
 
 
@@ -81,7 +84,6 @@ def _lora(model: nn.Module, layers: dict[str, nn.Linear], config: RecoveryConfig
 @contextmanager
 def _full(model: nn.Module, layers: dict[str, nn.Linear], config: RecoveryConfig) -> Iterator[Trainable]:
     """Every parameter of the decoder blocks (or, with a target, of the targeted linears)."""
-    from metricgp.models import find_blocks
 
     owners = [find_blocks(model)[1]] if config.target is None else list(layers.values())
     params = list({id(p): p for owner in owners for p in owner.parameters()}.values())
@@ -92,8 +94,7 @@ def _full(model: nn.Module, layers: dict[str, nn.Linear], config: RecoveryConfig
 
 @contextmanager
 def _group_lora(model: nn.Module, layers: dict[str, nn.Linear], config: RecoveryConfig) -> Iterator[Trainable]:
-    """SAAP's group fine-tuning (`metricgp.structured.saap_group`): merged on success, dropped on error."""
-    from metricgp.structured.saap_group import group_adapters
+    """SAAP's group fine-tuning (`metricgp.structured.saap.group`): merged on success, dropped on error."""
 
     with group_adapters(model, layers, config.groups, config.rank, config.alpha) as params:
         yield model, params
@@ -105,8 +106,8 @@ class Method:
     attach: Callable[[nn.Module, dict[str, nn.Linear], RecoveryConfig], AbstractContextManager[Trainable]]
 
 
-METHODS: dict[str, Method] = {"lora": Method(1e-4, _lora), "group-lora": Method(1e-4, _group_lora),
-                              "full": Method(1e-5, _full)}
+RECOVERY_METHODS: dict[str, Method] = {"lora": Method(1e-4, _lora), "group-lora": Method(1e-4, _group_lora),
+                                       "full": Method(1e-5, _full)}
 
 
 def recover(
@@ -143,7 +144,7 @@ def recover(
     with torch.random.fork_rng(), _training_state(model):
         torch.manual_seed(seed)
         layers = _select(model, config.target)
-        with METHODS[method].attach(model, layers, config) as (module, params):
+        with RECOVERY_METHODS[method].attach(model, layers, config) as (module, params):
             trained = sum(p.numel() for p in params)
             batches = _batches(len(train_windows), batch_size, steps, seed)
             losses = _train(module, params, train_windows, batches, config.lr, progress)
@@ -155,15 +156,15 @@ def recover(
 
 def _config(windows: torch.Tensor, method: str, tokens: int, lr: float | None, batch_size: int, rank: int,
             alpha: int, target: str | list[str] | None, seed: int, groups: int = 1) -> RecoveryConfig:
-    if method not in METHODS:
-        raise MetricGPError(f"unknown recovery method '{method}' (choose from {', '.join(METHODS)})")
+    if method not in RECOVERY_METHODS:
+        raise MetricGPError(f"unknown recovery method '{method}' (choose from {', '.join(RECOVERY_METHODS)})")
     if tokens < 1:
         raise MetricGPError(f"recovery tokens must be at least 1, got {tokens}")
     if windows.dim() != 2 or windows.shape[0] == 0 or windows.shape[1] < 2:
         raise MetricGPError(f"recovery needs (n, seqlen >= 2) train windows, got shape {tuple(windows.shape)}")
     if batch_size < 1 or rank < 1 or groups < 1:
         raise MetricGPError(f"batch_size, rank and groups must be at least 1, got {batch_size}, {rank} and {groups}")
-    lr = METHODS[method].default_lr if lr is None else lr
+    lr = RECOVERY_METHODS[method].default_lr if lr is None else lr
     if not lr >= 0:
         raise MetricGPError(f"learning rate must be >= 0, got {lr}")
     targets = None if target is None else ((target,) if isinstance(target, str) else tuple(target))
@@ -171,8 +172,6 @@ def _config(windows: torch.Tensor, method: str, tokens: int, lr: float | None, b
 
 
 def _select(model: nn.Module, target: tuple[str, ...] | None) -> dict[str, nn.Linear]:
-    from metricgp.models import prunable_layers
-
     layers = prunable_layers(model)
     chosen = {n: m for n, m in layers.items() if target is None or any(t in n for t in target)}
     if not chosen:
@@ -209,8 +208,6 @@ def _batches(n_windows: int, batch_size: int, steps: int, seed: int) -> list[tor
 
 def _train(module: nn.Module, params: list[nn.Parameter], windows: torch.Tensor, batches: list[torch.Tensor],
            lr: float, progress: bool) -> list[float]:
-    from tqdm.auto import tqdm
-
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     device = params[0].device
     module.train()
@@ -227,6 +224,19 @@ def _train(module: nn.Module, params: list[nn.Parameter], windows: torch.Tensor,
 
 
 def _val_ppl(model: nn.Module, windows: torch.Tensor | None) -> float | None:
-    from metricgp.evaluate import perplexity
-
     return None if windows is None else perplexity(model, windows)
+
+
+def compare_with_lora(model: nn.Module, train: torch.Tensor, *, tokens: int, groups: int, rank: int = 8,
+                      alpha: int = 16, lr: float | None = None, seed: int = 0,
+                      val_windows: torch.Tensor | None = None) -> tuple[nn.Module, dict]:
+    """Plain LoRA on a copy of `model`, same token budget and (closest) trainable-parameter count as
+    group fine-tuning with `groups` x rank `rank`, same alpha / rank scale. Returns (the recovered
+    copy, a report)."""
+    layers = prunable_layers(model)
+    r = matched_lora_rank(layers, groups, rank)
+    twin = copy.deepcopy(model)
+    rec = recover(twin, train, method="lora", tokens=tokens, lr=lr, rank=r, alpha=alpha * r / rank,
+                  seed=seed, val_windows=val_windows)
+    return twin, {"lora_rank": r, "group_lora_trainable_params": group_lora_params(layers, groups, rank),
+                  **rec.to_dict()}

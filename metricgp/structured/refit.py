@@ -20,10 +20,16 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 
 import torch
+from safetensors.torch import load_file, save_file
 from torch import nn
+from tqdm.auto import tqdm
 
+from metricgp.data import parse_data_ref
 from metricgp.errors import MetricGPError
 from metricgp.fileio import atomic_path
+from metricgp.models import cache_root
+from metricgp.prune.reconstruct import hessian_hooks
+from metricgp.stats import stats_key
 from metricgp.structured.groups import Module
 from metricgp.structured.importance import Unit
 
@@ -61,9 +67,7 @@ def refit_columns(weight: torch.Tensor, hessian: torch.Tensor, removed: Sequence
 
 def output_hessians(model: nn.Module, linears: dict[str, nn.Linear], calib: torch.Tensor) -> dict[str, torch.Tensor]:
     """H = X^T X / tokens of each named linear's input, on the dense model (float32)."""
-    from tqdm.auto import tqdm
 
-    from metricgp.prune.reconstruct import hessian_hooks
 
     sums: dict[str, torch.Tensor] = {}
     device = next(model.parameters()).device
@@ -75,11 +79,7 @@ def output_hessians(model: nn.Module, linears: dict[str, nn.Linear], calib: torc
 
 def cached_output_hessians(setup, modules: list[Module]) -> dict[str, torch.Tensor]:
     """`output_hessians` of every module's output projection, from the disk cache or computed once."""
-    from safetensors.torch import load_file, save_file
 
-    from metricgp.data import parse_data_ref
-    from metricgp.models import cache_root
-    from metricgp.stats import stats_key
 
     spec = setup.spec
     key = stats_key(setup.fingerprint, str(parse_data_ref(spec.calib, "calibration")), spec.n_calib,

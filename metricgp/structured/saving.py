@@ -35,8 +35,9 @@ import json
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file
 from torch import nn
-from transformers import PreTrainedConfig
+from transformers import CONFIG_MAPPING, AutoConfig, AutoModelForCausalLM, GenerationConfig, PreTrainedConfig
 
 from metricgp.errors import MetricGPError
 from metricgp.models import block_linears, find_blocks, resolve_device
@@ -68,7 +69,6 @@ class PrunedConfig(PreTrainedConfig):
 
     def base_config(self) -> PreTrainedConfig:
         """The dense architecture's config, without the per-layer overrides, to build the model from."""
-        from transformers import CONFIG_MAPPING
 
         if self.base_model_type not in CONFIG_MAPPING:
             raise MetricGPError(f"pruned checkpoint of unknown base model type '{self.base_model_type}'")
@@ -130,7 +130,6 @@ class MetricGPPrunedForCausalLM:
 
 def register() -> None:
     """Make `AutoConfig` / `AutoModelForCausalLM` recognise `metricgp_pruned` (idempotent)."""
-    from transformers import AutoConfig, AutoModelForCausalLM
 
     AutoConfig.register(MODEL_TYPE, PrunedConfig, exist_ok=True)
     AutoModelForCausalLM.register(PrunedConfig, MetricGPPrunedForCausalLM, exist_ok=True)
@@ -309,8 +308,6 @@ def _local_dir(path, subfolder: str, hub: dict) -> Path:
 
 
 def _read_weights(path: Path, variant: str | None = None) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
     stem = f"model.{variant}" if variant else "model"
     index = path / f"{stem}.safetensors.index.json"
     if index.is_file():
@@ -347,7 +344,6 @@ def build_pruned(config: PrunedConfig, dtype: torch.dtype, attn_implementation: 
     """The base architecture with the recorded shapes, embeddings tied, re-classed to save as pruned.
 
     Weights are random if `init`, else left uninitialised because they are about to be loaded."""
-    from transformers import AutoModelForCausalLM
 
     attn = attn_implementation or config._attn_implementation  # from_pretrained puts it on the config
     kwargs = {"attn_implementation": attn} if attn else {}
@@ -375,7 +371,6 @@ def load_pruned(path, dtype=None, device=None, *, config: PrunedConfig | None = 
     path = Path(path)
     config = config if config is not None else _read_config(path)
     if not isinstance(config, PrunedConfig):
-        from transformers import AutoModelForCausalLM
 
         extra = {"attn_implementation": attn_implementation} if attn_implementation else {}
         extra |= {k: v for k, v in (("variant", variant), ("state_dict", state_dict)) if v is not None}
@@ -384,7 +379,6 @@ def load_pruned(path, dtype=None, device=None, *, config: PrunedConfig | None = 
     model = build_pruned(config, _resolve_dtype(dtype, config), attn_implementation)
     _load_strict(model, state_dict if state_dict is not None else _read_weights(path, variant))
     if (path / "generation_config.json").is_file():
-        from transformers import GenerationConfig
 
         model.generation_config = GenerationConfig.from_pretrained(path)
     model.config._name_or_path = str(path)
@@ -394,7 +388,5 @@ def load_pruned(path, dtype=None, device=None, *, config: PrunedConfig | None = 
 
 
 def _read_config(path: Path) -> PreTrainedConfig:
-    from transformers import AutoConfig
-
     register()
     return AutoConfig.from_pretrained(path)

@@ -11,6 +11,7 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
+from metricgp.errors import MetricGPError
 from metricgp.models import find_blocks
 from metricgp.structured.groups import Module, Slice
 from metricgp.structured.importance import Unit, by_module
@@ -87,7 +88,6 @@ def remove_blocks(model: nn.Module, indices: Iterable[int]) -> None:
     drop = set(indices)
     kept = [b for i, b in enumerate(blocks) if i not in drop]
     if not kept:
-        from metricgp.errors import MetricGPError
 
         raise MetricGPError("cannot remove every decoder block")
     parent, _, attr = prefix.rpartition(".")

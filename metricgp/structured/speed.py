@@ -16,8 +16,10 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from torch.profiler import ProfilerActivity, profile
 
 from metricgp.errors import MetricGPError
+from metricgp.models import find_blocks
 
 
 @dataclass(frozen=True)
@@ -89,7 +91,6 @@ def compare_speed(dense_model: nn.Module, pruned_model: nn.Module, *, dense_attn
 
 def count_params(model: nn.Module) -> dict[str, int]:
     """Total and decoder-block parameter counts, and bytes; tied (shared) weights count once."""
-    from metricgp.models import find_blocks
 
     params = list(model.parameters())  # nn.Module yields a shared parameter once
     return {
@@ -109,7 +110,6 @@ def forward_flops(model: nn.Module, seqlen: int, attn_widths: list[int] | None =
     Without widths the attention matmuls are left out: which linear feeds attention cannot be
     told generically, so structure discovery passes the widths.
     """
-    from metricgp.models import find_blocks
 
     linear = sum(2 * m.in_features * m.out_features for m in model.modules() if isinstance(m, nn.Linear))
     if attn_widths is None:
@@ -190,7 +190,6 @@ def decode_op_profile(model: nn.Module, *, prompt_len: int = 128, steps: int = 1
     products, whose cost shrinks with the pruned widths, against everything else (elementwise ops,
     KV-cache concatenation, norms, dispatch), whose count does not. Explains a decode speed-up
     below the FLOPs ratio; absolute times include the profiler's own overhead."""
-    from torch.profiler import ProfilerActivity, profile
 
     vocab = model.get_input_embeddings().num_embeddings
     ids = torch.randint(0, vocab, (1, prompt_len), generator=torch.Generator().manual_seed(seed))
@@ -215,7 +214,6 @@ def decode_breakdown(dense_model: nn.Module, pruned_model: nn.Module, repeats: i
     give if everything else stayed as in the dense model (Amdahl). With `repeats` > 1 the two are
     profiled alternately (dense, pruned, dense, ...) so load on a shared machine hits both alike,
     every figure is the median over repeats, and `spread` gives the min and max of the ratios."""
-    import statistics
 
     runs = []
     for _ in range(max(repeats, 1)):

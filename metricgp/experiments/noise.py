@@ -21,6 +21,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from metricgp.errors import MetricGPError
+from metricgp.expr import to_functional
+from metricgp.plotting import pyplot, save_figure
+from metricgp.prune.patterns import parse_setting
 
 SIGMAS = 2.0  # a difference must exceed SIGMAS standard deviations over seeds
 CLIP_PERCENT = 100.0  # the relative plot writes, rather than draws, differences beyond this
@@ -38,7 +41,7 @@ class NoiseOptions:
 
 
 def add_noise_options(parser: argparse.ArgumentParser) -> None:
-    g = parser.add_argument_group("noise floor (see metricgp/noise.py)")
+    g = parser.add_argument_group("noise floor (see metricgp/experiments/noise.py)")
     g.add_argument("--calib-seeds", default=None, metavar="S,S,...",
                    help="repeat every cell for each of these calibration seeds (instead of --calib-seed)")
     g.add_argument("--window-sets", type=int, default=None, metavar="K",
@@ -90,6 +93,14 @@ def noise_options(args: argparse.Namespace) -> NoiseOptions | None:
     return NoiseOptions(seeds, k, args.reference or "wanda")
 
 
+def setting_label(setting: str) -> str:
+    return parse_setting(setting).label
+
+
+def row_key(functional: str, setting: str, mode: str) -> str:
+    return f"{functional}|{setting}|{mode}"
+
+
 def split_windows(n: int, k: int, what: str = "the test split") -> list[tuple[int, int]]:
     """`n` windows cut into `k` consecutive disjoint [start, end) ranges covering them all; sizes
     differ by at most one (the first ones are longer)."""
@@ -103,7 +114,7 @@ def split_windows(n: int, k: int, what: str = "the test split") -> list[tuple[in
 
 def set_key(base: str, seed: int, index: int, k: int) -> str:
     """The row key of one seed's window set `index` (0-based) of `k`, for the classic row key `base`
-    (`metricgp.compare.row_key`)."""
+    (`row_key`)."""
     return f"{base}|seed={seed}|set={index + 1}/{k}"
 
 
@@ -185,8 +196,6 @@ def summarise(table: dict, entries: list, settings: list[str], modes: list[str],
               seeds: list[int], k: int, reference: str) -> dict:
     """Everything the noise report shows, computed from the rows: one group per (dataset, setting,
     mode) with its window ranges, the reference's noise band and one cell per measured metric."""
-    from metricgp.compare import row_key
-    from metricgp.expr import to_functional
 
     formulas = {e.label: to_functional(e.tree) for e in entries}
     groups = []
@@ -231,8 +240,6 @@ def _pm(s: dict, sign: bool = False) -> str:
 
 
 def _column_title(group: dict) -> str:
-    from metricgp.compare import setting_label
-
     return f"{setting_label(group['setting'])} {group['mode']}"
 
 
@@ -327,7 +334,6 @@ def _bars(ax, cells: list[dict], band: float | None) -> None:
 def plot_relative(summary: dict, path: Path) -> None:
     """One panel per dataset (row) x setting/mode (column): each metric's paired difference to the
     reference, error bars = std over seeds, the reference's own noise band shaded."""
-    from metricgp.plotting import pyplot, save_figure
 
     groups = summary["groups"]
     if not groups:

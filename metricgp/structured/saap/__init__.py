@@ -45,7 +45,7 @@ units kept per module) that the evaluator turns into a plan; within a module the
 units (by F) go. Estimators pool by their own rule (a sum over the structure), so `spec.reduction`
 is not used; `spec.normalisation` and `spec.head_mode` are. In `metricgp.structured.evaluator`,
 "saap" is an importance (`UNIT_IMPORTANCES`, here) and "stability" an allocation (`PLANNERS`,
-`saap_search`); both read their options (`SAAPOptions`) from `spec.options`.
+`saap.allocation`); both read their options (`SAAPOptions`) from `spec.options`.
 """
 
 from __future__ import annotations
@@ -56,8 +56,16 @@ from dataclasses import asdict, dataclass, fields
 import torch
 
 from metricgp.errors import MetricGPError
+from metricgp.ranking import spearman
 from metricgp.structured.importance import REDUCTIONS, Partial, Unit, module_units, normalise
-from metricgp.structured.saap_estimators import DEFAULT_ESTIMATORS, Estimator, parse_estimators
+from metricgp.structured.saap.estimators import (
+    DEFAULT_ESTIMATORS,
+    Estimator,
+    cached_batch_scores,
+    parse_estimators,
+    structure_sizes,
+)
+from metricgp.structured.saap.probes import cached_probe_deltas, probe_importance, probe_membership
 
 SIGMA_STEPS = 500  # gradient steps on log sigma (the loss is convex in log sigma)
 SIGMA_LR = 0.25  # stable: started at the largest sigma every gradient is in (0, 1]
@@ -165,7 +173,7 @@ def _kendall(loss: torch.Tensor, importance: torch.Tensor) -> Fusion:
 def uncertainty_fusion(x: FusionInput) -> Fusion:
     """Kendall weights from each estimator's rank error against the measured probes."""
     if x.probe_importance is None or x.oracle is None:
-        raise MetricGPError("the uncertainty fusion needs measured probes (saap_probes)")
+        raise MetricGPError("the uncertainty fusion needs measured probes (saap.probes)")
     return _kendall(rank_error(x.probe_importance, x.oracle), x.importance)
 
 
@@ -208,9 +216,6 @@ class Analysis:
 
 def analyse(pruner, options: SAAPOptions) -> Analysis:
     """The per-window scores (cached on disk), normalised and fused; memoised on the pruner."""
-    from metricgp.ranking import spearman
-    from metricgp.structured.saap_estimators import cached_batch_scores, structure_sizes
-    from metricgp.structured.saap_probes import cached_probe_deltas, probe_importance, probe_membership
 
     memo_key = f"saap:{options.estimators}:{options.fusion}:{options.probes_per_module}:{options.probe_windows}"
     if memo_key not in pruner.memo:

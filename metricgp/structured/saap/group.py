@@ -10,13 +10,12 @@ A_g starts Kaiming-uniform and B_g at zero (as LoRA), so training starts from th
 Like QA-LoRA the adapters act per input group; unlike QA-LoRA the group input is not pooled, so dW
 has rank up to G r instead of G. Trainable parameters: r (in + G out) per linear, against r' (in +
 out) for plain LoRA; `matched_lora_rank` gives the r' with the same total, for a like-for-like
-comparison (`compare_with_lora`). After training dW is added to W and the original nn.Linear put
+comparison (`recover.compare_with_lora`). After training dW is added to W and the original nn.Linear put
 back: the saved model has no adapter modules.
 """
 
 from __future__ import annotations
 
-import copy
 import math
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -85,21 +84,3 @@ def matched_lora_rank(layers: dict[str, nn.Linear], groups: int, rank: int) -> i
     """The plain-LoRA rank whose trainable-parameter count is closest to group fine-tuning's."""
     per_rank = sum(m.in_features + m.out_features for m in layers.values())
     return max(1, round(group_lora_params(layers, groups, rank) / per_rank))
-
-
-def compare_with_lora(model: nn.Module, train: torch.Tensor, *, tokens: int, groups: int, rank: int = 8,
-                      alpha: int = 16, lr: float | None = None, seed: int = 0,
-                      val_windows: torch.Tensor | None = None) -> tuple[nn.Module, dict]:
-    """Plain LoRA on a copy of `model`, same token budget and (closest) trainable-parameter count as
-    group fine-tuning with `groups` x rank `rank`, same alpha / rank scale. Returns (the recovered
-    copy, a report)."""
-    from metricgp.models import prunable_layers
-    from metricgp.structured.recover import recover
-
-    layers = prunable_layers(model)
-    r = matched_lora_rank(layers, groups, rank)
-    twin = copy.deepcopy(model)
-    rec = recover(twin, train, method="lora", tokens=tokens, lr=lr, rank=r, alpha=alpha * r / rank,
-                  seed=seed, val_windows=val_windows)
-    return twin, {"lora_rank": r, "group_lora_trainable_params": group_lora_params(layers, groups, rank),
-                  **rec.to_dict()}

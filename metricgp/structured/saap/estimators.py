@@ -25,10 +25,14 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
+from tqdm.auto import tqdm
 
+from metricgp.data import parse_data_ref
 from metricgp.errors import MetricGPError
+from metricgp.expr import FormulaError, compile_metric, formula_from_file, resolve_metric, to_functional
 from metricgp.fileio import atomic_path
-from metricgp.stats import gradients_of
+from metricgp.models import cache_root
+from metricgp.stats import collect_input_stats, gradients_of, stats_key
 from metricgp.structured.groups import Module
 from metricgp.structured.importance import REDUCTIONS, module_partial
 
@@ -47,8 +51,8 @@ class Estimator:
 ESTIMATORS: dict[str, Estimator] = {
     "taylor-element": Estimator("taylor-element", lambda t: (t["W"] * t["g"]).abs(), key="taylor-element"),
     "taylor-vector": Estimator("taylor-vector", lambda t: t["W"] * t["g"], signed=True, key="taylor-vector"),
-    "magnitude": Estimator("magnitude", lambda t: t["W"].abs(), key="magnitude"),
-    "wanda": Estimator("wanda", lambda t: t["W"].abs() * t["X"].sqrt(), key="wanda"),
+    # the built-ins' own formulas (expr.builtins), compiled: equal to |W| and |W|*sqrt(X) in fp32
+    **{name: Estimator(name, compile_metric(resolve_metric(name)), key=name) for name in ("magnitude", "wanda")},
 }
 DEFAULT_ESTIMATORS = ("taylor-element", "taylor-vector", "magnitude", "wanda")
 
@@ -67,21 +71,16 @@ def split_estimators(text: str) -> list[str]:
 
 
 def _formula_estimator(name: str, formula: str) -> Estimator:
-    from metricgp.expr import compile_metric, resolve_metric, to_functional
-
     tree = resolve_metric(formula)
     return Estimator(name, compile_metric(tree), key=f"formula:{to_functional(tree)}")
 
 
 def _file_estimator(path: Path) -> Estimator:
-    from metricgp.expr import formula_from_file
-
     return _formula_estimator(str(path), formula_from_file(path))
 
 
 def parse_estimator(name: str) -> Estimator:
     """A registry name, a path to a JSON file with a 'formula' key, or a metric formula."""
-    from metricgp.expr import FormulaError
 
     if name in ESTIMATORS:
         return ESTIMATORS[name]
@@ -115,7 +114,6 @@ def structure_sizes(modules: list[Module], linears: Mapping[str, nn.Linear]) -> 
 
 def _window_pass(model: nn.Module, linears: dict[str, nn.Linear], ids: torch.Tensor) -> dict[str, torch.Tensor]:
     """Forward and backward on one window: the weights' .grad, and X of every linear (returned)."""
-    from metricgp.stats import collect_input_stats
 
     losses = []
 
@@ -148,7 +146,6 @@ def _window_scores(modules: list[Module], linears: dict[str, nn.Linear], x: dict
 def compute_batch_scores(model: nn.Module, modules: list[Module], linears: dict[str, nn.Linear],
                          calib: torch.Tensor, estimators: list[Estimator]) -> torch.Tensor:
     """(K, B, N) per-window structure scores: one forward/backward per calibration window."""
-    from tqdm.auto import tqdm
 
     used = {n: linears[n] for m in modules for n in sorted({s.linear for s in m.slices + m.kv_slices})}
     device = next(model.parameters()).device
@@ -174,9 +171,6 @@ def cached_batch_scores(setup, modules: list[Module], linears: dict[str, nn.Line
 
     Cached per estimator, so a set that shares estimators with an earlier one (an ablation of
     single estimators after the fused set) only computes the missing ones, in one pass."""
-    from metricgp.data import parse_data_ref
-    from metricgp.models import cache_root
-    from metricgp.stats import stats_key
 
     spec = setup.spec
     base = stats_key(setup.fingerprint, str(parse_data_ref(spec.calib, "calibration")), spec.n_calib,

@@ -16,7 +16,7 @@ At every keep level (`--keeps`, default 0.7) the dense model is pruned one-shot 
 Every one-shot row also records its measured prefill/decode speed-up against the dense model (same
 process, `speed_report`). The SAAP model (fused importance, stability allocation) is then recovered
 twice on the same `--recover-tokens`: group fine-tuning (`--group-finetune-groups` x rank 8) and plain LoRA with the
-rank whose trainable-parameter count is closest (`saap_group.compare_with_lora`). Every row is
+rank whose trainable-parameter count is closest (`recover.compare_with_lora`). Every row is
 written to saap.json when it finishes, so a rerun does only the missing ones; saap.md (the tables,
 the fusion's equations from `metricgp.structured.saap` and which rows win) and saap-sigma.png (the
 learned sigma_k and weights 1 / (2 sigma_k^2)) are made from the JSON.
@@ -35,12 +35,18 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from tqdm.auto import tqdm
+
 from metricgp.errors import MetricGPError
-from metricgp.structured import experiments as ex
-from metricgp.structured.evaluator import StructuredSpec, prune
-from metricgp.structured.methods import METHODS, get_method
+from metricgp.experiments import rows as ex
+from metricgp.plotting import pyplot, save_figure
+from metricgp.provenance import git_sha, provenance
+from metricgp.structured import saap
+from metricgp.structured.evaluator import StructuredSpec, prune, speed_report
+from metricgp.structured.methods import get_method
+from metricgp.structured.recover import compare_with_lora, recover
 from metricgp.structured.saap import SAAPOptions
-from metricgp.structured.saap_estimators import DEFAULT_ESTIMATORS, ESTIMATORS
+from metricgp.structured.saap.estimators import DEFAULT_ESTIMATORS, ESTIMATORS, split_estimators
 
 FUSED = "fused"
 DEFAULT_FUSION = SAAPOptions().fusion
@@ -49,7 +55,10 @@ ABLATION_VERSION = 2  # 2: the fusion checks estimators against measured probes;
 SPEED_PROMPT, SPEED_REPEATS = 128, 3  # each one-shot row's prefill/decode speed-up against dense
 GROUP_RANK = 8  # group fine-tuning's rank per group (recover's default); LoRA's rank is matched to it
 RECOVERIES = ("group-lora", "lora")
-ESTIMATORS_DEFAULT = (*DEFAULT_ESTIMATORS, METHODS["evolved"].metric)  # the four built-ins and the evolved metric
+# the evolved metric the ablation fuses with the four built-ins: the default search's best.json (a file, so
+# its rows are labelled "evolved (<run>)"); give another with --estimators
+EVOLVED_FILE = "results/smollm2-default-s0/best.json"
+ESTIMATORS_DEFAULT = (*DEFAULT_ESTIMATORS, EVOLVED_FILE)
 
 
 def add_saap_ablation_options(p: argparse.ArgumentParser) -> None:
@@ -110,8 +119,6 @@ def _settings(args) -> dict:
 
 
 def validate(args) -> None:
-    from metricgp.structured.saap_estimators import split_estimators
-
     args.estimators = tuple(split_estimators(args.estimators))
     SAAPOptions.from_dict({"estimators": args.estimators})  # unknown names, missing files, repeats
     if args.recover_tokens < 0 or args.group_finetune_groups < 1 or args.eval_windows < 1:
@@ -127,9 +134,7 @@ def validate(args) -> None:
 
 def run_saap(args) -> None:
     """Every missing row, one-shot first, then the recoveries; then saap.md and saap-sigma.png."""
-    from tqdm.auto import tqdm
 
-    from metricgp.provenance import git_sha, provenance
 
     validate(args)
     path = args.out / "saap.json"
@@ -178,8 +183,6 @@ def _save(path: Path, rows: dict, meta: dict, bar=None, key: str = "") -> None:
 
 
 def _oneshot_row(setup, v: Variant, keep: float, evals: dict, args) -> dict:
-    from metricgp.structured.evaluator import speed_report
-
     model, sizes = prune(setup, None, v.spec(keep))
     saap = sizes["saap"]
     setup.dense.restore()
@@ -194,8 +197,6 @@ def _oneshot_row(setup, v: Variant, keep: float, evals: dict, args) -> dict:
 
 def _recovered_row(setup, v: Variant, keep: float, method: str, train, evals: dict, args) -> dict:
     """The SAAP model recovered by group fine-tuning, or by LoRA at its token and parameter budget."""
-    from metricgp.structured.recover import recover
-    from metricgp.structured.saap_group import compare_with_lora
 
     model, sizes = prune(setup, None, v.spec(keep))
     budget = {"tokens": args.recover_tokens, "groups": args.group_finetune_groups, "seed": args.calib_seed}
@@ -367,7 +368,6 @@ def _sigma_section(sigma: dict | None) -> list[str]:
 
 def _equations() -> list[str]:
     """The notation and the equation blocks of `metricgp.structured.saap`'s docstring, verbatim."""
-    from metricgp.structured import saap
 
     paragraphs = [p for p in saap.__doc__.split("\n\n") if p.strip()]
     blocks = [textwrap.dedent(p) for p in paragraphs if all(line.startswith("    ") for line in p.splitlines())]
@@ -410,8 +410,6 @@ def write_report(out: Path, table: dict) -> None:
 
 
 def plot_sigma(path: Path, sigma: dict) -> None:
-    from metricgp.plotting import pyplot, save_figure
-
     plt = pyplot()
     names = [label(k) for k in sigma]
     fig, axes = plt.subplots(1, 2, figsize=(9, 4))

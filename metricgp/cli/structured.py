@@ -1,6 +1,6 @@
 """`python -m metricgp.apply --structured`: remove heads, channels or blocks by any metric.
 
-    python -m metricgp.apply --structured --metric-file results/smollm2-default-s0/best.json --keep 0.7 --out runs/s70
+    python -m metricgp.apply --structured --method evolved --keep 0.7 --out runs/s70
     python -m metricgp.apply --structured --metric wanda --keep 0.7 --allocation global \\
         --recover-tokens 200000 --out runs/s70r
     python -m metricgp.apply --structured --importance flap --bias-compensation --keep 0.7 --out runs/flap70
@@ -20,7 +20,20 @@ import json
 import time
 from pathlib import Path
 
+from metricgp.cli.options import (
+    REPORT,
+    add_recovery_options,
+    evaluator_spec,
+    metric_from_args,
+    validate_model_and_report,
+    write_out_dir,
+)
+from metricgp.data import parse_data_ref, parse_report_data, windows
 from metricgp.errors import MetricGPError
+from metricgp.evaluate import PruningSetup, cached_dense_perplexity
+from metricgp.expr import describe
+from metricgp.measure import perplexity
+from metricgp.provenance import provenance, write_json_atomic
 from metricgp.structured.allocate import ALLOCATIONS
 from metricgp.structured.evaluator import (
     BLOCK_IMPORTANCES,
@@ -29,50 +42,46 @@ from metricgp.structured.evaluator import (
     STRUCTURES,
     UNIT_IMPORTANCES,
     StructuredSpec,
+    per_layer_sizes,
+    prune,
+    speed_report,
 )
 from metricgp.structured.groups import HEAD_MODES
 from metricgp.structured.importance import NORMALISATIONS, REDUCTIONS
 from metricgp.structured.methods import METHODS, get_method
-from metricgp.structured.saap_estimators import DEFAULT_ESTIMATORS, ESTIMATORS
+from metricgp.structured.recover import RECOVERY_METHODS, compare_with_lora, recover
+from metricgp.structured.saap import SAAPOptions
+from metricgp.structured.saap.estimators import DEFAULT_ESTIMATORS, ESTIMATORS, split_estimators
+from metricgp.structured.saving import save_pruned
 
 DEFAULTS = StructuredSpec()
 
 
-def build_parser() -> argparse.ArgumentParser:
-    from metricgp.apply import add_report_options
-    from metricgp.options import add_model_data_options
-
-    p = argparse.ArgumentParser(
-        prog="python -m metricgp.apply --structured",
-        description="Structured pruning: remove attention heads, MLP channels or decoder blocks, physically.")
-    p.add_argument("--structured", action="store_true", help="this mode (structured pruning)")
-    p.add_argument("--metric", help="a built-in name or a formula (element scores of the coupled weights)")
-    p.add_argument("--metric-file", type=Path, help="a JSON file with a 'formula' key (a search's best.json)")
-    p.add_argument("--keep", type=float, default=DEFAULTS.keep, help="fraction of decoder parameters kept (0, 1]")
-    p.add_argument("--importance", default=None,
+def add_structured_options(p: argparse.ArgumentParser) -> None:
+    """The structured mode's options (`python -m metricgp.apply --structured`), in two groups."""
+    g = p.add_argument_group("structured mode (--structured)")
+    g.add_argument("--keep", type=float, default=DEFAULTS.keep, help="fraction of decoder parameters kept (0, 1]")
+    g.add_argument("--importance", default=None,
                    help=f"width: {', '.join([*IMPORTANCES, *UNIT_IMPORTANCES])}; depth: {', '.join(BLOCK_IMPORTANCES)}")
-    p.add_argument("--structures", choices=STRUCTURES, default=None,
+    g.add_argument("--structures", choices=STRUCTURES, default=None,
                    help="width: heads and MLP channels; depth: whole decoder blocks")
-    p.add_argument("--allocation", default=None, help=f"{', '.join([*ALLOCATIONS, *PLANNERS])}")
-    p.add_argument("--keep-map", type=Path, help="JSON {module name: fraction of its heads/channels kept}; "
+    g.add_argument("--allocation", default=None, help=f"{', '.join([*ALLOCATIONS, *PLANNERS])}")
+    g.add_argument("--keep-map", type=Path, help="JSON {module name: fraction of its heads/channels kept}; "
                    "overrides --allocation and --keep")
-    p.add_argument("--reduction", default=None, help=f"{', '.join(REDUCTIONS)}")
-    p.add_argument("--normalisation", default=None, help=f"{', '.join(NORMALISATIONS)}")
-    p.add_argument("--head-mode", default=None, help=f"{', '.join(HEAD_MODES)} (GQA: remove the "
+    g.add_argument("--reduction", default=None, help=f"{', '.join(REDUCTIONS)}")
+    g.add_argument("--normalisation", default=None, help=f"{', '.join(NORMALISATIONS)}")
+    g.add_argument("--head-mode", default=None, help=f"{', '.join(HEAD_MODES)} (GQA: remove the "
                    "same number of query heads from every KV group, or whole KV groups)")
-    p.add_argument("--method", help=f"a named method ({', '.join(METHODS)}); explicit options override it")
-    p.add_argument("--bias-compensation", action="store_true", default=None,
+    g.add_argument("--method", help=f"a named method ({', '.join(METHODS)}); explicit options override it, "
+                   "--metric/--metric-file its metric (the evolved* presets: the default search's best formula)")
+    g.add_argument("--bias-compensation", action="store_true", default=None,
                    help="fold the removed channels' mean output into a bias (FLAP)")
-    p.add_argument("--refit", action="store_true", default=None,
+    g.add_argument("--refit", action="store_true", default=None,
                    help="re-fit each pruned module's output projection by least squares on calibration inputs")
-    p.add_argument("--recover-tokens", type=int, default=0, help="recovery fine-tuning budget in tokens (0: none)")
-    p.add_argument("--recover-method", default="lora", help="lora, group-lora or full")
-    p.add_argument("--recover-lr", type=float, default=None, help="learning rate (default per method)")
+    add_recovery_options(g, methods=tuple(RECOVERY_METHODS))
+    g.add_argument("--speed", action="store_true", help="measure prefill/decode throughput, dense vs pruned")
     add_saap_options(p)
-    p.add_argument("--speed", action="store_true", help="measure prefill/decode throughput, dense vs pruned")
-    add_model_data_options(p)
-    add_report_options(p)
-    return p
+
 
 
 def add_saap_options(p: argparse.ArgumentParser) -> None:
@@ -96,8 +105,6 @@ def add_saap_options(p: argparse.ArgumentParser) -> None:
 
 def saap_options(args: argparse.Namespace, importance: str, allocation: str) -> dict | None:
     """SAAP's options from the command line (validated), or None for other importances."""
-    from metricgp.structured.saap import SAAPOptions
-    from metricgp.structured.saap_estimators import split_estimators
 
     given = {k: v for k, v in (("estimators", args.estimators and split_estimators(args.estimators)),
                                ("skip_edge_blocks", args.skip_edge_blocks), ("spread", args.saap_spread),
@@ -142,8 +149,6 @@ def spec_from_args(args: argparse.Namespace) -> StructuredSpec:
 
 def validate_recovery(args: argparse.Namespace) -> None:
     """--group-finetune-tokens N is --recover-tokens N --recover-method group-lora."""
-    from metricgp.structured.recover import METHODS as RECOVERY
-
     for flag, value in (("--recover-tokens", args.recover_tokens), ("--group-finetune-tokens",
                                                                     args.group_finetune_tokens)):
         if value < 0:
@@ -152,42 +157,26 @@ def validate_recovery(args: argparse.Namespace) -> None:
         if args.recover_tokens:
             raise MetricGPError("give --recover-tokens or --group-finetune-tokens, not both")
         args.recover_tokens, args.recover_method = args.group_finetune_tokens, "group-lora"
-    if args.recover_method not in RECOVERY:
-        raise MetricGPError(f"unknown recovery method '{args.recover_method}' (choose from {', '.join(RECOVERY)})")
     if args.compare_lora and not (args.recover_tokens and args.recover_method == "group-lora"):
         raise MetricGPError("--compare-lora compares group fine-tuning with LoRA: give --group-finetune-tokens")
 
 
 def validate(args: argparse.Namespace):
-    from metricgp.apply import load_metric, validate_model_and_report
-
     validate_recovery(args)
     spec = spec_from_args(args)
     if spec.importance == "saap" and (args.metric is not None or args.metric_file is not None):
         raise MetricGPError("importance 'saap' takes metric formulas in --estimators (e.g. "
                             "--estimators taylor-element,best.json), not --metric/--metric-file")
-    tree, source = (None, None)
     if args.metric is None and args.metric_file is None and args.method and get_method(args.method).metric:
-        preset = get_method(args.method).metric
-        args.metric_file, args.metric = (Path(preset), None) if preset.endswith(".json") else (None, preset)
-    if args.metric is not None and args.metric_file is not None:
-        raise MetricGPError("give --metric or --metric-file, not both")
-    if args.metric is not None or args.metric_file is not None:
-        tree, source = load_metric(args)
-    elif spec.importance == "metric":
+        args.metric = get_method(args.method).metric
+    tree, source = metric_from_args(args)
+    if tree is None and spec.importance == "metric":
         raise MetricGPError("importance 'metric' needs --metric or --metric-file")
     validate_model_and_report(args)
     return spec, tree, source
 
 
 def run(args: argparse.Namespace) -> dict:
-    from metricgp.data import parse_data_ref, parse_report_data, windows
-    from metricgp.evaluate import PruningSetup, cached_dense_perplexity, perplexity
-    from metricgp.expr import describe
-    from metricgp.options import evaluator_spec
-    from metricgp.provenance import provenance
-    from metricgp.structured.evaluator import per_layer_sizes, prune, speed_report
-
     spec, tree, source = validate(args)
     started = provenance()
     espec = evaluator_spec(args)
@@ -218,7 +207,6 @@ def run(args: argparse.Namespace) -> dict:
         "perplexity": {"dense": dense_ppl, "pruned": pruned_ppl},
     }
     if args.recover_tokens:
-        from metricgp.structured.recover import recover
 
         t4 = time.perf_counter()
         ref = parse_data_ref(args.calib, "calibration")
@@ -244,8 +232,6 @@ def run(args: argparse.Namespace) -> dict:
 
 def _compare_lora(args: argparse.Namespace, model, train, setup, evals: dict) -> dict:
     """Plain LoRA on a copy at the group fine-tuning's budget and trainable-parameter count."""
-    from metricgp.evaluate import perplexity
-    from metricgp.structured.saap_group import compare_with_lora
 
     twin, report = compare_with_lora(model, train, tokens=args.recover_tokens, groups=args.group_finetune_groups,
                                      lr=args.recover_lr, seed=args.calib_seed, val_windows=setup.fitness_windows(8))
@@ -254,11 +240,6 @@ def _compare_lora(args: argparse.Namespace, model, train, setup, evals: dict) ->
 
 
 def _write(args: argparse.Namespace, model, tokenizer, result: dict) -> None:
-    from metricgp.apply import REPORT, write_out_dir
-    from metricgp.provenance import write_json_atomic
-    from metricgp.structured.evaluator import per_layer_sizes
-    from metricgp.structured.saving import save_pruned
-
     def fill(tmp: Path) -> None:
         if not args.no_save_model:
             save_pruned(model, tmp, tokenizer=tokenizer, per_layer=per_layer_sizes(model))
@@ -283,11 +264,3 @@ def summary(result: dict) -> str:
         lines.append(f"speed-up prefill {s['prefill_speedup']:.2f}x, decode {s['decode_speedup']:.2f}x "
                      f"(FLOPs ratio {s['flops_ratio']:.2f}x)")
     return "\n".join(lines)
-
-
-def main(argv: list[str]) -> int:
-    args = build_parser().parse_args(argv)
-    result = run(args)
-    print(summary(result))
-    print(f"wrote {args.out}/report.json" + ("" if args.no_save_model else " and the pruned model"))
-    return 0

@@ -24,8 +24,12 @@ from dataclasses import asdict, dataclass
 
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
+from metricgp.data import parse_data_ref, windows
 from metricgp.fileio import atomic_path
+from metricgp.measure import window_losses
+from metricgp.models import cache_root
 from metricgp.structured.groups import Module
 
 PROBES_VERSION = 1  # bump when a probe's loss changes meaning, to invalidate old caches
@@ -79,8 +83,6 @@ def _owned(module: Module, members: tuple[int, ...], linears: dict[str, nn.Linea
 
 
 def _mean_nll(model: nn.Module, windows: torch.Tensor) -> float:
-    from metricgp.evaluate import window_losses
-
     losses = window_losses(model, windows)
     return sum(losses.nll) / sum(losses.tokens)
 
@@ -89,7 +91,6 @@ def _mean_nll(model: nn.Module, windows: torch.Tensor) -> float:
 def measure_probes(model: nn.Module, modules: list[Module], linears: dict[str, nn.Linear], probes: list[Probe],
                    windows: torch.Tensor, progress: bool = True) -> torch.Tensor:
     """(P,) Delta_p: the loss increase with each probe's structures zeroed (the model is restored)."""
-    from tqdm.auto import tqdm
 
     by_name = {m.name: m for m in modules}
     dense = _mean_nll(model, windows)
@@ -124,8 +125,6 @@ def probe_importance(importance: torch.Tensor, membership: torch.Tensor) -> torc
 def cached_probe_deltas(setup, modules: list[Module], linears: dict[str, nn.Linear], per_module: int,
                         n_windows: int) -> tuple[list[Probe], torch.Tensor, bool]:
     """The probes and their Delta_p, from the disk cache or measured and stored. (probes, deltas, was_cached)"""
-    from metricgp.data import parse_data_ref, windows
-    from metricgp.models import cache_root
 
     spec = setup.spec
     probes = choose_probes(modules, linears, per_module, spec.seed)

@@ -1,4 +1,4 @@
-"""The command line of `python -m metricgp.darwin`: options -> a validated `DarwinConfig`.
+"""`python -m metricgp.darwin`: DarwinLM structured level search, or EvoPress unstructured.
 
     python -m metricgp.darwin --keep 0.6 --metric-file results/smollm2-default-s0/best.json \\
         --offspring 16 --generations 50 --out results/darwin-k60
@@ -13,28 +13,35 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
+from metricgp.cli.options import (
+    add_model_data_options,
+    add_recovery_options,
+    metric_from_args,
+    model_data_fields,
+    resume_overrides,
+)
 from metricgp.darwin.config import DarwinConfig
 from metricgp.darwin.database import DEFAULT_LEVELS
+from metricgp.darwin.run import RESUMABLE, resume, start
+from metricgp.darwin.stages import make_schedule, schedule_dict
 from metricgp.darwin.unstructured import DEFAULT_LEVELS as UNSTRUCTURED_LEVELS
-from metricgp.errors import MetricGPError
+from metricgp.errors import MetricGPError, cli_entry
+from metricgp.evaluate import FITNESSES
+from metricgp.expr import to_functional
+from metricgp.expr.builtins import EVOLVED
+from metricgp.provenance import provenance
+from metricgp.search.backends import BACKENDS
 from metricgp.structured.evaluator import StructuredSpec
+from metricgp.structured.recover import RECOVERY_METHODS
 
 DESCRIPTION = ("DarwinLM level search: a database of per-module pruning levels ordered by a metric, searched by "
                "(1+lambda) evolution on KL to the dense model; --unstructured: EvoPress per-layer sparsity.")
-DEFAULT_METRIC_FILE = Path("results/smollm2-default-s0/best.json")
-# importance names beyond the built-in metrics (metricgp.expr.BUILTIN_METRICS)
-IMPORTANCE_ALIASES = {"taylor": "mul(abs(W), G)"}  # first-order Taylor |W * dL/dW| (LLM-Pruner)
-# what a resume may change: how long and where it runs, and (final report only) the reconstruct rows
-RESUME_OPTIONS = ("resume", "generations", "backend", "workers", "time_budget", "reconstruct", "no_progress")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from metricgp.evaluate import FITNESSES
-    from metricgp.options import add_model_data_options
-    from metricgp.search.backends import BACKENDS
-
     p = argparse.ArgumentParser(prog="python -m metricgp.darwin", description=DESCRIPTION,
                                 epilog=__doc__.split("\n", 2)[2], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", type=Path, help="run directory (checkpoint, log, plots, final model)")
@@ -43,8 +50,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--keep", type=float, default=0.6, help="structured: fraction of decoder parameters kept")
     t.add_argument("--unstructured", action="store_true", help="EvoPress: per-layer unstructured sparsity levels")
     t.add_argument("--sparsity", type=float, default=0.7, help="--unstructured: fraction of weights removed")
-    t.add_argument("--metric", help=f"importance: a built-in metric, {', '.join(IMPORTANCE_ALIASES)}, or a formula")
-    t.add_argument("--metric-file", type=Path, help=f"a search's best.json (default {DEFAULT_METRIC_FILE})")
+    t.add_argument("--metric", help="importance: a built-in metric, taylor (|W|*G), or a formula")
+    t.add_argument("--metric-file", type=Path, help="a search's best.json (default, with no --metric "
+                   "either: the default search's best formula, metricgp.expr.builtins.EVOLVED)")
     t.add_argument("--levels", type=int, help=f"levels per module (default {DEFAULT_LEVELS}; "
                    f"--unstructured: {UNSTRUCTURED_LEVELS}, i.e. 5%% steps)")
     for opt, default in (("reduction", StructuredSpec.reduction), ("normalisation", StructuredSpec.normalisation),
@@ -69,15 +77,13 @@ def build_parser() -> argparse.ArgumentParser:
                    "no screening (the predicted-vs-measured correlation is still logged)")
     s.add_argument("--screen", type=int, default=0, help="with the prior: offspring sent to the first stage, "
                    "lowest predicted loss first (default 0: all; the prediction ranked offspring against their KL "
-                   "in every measured run, and screening half of them gave a worse search: results/darwin/compare.md)")
+                   "in every measured run, and screening half of them gave a worse search)")
     s.add_argument("--time-budget", type=float, metavar="MIN", help="stop after the generation exceeding it")
     b = p.add_argument_group("backend")
     b.add_argument("--backend", choices=tuple(BACKENDS), default="serial")
     b.add_argument("--workers", type=int, default=1, help="Ray actors (one model each)")
     f = p.add_argument_group("final model")
-    f.add_argument("--recover-tokens", type=int, default=0, help="recovery fine-tuning of the winner (0: none)")
-    f.add_argument("--recover-method", default="lora", help="lora or full")
-    f.add_argument("--recover-lr", type=float, default=None)
+    add_recovery_options(f, methods=tuple(RECOVERY_METHODS))
     f.add_argument("--dataset", default="wikitext2", help="comma-separated test data for the final report")
     f.add_argument("--eval-windows", type=int, default=32, help="test windows (0: all; default 32)")
     f.add_argument("--no-save-model", action="store_true")
@@ -90,30 +96,18 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def metric_from_args(args: argparse.Namespace) -> tuple[str, str]:
+def importance_metric(args: argparse.Namespace) -> tuple[str, str]:
     """(functional formula, where it came from)."""
-    from metricgp.apply import load_metric
-    from metricgp.expr import to_functional
-
-    if args.metric is not None and args.metric_file is not None:
-        raise MetricGPError("give --metric or --metric-file, not both")
     if args.metric is None and args.metric_file is None:
-        if not DEFAULT_METRIC_FILE.is_file():
-            raise MetricGPError(f"no --metric or --metric-file, and the default {DEFAULT_METRIC_FILE} is missing")
-        args = argparse.Namespace(**{**vars(args), "metric_file": DEFAULT_METRIC_FILE})
-    if args.metric is not None and args.metric.strip().lower() in IMPORTANCE_ALIASES:
-        args = argparse.Namespace(**{**vars(args), "metric": IMPORTANCE_ALIASES[args.metric.strip().lower()]})
-    tree, source = load_metric(args)
+        return EVOLVED, "the default: the default search's best formula (metricgp.expr.builtins.EVOLVED)"
+    tree, source = metric_from_args(args)
     return to_functional(tree), source
 
 
 def config_from_args(args: argparse.Namespace) -> DarwinConfig:
-    from metricgp.darwin.stages import make_schedule, schedule_dict
-    from metricgp.options import model_data_fields
-
     if args.out is None:
         raise MetricGPError("--out is required (or --resume DIR)")
-    metric, source = metric_from_args(args)
+    metric, source = importance_metric(args)
     stages = make_schedule(args.survivors, args.fitness_windows, args.train_tokens)
     screen = None if args.no_prior or not args.screen else args.screen
     levels = args.levels if args.levels is not None else (UNSTRUCTURED_LEVELS if args.unstructured else DEFAULT_LEVELS)
@@ -131,15 +125,23 @@ def config_from_args(args: argparse.Namespace) -> DarwinConfig:
         name=args.out.name).validate()
 
 
-def resume_overrides(parser: argparse.ArgumentParser, args: argparse.Namespace) -> dict:
-    """What a resume may change; any other option given is an error (the run continues as configured)."""
-    given = [k for k, v in vars(args).items() if v != parser.get_default(k) and k not in RESUME_OPTIONS]
-    if given:
-        names = ", ".join(f"--{k.replace('_', '-')}" for k in given)
-        raise MetricGPError(f"--resume continues the run as configured; drop {names} "
-                            "(only --generations, --time-budget, --backend, --workers, --reconstruct may change)")
-    defaults = {k: parser.get_default(k) for k in ("generations", "backend", "workers", "time_budget")}
-    return {"generations": args.generations if args.generations != defaults["generations"] else None,
-            "backend": args.backend if args.backend != defaults["backend"] else None,
-            "workers": args.workers if args.workers != defaults["workers"] else None,
-            "time_budget_min": args.time_budget, "reconstruct": True if args.reconstruct else None}
+@cli_entry
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    progress = not args.no_progress
+    if args.resume is not None:
+        out = args.resume
+        overrides = resume_overrides(parser, args, RESUMABLE)
+        search = resume(out, overrides, progress=progress, provenance=provenance())
+    else:
+        config = config_from_args(args)
+        out = args.out
+        search = start(config, out, provenance(), progress=progress)
+    print(f"best: kept {search.space.kept_fraction(search.parent):.4f}, fitness {search.fitness:.6g} "
+          f"after {search.gen} generations -> {out}/best.json, {out}/levels.txt")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -10,7 +10,7 @@ fills a seed's table from an existing `table.json` made with that calibration se
 test windows, so seed 0 need not be pruned again. The report `<out>/seeds.md` gives every method's
 test perplexity as mean ± std over seeds, and for each `--pairs A:B` the paired difference
 100 x (ppl(A) / ppl(B) - 1), same seed and windows, judged by the noise rule of the unstructured
-report (`metricgp.noise.RULE`, with the whole window set as the only set).
+report (`metricgp.experiments.noise.RULE`, with the whole window set as the only set).
 """
 
 from __future__ import annotations
@@ -20,6 +20,10 @@ import json
 from pathlib import Path
 
 from metricgp.errors import MetricGPError
+from metricgp.experiments.noise import RULE, parse_seeds, relative, spread, verdict
+from metricgp.experiments.rows import save_rows
+from metricgp.experiments.table import run_table
+from metricgp.provenance import command_line, write_json_atomic
 
 STAGES = ("oneshot", "recovered")  # the table's perplexity columns, before and after recovery
 
@@ -53,7 +57,6 @@ def reuse_table(source: Path, target: Path, methods: list[str], keeps: list[floa
         raise MetricGPError(f"--reuse: {source} was made with other test windows "
                             f"({table.get('eval_windows')} x {table.get('seqlen')}, not {eval_windows} x {seqlen})")
     rows = {k: v for k, v in table["rows"].items() if v["method"] in methods and v["keep"] in keeps}
-    from metricgp.structured.experiments import save_rows
 
     meta = {k: v for k, v in table.items() if k != "rows"} | {"reused_from": str(source)}
     save_rows(target, rows, meta)
@@ -61,9 +64,6 @@ def reuse_table(source: Path, target: Path, methods: list[str], keeps: list[floa
 
 
 def run_seeds(args: argparse.Namespace) -> None:
-    from metricgp.noise import parse_seeds
-    from metricgp.structured.experiments import run_table
-
     seeds = parse_seeds(args.calib_seeds)
     pairs = parse_pairs(args.pairs, args.methods)
     for seed in seeds:
@@ -75,7 +75,6 @@ def run_seeds(args: argparse.Namespace) -> None:
         run_table(one)
     tables = {s: json.loads((args.out / f"seed{s}" / "table.json").read_text()) for s in seeds}
     summary = summarise(tables, args.methods, args.keeps, pairs)
-    from metricgp.provenance import command_line, write_json_atomic
 
     summary["command"] = command_line()
     write_json_atomic(args.out / "seeds.json", summary)
@@ -86,7 +85,6 @@ def run_seeds(args: argparse.Namespace) -> None:
 def summarise(tables: dict[int, dict], methods: list[str], keeps: list[float],
               pairs: list[tuple[str, str]]) -> dict:
     """Per (keep, stage, dataset): each method's spread over seeds and each pair's paired difference."""
-    from metricgp.noise import RULE, relative, spread, verdict
 
     seeds = sorted(tables)
     groups = []

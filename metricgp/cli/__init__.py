@@ -1,0 +1,1 @@
+"""The command lines: shared option groups (`options`) and one module per entry point."""

