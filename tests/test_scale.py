@@ -241,3 +241,18 @@ def test_block_by_block_statistics_equal_the_whole_model_pass(family):
         for leaf in ("X", "G"):
             assert torch.allclose(mine[name][leaf], expected[name][leaf], rtol=1e-4, atol=1e-7), (name, leaf)
     assert all(p.grad is None for p in model.parameters())
+
+
+def test_bench_scale_measures_a_phase_in_a_fresh_process_and_reads_per_block_costs(tmp_path):
+    from metricgp.experiments import scale
+
+    row = scale.measure("model", "small", 1)
+    assert set(row) >= {"phase", "layers", "hidden", "intermediate", "model_bytes", "peak_bytes", "seconds"}
+    assert row["peak_bytes"] > row["model_bytes"] > row["block_bytes"] > 0
+    rows = [{"phase": "statistics", "shape": "8b", "layers": n, "block_bytes": 100, "peak_bytes": 1000 + 150 * n}
+            for n in (1, 2, 4)]
+    costs = scale.per_block_costs(rows)
+    assert [(c["from"], c["to"], c["ratio"]) for c in costs] == [(1, 2, 1.5), (2, 4, 1.5)]
+    assert scale.main(["--shapes", "70b", "--out", str(tmp_path)]) == 2
+    assert scale.main(["--layers", "1,x", "--out", str(tmp_path)]) == 2
+    assert not list(tmp_path.iterdir())  # nothing written for bad input
