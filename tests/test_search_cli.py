@@ -53,7 +53,7 @@ def test_cli_run_writes_every_artifact(tmp_path, capsys):
     (["--resume", "no/such/run"], "no/such/run: no checkpoint.pkl to resume from"),
     (["--resume", "no/such/run", "--search-seed", "1"], "--resume continues the run as configured; drop --search-seed"),
     (["--resume", "no/such/run", "--space", TINY], "drop --space (only --generations, --backend, --workers, "
-     "--gpus-per-worker, --time-budget may change)"),
+     "--gpus-per-worker, --ray-address, --time-budget may change)"),
     (["--space", TINY, "--backend", "ray", "--workers", "0"], "--workers must be >= 1"),
 ])
 def test_user_errors_are_one_line_and_exit_2(tmp_path, capsys, argv, message):

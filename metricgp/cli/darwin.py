@@ -17,8 +17,10 @@ import sys
 from pathlib import Path
 
 from metricgp.cli.options import (
+    add_backend_options,
     add_model_data_options,
     add_recovery_options,
+    backend_fields,
     metric_from_args,
     model_data_fields,
     resume_overrides,
@@ -33,7 +35,6 @@ from metricgp.evaluate import FITNESSES
 from metricgp.expr import to_functional
 from metricgp.expr.builtins import EVOLVED
 from metricgp.provenance import provenance
-from metricgp.search.backends import BACKENDS
 from metricgp.structured.evaluator import StructuredSpec
 from metricgp.structured.recover import RECOVERY_METHODS
 
@@ -79,9 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "lowest predicted loss first (default 0: all; the prediction ranked offspring against their KL "
                    "in every measured run, and screening half of them gave a worse search)")
     s.add_argument("--time-budget", type=float, metavar="MIN", help="stop after the generation exceeding it")
-    b = p.add_argument_group("backend")
-    b.add_argument("--backend", choices=tuple(BACKENDS), default="serial")
-    b.add_argument("--workers", type=int, default=1, help="Ray actors (one model each)")
+    add_backend_options(p)
     f = p.add_argument_group("final model")
     add_recovery_options(f, methods=tuple(RECOVERY_METHODS))
     f.add_argument("--dataset", default="wikitext2", help="comma-separated test data for the final report")
@@ -117,7 +116,7 @@ def config_from_args(args: argparse.Namespace) -> DarwinConfig:
         normalisation=args.normalisation, head_mode=args.head_mode, stages=tuple(schedule_dict(stages)),
         offspring=args.offspring, generations=args.generations, seed=args.search_seed, prior=not args.no_prior,
         screen=screen, fitness=args.fitness, fitness_data=args.fitness_data or args.calib,
-        train_method=args.train_method, train_lr=args.train_lr, backend=args.backend, workers=args.workers,
+        train_method=args.train_method, train_lr=args.train_lr, **backend_fields(args),
         time_budget_min=args.time_budget, recover_tokens=args.recover_tokens, recover_method=args.recover_method,
         recover_lr=args.recover_lr, dataset=args.dataset, eval_windows=args.eval_windows,
         save_model=not args.no_save_model, dense_eval=not args.no_dense_eval, speed=not args.no_speed,

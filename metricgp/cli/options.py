@@ -28,6 +28,7 @@ from metricgp.evaluate import EvaluatorSpec
 from metricgp.expr import Node, resolve_metric
 from metricgp.models import resolve_model_path
 from metricgp.prune.patterns import parse_pattern, pattern_help
+from metricgp.search.backends import BACKENDS
 
 REPORT = "report.json"
 
@@ -138,6 +139,28 @@ def add_recovery_options(group: argparse._ActionsContainer, methods: tuple[str, 
     group.add_argument("--recover-tokens", type=int, default=0, help="recovery fine-tuning budget in tokens (0: none)")
     group.add_argument("--recover-method", choices=methods, default="lora", help=f"{', '.join(methods)} (default lora)")
     group.add_argument("--recover-lr", type=float, default=None, help="learning rate (default per method)")
+
+
+def add_backend_options(parser: argparse.ArgumentParser) -> argparse._ArgumentGroup:
+    """Where candidates are evaluated, one option group for the metric search and the level search.
+    Defaults are None so that `--resume` can tell a given option from an absent one."""
+    g = parser.add_argument_group("backend (where candidates are evaluated)")
+    g.add_argument("--backend", choices=tuple(BACKENDS), default=None, help="serial (default) or ray")
+    g.add_argument("--workers", type=int, default=None, help="Ray actors, one model each (default 1)")
+    g.add_argument("--gpus-per-worker", type=float, default=None, help="GPUs each Ray actor asks for (default 0; "
+                   "1: each actor its own GPU; an actor that asked for one and sees none is an error)")
+    g.add_argument("--ray-address", default=None, help="join the Ray cluster at this address (host:port, or "
+                   "'auto'; default $RAY_ADDRESS, else a local Ray is started)")
+    return g
+
+
+def backend_fields(args: argparse.Namespace) -> dict[str, Any]:
+    """The run config's backend fields, with the defaults filled in."""
+    for flag, value, low in (("--workers", args.workers, 1), ("--gpus-per-worker", args.gpus_per_worker, 0)):
+        if value is not None and value < low:
+            raise MetricGPError(f"{flag} must be >= {low}, got {value:g}")
+    return {"backend": args.backend or "serial", "workers": 1 if args.workers is None else args.workers,
+            "gpus_per_worker": args.gpus_per_worker or 0.0, "ray_address": args.ray_address}
 
 
 def resume_overrides(parser: argparse.ArgumentParser, args: argparse.Namespace, resumable: tuple) -> dict:

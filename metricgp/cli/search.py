@@ -15,8 +15,10 @@ from pathlib import Path
 from typing import Any
 
 from metricgp.cli.options import (
+    add_backend_options,
     add_model_data_options,
     add_pattern_options,
+    backend_fields,
     deprecated_alias,
     model_data_fields,
     pattern_from_args,
@@ -28,7 +30,6 @@ from metricgp.evaluate import FITNESSES
 from metricgp.expr.builtins import resolve_metric
 from metricgp.expr.parse import FormulaError
 from metricgp.provenance import provenance
-from metricgp.search.backends import BACKENDS
 from metricgp.search.breeding import ALGORITHMS
 from metricgp.search.run import EVALUATORS, RESUMABLE, RunConfig, resume, start
 from metricgp.search.space import load_space, with_overrides
@@ -98,10 +99,7 @@ def build_parser() -> argparse.ArgumentParser:
     # --calib-seed is kept apart from --search-seed, so that runs with different search seeds optimise
     # the same fitness (the synthetic evaluator draws its layers from it)
     add_model_data_options(p)
-    b = p.add_argument_group("backend")
-    b.add_argument("--backend", choices=BACKENDS, default=None, help="serial (default) or ray")
-    b.add_argument("--workers", type=int, default=None, help="Ray actors (one evaluator each)")
-    b.add_argument("--gpus-per-worker", type=float, default=None)
+    add_backend_options(p)
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
 
@@ -142,15 +140,12 @@ def _fresh(args: argparse.Namespace) -> RunConfig:
             "algorithm": args.algorithm, "seed": args.search_seed},
         fidelity={"windows": args.fidelities, "eta": args.eta},
     )
-    if args.workers is not None and args.workers < 1:
-        raise MetricGPError(f"--workers must be >= 1, got {args.workers}")
     name = (args.out.name if args.out else f"{space.name}-s{space.gp.seed}")
     if args.keep is not None and not args.structured:
         raise MetricGPError("--keep needs --structured")
     return RunConfig(space=space, evaluator="structured" if args.structured else args.evaluator,
                      evaluator_spec=evaluator_spec(args, tuple(space.fidelity.windows)),
-                     backend=args.backend or "serial", workers=1 if args.workers is None else args.workers,
-                     gpus_per_worker=args.gpus_per_worker or 0.0, time_budget_min=args.time_budget, name=name,
+                     **backend_fields(args), time_budget_min=args.time_budget, name=name,
                      references=args.references)
 
 

@@ -58,6 +58,8 @@ class DarwinConfig:
     train_lr: float | None = None
     backend: str = "serial"
     workers: int = 1
+    gpus_per_worker: float = 0.0  # GPUs each Ray actor asks for; Ray hides the GPUs from an actor that asks none
+    ray_address: str | None = None  # None: $RAY_ADDRESS, else a local Ray
     time_budget_min: float | None = None
     recover_tokens: int = 0
     recover_method: str = "lora"

@@ -36,7 +36,7 @@ from metricgp.structured.groups import discover, linears_by_name
 from metricgp.structured.refit import hessian_bytes
 
 # what a resume may change: how long and where it runs, and (final report only) the reconstruct rows
-RESUMABLE = ("generations", "backend", "workers", "time_budget_min", "reconstruct")
+RESUMABLE = ("generations", "backend", "workers", "gpus_per_worker", "ray_address", "time_budget_min", "reconstruct")
 
 
 @dataclasses.dataclass
@@ -51,7 +51,7 @@ def _backend(config: DarwinConfig, prep: Prepared):
     recipe = config.recipe(prep.database)
     if config.backend == "serial":  # on the driver's model: no second copy
         return make_backend("serial", functools.partial(build_evaluator, recipe, prep.setup))
-    return make_backend(config.backend, recipe, config.workers)
+    return make_backend(config.backend, recipe, config.workers, config.gpus_per_worker, config.ray_address)
 
 
 def _run(config: DarwinConfig, prep: Prepared, start) -> Run:
@@ -67,29 +67,29 @@ def start(config: DarwinConfig, out: Path, provenance: dict[str, Any] | None = N
     config.validate()
     t0 = time.monotonic()
     prep = prepare(config)  # an unreachable target fails here, before anything is written
-    out.mkdir(parents=True, exist_ok=True)
-    stored = prep.database.save(out / DATABASE)
-    bytes_per_param = next(prep.setup.model.parameters()).element_size()
-    calib_seed = config.spec.get("seed", 0)
-    update: dict[str, Any] = {}
-    if config.update != "none":  # what the update stores: one Hessian per output projection, no weights
-
-        model = prep.setup.model
-        update = {"update": config.update, "update_bytes": hessian_bytes(discover(model), linears_by_name(model))}
-    write_json_atomic(out / "config.json", {
-        "config": config.to_dict(), "schedule": schedule_dict(config.schedule()),
-        "fitness_windows": {"data": config.fitness_data, "split": "calibration", "seed": calib_seed + 2},
-        "train_windows_seed": calib_seed + 1,
-        "database": {"file": DATABASE, **prep.database.disk_report(stored, bytes_per_param), **update,
-                     "genes": len(prep.space.genes),
-                     "kinds": {k: {"genes": len(i), "step_params": prep.space.step(k),
-                                   "max_level": max(prep.space.genes[j].max_level for j in i)}
-                               for k, i in prep.space.kinds().items()}},
-        "start": {"genome": list(prep.start), "kept": prep.space.kept_fraction(prep.start),
-                  "budget_params": prep.budget, "removed_params": prep.space.removed(prep.start)},
-        **(provenance or {})})
-    run = _run(config, prep, prep.start)
+    run = _run(config, prep, prep.start)  # and a backend that cannot start (Ray, GPUs) fails here too
     try:
+        out.mkdir(parents=True, exist_ok=True)
+        stored = prep.database.save(out / DATABASE)
+        bytes_per_param = next(prep.setup.model.parameters()).element_size()
+        calib_seed = config.spec.get("seed", 0)
+        update: dict[str, Any] = {}
+        if config.update != "none":  # what the update stores: one Hessian per output projection, no weights
+
+            model = prep.setup.model
+            update = {"update": config.update, "update_bytes": hessian_bytes(discover(model), linears_by_name(model))}
+        write_json_atomic(out / "config.json", {
+            "config": config.to_dict(), "schedule": schedule_dict(config.schedule()),
+            "fitness_windows": {"data": config.fitness_data, "split": "calibration", "seed": calib_seed + 2},
+            "train_windows_seed": calib_seed + 1,
+            "database": {"file": DATABASE, **prep.database.disk_report(stored, bytes_per_param), **update,
+                         "genes": len(prep.space.genes),
+                         "kinds": {k: {"genes": len(i), "step_params": prep.space.step(k),
+                                       "max_level": max(prep.space.genes[j].max_level for j in i)}
+                                   for k, i in prep.space.kinds().items()}},
+            "start": {"genome": list(prep.start), "kept": prep.space.kept_fraction(prep.start),
+                      "budget_params": prep.budget, "removed_params": prep.space.removed(prep.start)},
+            **(provenance or {})})
         rewrite_log(out, [])
         rec = run.search.initialize()
         append_log(out, rec)

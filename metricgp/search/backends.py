@@ -13,6 +13,7 @@ evaluator's fidelities and simplification scope (its `scope` attribute; "tensor"
 from __future__ import annotations
 
 import math
+import os
 import time
 import traceback
 from collections.abc import Callable, Sequence
@@ -94,11 +95,15 @@ class SerialBackend:
 class RayBackend:
     """`workers` Ray actors, each building its own evaluator from the factory once.
 
-    Uses a running Ray instance if there is one, else starts a local one (and shuts it down on
-    `close`). `gpus_per_worker` is passed to the actors (e.g. 1 to give each a GPU).
+    Joins the cluster at `address` (or $RAY_ADDRESS: `ray start --head` on one machine, workers on the
+    others), else uses a Ray instance this process already runs, else starts a local one (shut down on
+    `close`). Each actor asks Ray for `gpus_per_worker` GPUs (1: its own GPU, 0.5: two actors share one);
+    a cluster without enough GPUs, or an actor that asked for one and sees none, is a one-line error
+    before any evaluation, never a silent run on the CPU.
     """
 
-    def __init__(self, factory: EvaluatorFactory, workers: int = 2, gpus_per_worker: float = 0.0) -> None:
+    def __init__(self, factory: EvaluatorFactory, workers: int = 2, gpus_per_worker: float = 0.0,
+                 address: str | None = None) -> None:
         try:
             import ray
             from ray.util import ActorPool
@@ -107,14 +112,31 @@ class RayBackend:
                                 "pip install 'metricgp[ray]'") from None
         if workers < 1:
             raise MetricGPError(f"--workers must be >= 1, got {workers}")
+        if gpus_per_worker < 0:
+            raise MetricGPError(f"--gpus-per-worker must be >= 0, got {gpus_per_worker}")
         self._ray = ray
+        self.actors: list = []
+        address = address or os.environ.get("RAY_ADDRESS") or None
         self._owns_ray = not ray.is_initialized()
-        if self._owns_ray:
+        if self._owns_ray and address:
+            try:
+                ray.init(address=address, log_to_driver=False)
+            except ConnectionError as err:
+                raise MetricGPError(f"cannot join the Ray cluster at {address}: {err}") from None
+        elif self._owns_ray:
             ray.init(num_cpus=max(workers, 1), include_dashboard=False, log_to_driver=False)
+        needed, available = workers * gpus_per_worker, ray.cluster_resources().get("GPU", 0.0)
+        if needed > available:
+            self.close()
+            raise MetricGPError(f"--workers {workers} x --gpus-per-worker {gpus_per_worker:g} needs {needed:g} GPUs; "
+                                f"the Ray cluster has {available:g}")
 
         @ray.remote(num_cpus=1, num_gpus=gpus_per_worker)
         class _EvalActor:
             def __init__(self, factory: EvaluatorFactory) -> None:
+                if gpus_per_worker > 0 and not torch.cuda.is_available():
+                    raise MetricGPError(f"a Ray worker asked for {gpus_per_worker:g} GPU but sees none "
+                                        f"(CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES')!r})")
                 self.evaluator = factory()
 
             def fidelities(self) -> tuple[int, ...]:
@@ -127,6 +149,12 @@ class RayBackend:
                 return safe_evaluate(self.evaluator, candidate, n_windows)
 
         self.actors = [_EvalActor.remote(factory) for _ in range(workers)]
+        try:  # every actor built its evaluator (and found its GPU) before the search starts
+            ray.get([actor.fidelities.remote() for actor in self.actors])
+        except ray.exceptions.RayError as err:
+            self.close()
+            cause = getattr(err, "cause", None) or err
+            raise MetricGPError(f"a Ray worker failed to start: {str(cause).strip().splitlines()[-1]}") from None
         self.pool = ActorPool(self.actors)
 
     def fidelities(self) -> tuple[int, ...]:
@@ -146,19 +174,19 @@ class RayBackend:
             self._ray.shutdown()
 
 
-def _serial(factory: EvaluatorFactory, workers: int, gpus_per_worker: float) -> Backend:
-    return SerialBackend(factory)  # one evaluator in this process: workers and GPUs do not apply
+def _serial(factory: EvaluatorFactory, workers: int, gpus_per_worker: float, address: str | None) -> Backend:
+    return SerialBackend(factory)  # one evaluator in this process: workers, GPUs and clusters do not apply
 
 
-# backend name -> fn(evaluator factory, workers, gpus per worker); one entry adds a backend.
-BACKENDS: dict[str, Callable[[EvaluatorFactory, int, float], Backend]] = {
+# backend name -> fn(evaluator factory, workers, gpus per worker, cluster address); one entry adds a backend.
+BACKENDS: dict[str, Callable[[EvaluatorFactory, int, float, str | None], Backend]] = {
     "serial": _serial,
     "ray": RayBackend,
 }
 
 
 def make_backend(name: str, factory: EvaluatorFactory, workers: int = 1,
-                 gpus_per_worker: float = 0.0) -> Backend:
+                 gpus_per_worker: float = 0.0, address: str | None = None) -> Backend:
     if name not in BACKENDS:
         raise MetricGPError(f"unknown backend {name!r} (choose from {', '.join(BACKENDS)})")
-    return BACKENDS[name](factory, workers, gpus_per_worker)
+    return BACKENDS[name](factory, workers, gpus_per_worker, address)

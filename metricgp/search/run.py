@@ -28,7 +28,7 @@ from metricgp.structured.evaluator import StructuredSpec
 from metricgp.structured.fitness import StructuredMetricEvaluator
 
 # what a resume may change: how long and where it runs, never what it computes
-RESUMABLE = ("generations", "backend", "workers", "gpus_per_worker", "time_budget_min")
+RESUMABLE = ("generations", "backend", "workers", "gpus_per_worker", "ray_address", "time_budget_min")
 
 
 @dataclass(frozen=True)
@@ -39,6 +39,7 @@ class RunConfig:
     backend: str = "serial"
     workers: int = 1
     gpus_per_worker: float = 0.0
+    ray_address: str | None = None  # None: $RAY_ADDRESS, else a local Ray
     time_budget_min: float | None = None
     name: str = "run"
     references: tuple[str, ...] = ()  # metrics scored on the same windows, for the report only
@@ -99,16 +100,17 @@ def evaluator_factory(config: RunConfig) -> EvaluatorFactory:
 
 
 def _backend(config: RunConfig) -> Backend:
-    return make_backend(config.backend, evaluator_factory(config), config.workers, config.gpus_per_worker)
+    return make_backend(config.backend, evaluator_factory(config), config.workers, config.gpus_per_worker,
+                        config.ray_address)
 
 
 def start(config: RunConfig, run_dir: Path, provenance: dict[str, Any] | None = None,
           progress: bool = False, stop_after: int | None = None) -> GPSearch:
     """A fresh run in `run_dir` (which must not hold a checkpoint already)."""
     run_dir = loop.fresh_dir(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
     t0 = time.monotonic()
-    backend = _backend(config)
+    backend = _backend(config)  # before the directory exists: a backend that cannot start leaves nothing
+    run_dir.mkdir(parents=True, exist_ok=True)
     try:
         search = GPSearch(config.space, backend, backend.fidelities(), references=config.references)
         payload = {"config": config.to_dict(), "seed": config.space.gp.seed, "fidelities": search.fidelities,
