@@ -75,3 +75,32 @@ def test_ray_backend_equals_serial_on_a_model(spec, isolated_cache):
     key = [(r.fitness, r.n_windows, r.reason, r.sparsity) for r in serial]
     assert [(r.fitness, r.n_windows, r.reason, r.sparsity) for r in got] == key
     assert all(r.fitness < float("inf") for r in serial[:6]) and serial[-1].fitness == float("inf")
+
+
+def test_with_ray_the_driver_computes_the_statistics_once_before_any_worker(spec, isolated_cache, monkeypatch):
+    ray = pytest.importorskip("ray")
+    import dataclasses
+
+    from metricgp.search import run
+
+    config = dataclasses.replace(_config(spec), backend="ray", workers=2)
+    order = []
+    real_warm, real_make = run.warm_caches, run.make_backend
+    monkeypatch.setattr(run, "warm_caches", lambda c: order.append("warm") or real_warm(c))
+    monkeypatch.setattr(run, "make_backend", lambda *a: order.append("workers") or real_make(*a))
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
+             runtime_env={"env_vars": {"METRICGP_CACHE": str(isolated_cache)}})
+    try:
+        real_warm(config)  # what the driver leaves in the cache
+        files = sorted(isolated_cache.rglob("*.safetensors"))
+        stamps = [f.stat().st_mtime_ns for f in files]
+        backend = run._backend(config)
+        try:
+            assert backend.fidelities() == (1, 2)
+        finally:
+            backend.close()
+    finally:
+        ray.shutdown()
+    assert order == ["warm", "workers"]
+    assert files and sorted(isolated_cache.rglob("*.safetensors")) == files  # the workers wrote no statistics
+    assert [f.stat().st_mtime_ns for f in files] == stamps

@@ -99,7 +99,16 @@ def evaluator_factory(config: RunConfig) -> EvaluatorFactory:
     return EVALUATORS[config.evaluator](spec)
 
 
+def warm_caches(config: RunConfig) -> None:
+    """Build one evaluator in this process and drop it: it computes and caches what every evaluator
+    reads (the model's statistics), so that workers started afterwards only read the cache instead of
+    each computing the same statistics at once."""
+    evaluator_factory(config)()
+
+
 def _backend(config: RunConfig) -> Backend:
+    if config.backend != "serial":  # statistics once, on the driver, before any worker starts
+        warm_caches(config)
     return make_backend(config.backend, evaluator_factory(config), config.workers, config.gpus_per_worker,
                         config.ray_address)
 
