@@ -9,11 +9,14 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import gc
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+import torch
 
 from metricgp.errors import MetricGPError
 from metricgp.evaluate import EvaluatorSpec, build_evaluator
@@ -104,6 +107,9 @@ def warm_caches(config: RunConfig) -> None:
     reads (the model's statistics), so that workers started afterwards only read the cache instead of
     each computing the same statistics at once."""
     evaluator_factory(config)()
+    gc.collect()
+    if torch.cuda.is_available():  # hand the driver's cached GPU memory back before the workers need it
+        torch.cuda.empty_cache()
 
 
 def _backend(config: RunConfig) -> Backend:
