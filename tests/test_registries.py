@@ -102,13 +102,14 @@ def test_a_new_evaluator_is_one_entry(monkeypatch, tmp_path):
 def test_a_new_backend_is_one_entry(monkeypatch):
     made = []
 
-    def counting(factory, workers, gpus_per_worker):
-        made.append((workers, gpus_per_worker))
+    def counting(factory, workers, gpus_per_worker, address):
+        made.append((workers, gpus_per_worker, address))
         return SerialBackend(factory)
 
     monkeypatch.setitem(BACKENDS, "counting", counting)
-    backend = make_backend("counting", functools.partial(build_synthetic, SyntheticSpec(fidelities=FIDS)), 3, 0.5)
-    assert made == [(3, 0.5)] and backend.fidelities() == FIDS and backend.scope() == "tensor"
+    factory = functools.partial(build_synthetic, SyntheticSpec(fidelities=FIDS))
+    backend = make_backend("counting", factory, 3, 0.5, "head:6379")
+    assert made == [(3, 0.5, "head:6379")] and backend.fidelities() == FIDS and backend.scope() == "tensor"
     with pytest.raises(MetricGPError, match="unknown backend 'nope'"):
         make_backend("nope", lambda: None)
 
