@@ -22,6 +22,21 @@ import sys
 import time
 from pathlib import Path
 
+import torch
+import transformers
+
+from metricgp.expr import compile_metric, resolve_metric
+from metricgp.models import prunable_layers
+from metricgp.plotting import pyplot, save_figure
+from metricgp.prune.engine import DenseWeights, prune_oneshot, prune_sequential
+from metricgp.prune.patterns import Unstructured
+from metricgp.stats import compute_stats
+
+try:
+    from metricgp.measure import window_losses
+except ImportError:  # a checkout from before measure.py (how results/scale/before was measured)
+    from metricgp.evaluate import window_losses
+
 # name -> (hidden, intermediate, heads, kv heads, vocabulary); 8B: Llama-3.1-8B's block (its 128K
 # vocabulary would add a constant 4 GB of embeddings at fp32, so the vocabulary is 32K here)
 SHAPES = {"8b": (4096, 14336, 32, 8, 32768), "small": (576, 1536, 9, 3, 32768)}
@@ -30,9 +45,6 @@ WINDOWS, SEQLEN = 4, 128
 
 
 def build(shape: str, layers: int):
-    import torch
-    import transformers
-
     hidden, inter, heads, kv, vocab = SHAPES[shape]
     config = transformers.LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=inter,
                                       num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv,
@@ -45,16 +57,6 @@ def build(shape: str, layers: int):
 
 def run_phase(phase: str, model, calib) -> None:
     """One phase of the pipeline, through the library's public functions."""
-    try:
-        from metricgp.measure import window_losses
-    except ImportError:  # a checkout from before measure.py (the "before" figures)
-        from metricgp.evaluate import window_losses
-    from metricgp.expr import compile_metric, resolve_metric
-    from metricgp.models import prunable_layers
-    from metricgp.prune.engine import DenseWeights, prune_oneshot, prune_sequential
-    from metricgp.prune.patterns import Unstructured
-    from metricgp.stats import compute_stats
-
     layers = prunable_layers(model)
     wanda = compile_metric(resolve_metric("wanda"))
     if phase == "statistics":
@@ -75,8 +77,6 @@ def run_phase(phase: str, model, calib) -> None:
 
 
 def worker(phase: str, shape: str, layers: int) -> dict:
-    import torch
-
     torch.set_num_threads(max(1, os.cpu_count() or 1))
     model, calib = build(shape, layers)
     model_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
@@ -138,8 +138,6 @@ def write_report(rows: list[dict], out: Path, command: str) -> None:
 
 def plot(rows: list[dict], path: Path) -> None:
     """Peak GiB against depth, one line per phase, one panel per shape; the model's own bytes dashed."""
-    from metricgp.plotting import pyplot, save_figure
-
     plt = pyplot()
     shapes = sorted({r["shape"] for r in rows})
     fig, axes = plt.subplots(1, len(shapes), figsize=(5 * len(shapes), 3.6), squeeze=False)
