@@ -4,6 +4,7 @@ workers that asked for GPUs the cluster does not have, and both searches take th
 from __future__ import annotations
 
 import functools
+from pathlib import Path
 
 import pytest
 
@@ -70,3 +71,32 @@ def test_the_cli_gives_one_line_and_exit_2(tmp_path, capsys, monkeypatch):
     err = capsys.readouterr().err.strip()
     assert code == 2 and err.startswith("error:") and "GPUs" in err and "\n" not in err
     assert not (tmp_path / "run").exists()
+
+
+class WhereEvaluator:
+    """Scores every candidate with the id of the process that ran it."""
+
+    fidelities = (1, 4)
+
+    def evaluate(self, candidate, n_windows):
+        import os
+
+        from metricgp.evaluate import FitnessResult
+
+        return FitnessResult(float(os.getpid()), n_windows, None, 0.0, 0.5)
+
+
+def test_a_promoted_candidate_goes_back_to_the_actor_that_scored_its_first_windows(monkeypatch):
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    tests = str(Path(__file__).resolve().parent)  # the actors import WhereEvaluator from this file
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
+             runtime_env={"env_vars": {"PYTHONPATH": tests}})
+    backend = RayBackend(WhereEvaluator, workers=2)
+    try:
+        first = backend.evaluate([(f"tree{i}", 1) for i in range(6)])
+        assert len({r.fitness for r in first}) == 2  # new candidates are spread over both actors
+        promoted = backend.evaluate([("tree4", 4), ("tree1", 4), ("tree5", 4)])
+    finally:
+        backend.close()
+        ray.shutdown()
+    assert [r.fitness for r in promoted] == [first[4].fitness, first[1].fitness, first[5].fitness]

@@ -106,7 +106,6 @@ class RayBackend:
                  address: str | None = None) -> None:
         try:
             import ray
-            from ray.util import ActorPool
         except ImportError:
             raise MetricGPError("the ray backend needs the optional extra: "
                                 "pip install 'metricgp[ray]'") from None
@@ -155,7 +154,7 @@ class RayBackend:
             self.close()
             cause = getattr(err, "cause", None) or err
             raise MetricGPError(f"a Ray worker failed to start: {str(cause).strip().splitlines()[-1]}") from None
-        self.pool = ActorPool(self.actors)
+        self._home: dict[str, int] = {}  # candidate -> the actor that scored it first
 
     def fidelities(self) -> tuple[int, ...]:
         return self._ray.get(self.actors[0].fidelities.remote())
@@ -164,7 +163,19 @@ class RayBackend:
         return self._ray.get(self.actors[0].scope.remote())
 
     def evaluate(self, jobs: Sequence[Job]) -> list[FitnessResult]:
-        return list(self.pool.map(lambda actor, job: actor.evaluate.remote(*job), list(jobs)))
+        """A candidate seen before goes back to the actor that scored it: that actor's evaluator kept
+        the window losses of its earlier fidelities, so a promoted candidate runs only its new windows
+        (as on the serial backend). A new candidate goes to the actor with the fewest jobs of this batch."""
+        load = [0] * len(self.actors)
+        futures = []
+        for candidate, n_windows in jobs:
+            key = str(candidate)
+            if key not in self._home:
+                self._home[key] = min(range(len(self.actors)), key=load.__getitem__)
+            actor = self._home[key]
+            load[actor] += 1
+            futures.append(self.actors[actor].evaluate.remote(candidate, n_windows))
+        return self._ray.get(futures)
 
     def close(self) -> None:
         for actor in self.actors:
