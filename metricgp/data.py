@@ -54,7 +54,6 @@ def data_dir() -> Path | None:
 
 def _local_origin(repo: Path) -> Path | None:
     """The directory a git clone was made from, when that was a local path."""
-
     try:
         url = subprocess.run(["git", "config", "--get", "remote.origin.url"], cwd=repo, capture_output=True,
                              text=True, timeout=5).stdout.strip()

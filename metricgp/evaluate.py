@@ -125,7 +125,6 @@ class MetricEvaluator:
 
     def prune_with(self, tree) -> float:
         """Prune the model in place with `tree`; returns the fraction removed. Raises DegenerateMetric."""
-
         return prune_oneshot(self.setup.dense, self.setup.stats, compile_metric(tree), self.pattern).sparsity
 
     def evaluate(self, tree, n_windows: int) -> FitnessResult:
@@ -208,12 +207,10 @@ class PruningSetup:
 
     def report_windows(self, data: str, n: int | None) -> torch.Tensor:
         """The first `n` (None: all) test windows of `data`, for reports only."""
-
         return windows(parse_data_ref(data, "report"), self.tokenizer, "report", self.spec.seqlen, n)
 
     def prune(self, tree, pattern, mode: str = "oneshot"):
         """Restore the dense weights, then prune with `tree` in `mode`. Returns a PruneReport."""
-
         if mode not in PRUNE_MODES:
             raise MetricGPError(f"unknown mode '{mode}' (choose from {', '.join(PRUNE_MODES)})")
         self.dense.restore()

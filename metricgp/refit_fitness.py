@@ -72,7 +72,6 @@ class RefitResidualEvaluator:
 
     def _hessians(self, names: list[str]) -> dict[str, torch.Tensor]:
         """H = XᵀX / tokens of each named layer on the calibration windows of the dense model."""
-
         layers = {n: self.setup.layers[n] for n in names}
         sums: dict[str, torch.Tensor] = {}
         device = next(self.setup.model.parameters()).device
@@ -84,7 +83,6 @@ class RefitResidualEvaluator:
 
     def layer_residual(self, metric, name: str, rows: torch.Tensor) -> float:
         """e_layer of one layer for a compiled metric (raises DegenerateMetric like pruning does)."""
-
         w = self.setup.dense.weights[name].float()
         keep = self.pattern.mask(layer_scores(metric, w, self.setup.stats[name], name))[rows]
         h = self.hessians[name]

@@ -121,7 +121,6 @@ def evaluator_spec(args: argparse.Namespace, fidelities: tuple[int, ...]) -> dic
 
 def structured_fields(args: argparse.Namespace) -> dict[str, Any]:
     """The StructuredSpec fields given on the command line, validated."""
-
     if args.pattern != "unstructured" or args.sparsity is not None:
         raise MetricGPError("--structured sets its size with --keep, not --pattern/--sparsity")
     fields = {"keep": 0.7 if args.keep is None else args.keep}

@@ -105,7 +105,6 @@ def add_saap_options(p: argparse.ArgumentParser) -> None:
 
 def saap_options(args: argparse.Namespace, importance: str, allocation: str) -> dict | None:
     """SAAP's options from the command line (validated), or None for other importances."""
-
     given = {k: v for k, v in (("estimators", args.estimators and split_estimators(args.estimators)),
                                ("skip_edge_blocks", args.skip_edge_blocks), ("spread", args.saap_spread),
                                ("fusion", args.fusion))
@@ -232,7 +231,6 @@ def run(args: argparse.Namespace) -> dict:
 
 def _compare_lora(args: argparse.Namespace, model, train, setup, evals: dict) -> dict:
     """Plain LoRA on a copy at the group fine-tuning's budget and trainable-parameter count."""
-
     twin, report = compare_with_lora(model, train, tokens=args.recover_tokens, groups=args.group_finetune_groups,
                                      lr=args.recover_lr, seed=args.calib_seed, val_windows=setup.fitness_windows(8))
     report["perplexity"] = {d: perplexity(twin, w, progress=True) for d, w in evals.items()}

@@ -115,6 +115,5 @@ def unstructured_model(config: DarwinConfig, prep: Prepared, genome: Genome, out
 
 def _reconstruct(setup, metric, sparsities: dict[str, float]) -> None:
     """Sequential pruning at per-layer sparsities with the least-squares refit, on the dense model."""
-
     patterns = {name: Unstructured(s) for name, s in sparsities.items()}
     prune_sequential(setup.model, setup.calib, setup.stats, metric, patterns.__getitem__, reconstruct=True)

@@ -92,7 +92,6 @@ MASKS: dict[str, Callable[..., Any]] = {
 
 def calibration_windows(setup: PruningSetup, data: str, n: int, seed: int) -> torch.Tensor:
     """`n` seeded random windows of the calibration split of `data`."""
-
     ref = parse_data_ref(data, "calibration")
     return windows(ref, setup.tokenizer, "calibration", setup.spec.seqlen, n, seed)
 
@@ -137,7 +136,6 @@ class LevelEvaluator:
 
     def trained(self, genome: Genome, tokens: int):
         """A physically shrunk copy of the genome, fine-tuned on calibration windows for `tokens`."""
-
         if self.train_windows is None or tokens > self.recipe.train_tokens:
             raise MetricGPError(f"in-loop training of {tokens} tokens exceeds the recipe's {self.recipe.train_tokens}")
         model = self.masks.build(genome)

@@ -38,7 +38,6 @@ def outlier_ratio(scores: Sequence[torch.Tensor], m: float = OWL_M) -> float:
 
 def block_outlier_ratios(setup, m: float = OWL_M) -> list[float]:
     """Wanda-score outlier ratio of every decoder block, from the cached statistics."""
-
     prefix, blocks = find_blocks(setup.model)
     out = []
     for i in range(len(blocks)):
@@ -56,7 +55,6 @@ def wanda_scores(weight: torch.Tensor, stats: dict[str, torch.Tensor]) -> torch.
 
 def owl_layer_sparsities(setup, sparsity: float, m: float = OWL_M, lam: float = OWL_LAMBDA) -> list[float]:
     """OWL's sparsity of every prunable linear (its block's), in `setup.layers` order."""
-
     prefix, _ = find_blocks(setup.model)
     per_block = owl_sparsities(block_outlier_ratios(setup, m), sparsity, lam)
     return [per_block[int(n[len(prefix) + 1 :].split(".", 1)[0])] for n in setup.layers]

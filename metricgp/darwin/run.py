@@ -119,7 +119,6 @@ def resume(out: Path, overrides: dict[str, Any] | None = None, progress: bool = 
 
 def _note_resume(out: Path, gen: int, overrides: dict[str, Any], provenance: dict[str, Any] | None) -> None:
     """config.json keeps the first command; every resume is appended with what it changed."""
-
     path = out / "config.json"
     payload = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
     payload.setdefault("resumes", []).append({"from_generation": gen, "overrides": overrides,
@@ -146,7 +145,6 @@ def drive(run: Run, out: Path, progress: bool = False, stop_after: int | None = 
 
 def finish(run: Run, out: Path, stopped: str, final: bool = True) -> None:
     """Plots and summary; with `final`, the winner as a model and report.json."""
-
     search, config, prep = run.search, run.config, run.prep
     artifacts.write_plots(out, search.records, prep.space, search.parent, config.fitness)
     report = None

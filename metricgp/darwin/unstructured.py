@@ -82,7 +82,6 @@ def _scores(metric, setup, name: str) -> torch.Tensor:
 
 def build_unstructured(setup, tree, levels: int = DEFAULT_LEVELS) -> UnstructuredDatabase:
     """Steps per kind, and the prior's cost tables from the metric's scores of the dense weights."""
-
     if levels < 2:
         raise MetricGPError(f"--levels must be at least 2 for unstructured levels, got {levels}")
     names, kinds = _kinds(setup)

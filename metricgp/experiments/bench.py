@@ -73,7 +73,6 @@ def metric_panel(n_random: int, seed: int, run_dir: Path | None = None, top: int
 
 def spearman(a: list[float], b: list[float]) -> float:
     """`metricgp.ranking.spearman`, with NaN (a JSON null once written) where that gives None."""
-
     value = rho(a, b)
     return math.nan if value is None else value
 

@@ -135,7 +135,6 @@ def validate(args) -> None:
 def run_saap(args) -> None:
     """Every missing row, one-shot first, then the recoveries; then saap.md and saap-sigma.png."""
 
-
     validate(args)
     path = args.out / "saap.json"
     rows = ex.load_rows(path)
@@ -197,7 +196,6 @@ def _oneshot_row(setup, v: Variant, keep: float, evals: dict, args) -> dict:
 
 def _recovered_row(setup, v: Variant, keep: float, method: str, train, evals: dict, args) -> dict:
     """The SAAP model recovered by group fine-tuning, or by LoRA at its token and parameter budget."""
-
     model, sizes = prune(setup, None, v.spec(keep))
     budget = {"tokens": args.recover_tokens, "groups": args.group_finetune_groups, "seed": args.calib_seed}
     if method == "lora":
@@ -368,7 +366,6 @@ def _sigma_section(sigma: dict | None) -> list[str]:
 
 def _equations() -> list[str]:
     """The notation and the equation blocks of `metricgp.structured.saap`'s docstring, verbatim."""
-
     paragraphs = [p for p in saap.__doc__.split("\n\n") if p.strip()]
     blocks = [textwrap.dedent(p) for p in paragraphs if all(line.startswith("    ") for line in p.splitlines())]
     why = [" ".join(p.split()) for p in paragraphs if p.startswith("Why")]

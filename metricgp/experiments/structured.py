@@ -45,7 +45,6 @@ DEFAULT_KEEPS = {"table": "0.7,0.5,0.8,0.9", "saap": "0.7", "seeds": "0.7"}
 
 def run_defaults(args) -> None:
     """Reduction x normalisation x allocation at one keep level, scored on validation windows."""
-
     path = args.out / "defaults.json"
     rows = load_rows(path)
     setup = pruning_setup(args)
@@ -133,9 +132,6 @@ def run_profile(args) -> None:
 
 def _reload_check(model, path: Path, ids) -> dict:
     """Max |logit difference| after reloading, in this process and in a fresh one."""
-
-
-
     with torch.no_grad():
         expected = model(input_ids=ids).logits
         mine = metricgp.load_pruned(path)(input_ids=ids).logits

@@ -83,7 +83,6 @@ class SerialBackend:
         return evaluator_scope(self.evaluator)
 
     def evaluate(self, jobs: Sequence[Job]) -> list[FitnessResult]:
-
         # disable=None: a bar on a terminal, silence in logs and tests
         bar = tqdm(jobs, desc="candidates", unit="eval", leave=False, disable=None)
         return [safe_evaluate(self.evaluator, candidate, n) for candidate, n in bar]

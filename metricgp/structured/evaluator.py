@@ -118,7 +118,6 @@ PLANNERS: dict[str, Callable[..., dict[str, float]]] = {"stability": _stability_
 
 def _metric_blocks(pruner: StructuredPruner, tree) -> list[float]:
     """Mean element score of each block's linears."""
-
     prefix, blocks = find_blocks(pruner.setup.model)
     names = {s.linear for m in pruner.modules for s in m.slices + m.kv_slices}
     scores = _metric_scores(pruner, tree, names)
@@ -184,7 +183,6 @@ class StructuredPruner:
 
     def output_refit(self):
         """The least-squares refit of output projections (`refit.OutputRefit`), its Hessians loaded once."""
-
         if "refit" not in self.memo:
             self.memo["refit"] = OutputRefit(self.setup, self.modules)
         return self.memo["refit"]
@@ -212,7 +210,6 @@ class StructuredPruner:
 
     def remove_depth(self, tree, spec: StructuredSpec) -> tuple[nn.Module, list[int], list[float]]:
         """Depth pruning: drop the least important blocks while the kept count stays >= target."""
-
         scores = BLOCK_IMPORTANCES[spec.importance](self, tree)
         _, blocks = find_blocks(self.setup.model)
         budget, dropped = self.budget(spec), []
@@ -276,7 +273,6 @@ def size_report(dense: nn.Module, pruned: nn.Module, target: float) -> dict:
 
 def attention_widths(model: nn.Module) -> list[int]:
     """Query width (heads x head_dim) of every block's attention: the attention-matmul FLOPs term."""
-
     head_dim = model_dims(model).head_dim
     return [m.n_elements * head_dim for m in discover(model) if m.kind == "attention"]
 

@@ -84,7 +84,6 @@ def _lora(model: nn.Module, layers: dict[str, nn.Linear], config: RecoveryConfig
 @contextmanager
 def _full(model: nn.Module, layers: dict[str, nn.Linear], config: RecoveryConfig) -> Iterator[Trainable]:
     """Every parameter of the decoder blocks (or, with a target, of the targeted linears)."""
-
     owners = [find_blocks(model)[1]] if config.target is None else list(layers.values())
     params = list({id(p): p for owner in owners for p in owner.parameters()}.values())
     for p in params:
@@ -95,7 +94,6 @@ def _full(model: nn.Module, layers: dict[str, nn.Linear], config: RecoveryConfig
 @contextmanager
 def _group_lora(model: nn.Module, layers: dict[str, nn.Linear], config: RecoveryConfig) -> Iterator[Trainable]:
     """SAAP's group fine-tuning (`metricgp.structured.saap.group`): merged on success, dropped on error."""
-
     with group_adapters(model, layers, config.groups, config.rank, config.alpha) as params:
         yield model, params
 

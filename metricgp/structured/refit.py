@@ -68,7 +68,6 @@ def refit_columns(weight: torch.Tensor, hessian: torch.Tensor, removed: Sequence
 def output_hessians(model: nn.Module, linears: dict[str, nn.Linear], calib: torch.Tensor) -> dict[str, torch.Tensor]:
     """H = X^T X / tokens of each named linear's input, on the dense model (float32)."""
 
-
     sums: dict[str, torch.Tensor] = {}
     device = next(model.parameters()).device
     with torch.no_grad(), hessian_hooks(linears, sums):
@@ -79,7 +78,6 @@ def output_hessians(model: nn.Module, linears: dict[str, nn.Linear], calib: torc
 
 def cached_output_hessians(setup, modules: list[Module]) -> dict[str, torch.Tensor]:
     """`output_hessians` of every module's output projection, from the disk cache or computed once."""
-
 
     spec = setup.spec
     key = stats_key(setup.fingerprint, str(parse_data_ref(spec.calib, "calibration")), spec.n_calib,

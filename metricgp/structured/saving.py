@@ -69,7 +69,6 @@ class PrunedConfig(PreTrainedConfig):
 
     def base_config(self) -> PreTrainedConfig:
         """The dense architecture's config, without the per-layer overrides, to build the model from."""
-
         if self.base_model_type not in CONFIG_MAPPING:
             raise MetricGPError(f"pruned checkpoint of unknown base model type '{self.base_model_type}'")
         fields = {k: v for k, v in self.to_dict().items() if k not in _OWN_KEYS}
@@ -130,7 +129,6 @@ class MetricGPPrunedForCausalLM:
 
 def register() -> None:
     """Make `AutoConfig` / `AutoModelForCausalLM` recognise `metricgp_pruned` (idempotent)."""
-
     AutoConfig.register(MODEL_TYPE, PrunedConfig, exist_ok=True)
     AutoModelForCausalLM.register(PrunedConfig, MetricGPPrunedForCausalLM, exist_ok=True)
 
@@ -254,7 +252,6 @@ def save_pruned(model: nn.Module, path, tokenizer=None, per_layer: dict[int, dic
 @functools.cache
 def _pruned_class(base: type) -> type:
     """A subclass of `base` with the same name whose `save_pretrained` writes the pruned format."""
-
     def save_pretrained(self, save_directory, **kwargs) -> None:
         save_pruned(self, save_directory, **kwargs)
 

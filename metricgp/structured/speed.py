@@ -91,7 +91,6 @@ def compare_speed(dense_model: nn.Module, pruned_model: nn.Module, *, dense_attn
 
 def count_params(model: nn.Module) -> dict[str, int]:
     """Total and decoder-block parameter counts, and bytes; tied (shared) weights count once."""
-
     params = list(model.parameters())  # nn.Module yields a shared parameter once
     return {
         "total": sum(p.numel() for p in params),

@@ -216,7 +216,6 @@ class Analysis:
 
 def analyse(pruner, options: SAAPOptions) -> Analysis:
     """The per-window scores (cached on disk), normalised and fused; memoised on the pruner."""
-
     memo_key = f"saap:{options.estimators}:{options.fusion}:{options.probes_per_module}:{options.probe_windows}"
     if memo_key not in pruner.memo:
         estimators = options.parsed()

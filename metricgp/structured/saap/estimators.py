@@ -81,7 +81,6 @@ def _file_estimator(path: Path) -> Estimator:
 
 def parse_estimator(name: str) -> Estimator:
     """A registry name, a path to a JSON file with a 'formula' key, or a metric formula."""
-
     if name in ESTIMATORS:
         return ESTIMATORS[name]
     if name.endswith(".json"):
@@ -103,7 +102,6 @@ def parse_estimators(names: Sequence[str]) -> list[Estimator]:
 
 def structure_sizes(modules: list[Module], linears: Mapping[str, nn.Linear]) -> torch.Tensor:
     """Weights pooled per structure (c_j), in layout order: each module's elements, then its KV heads."""
-
     def per(slices) -> int:
         return sum(s.size * (linears[s.linear].in_features if s.axis == 0 else linears[s.linear].out_features)
                    for s in slices)
@@ -114,7 +112,6 @@ def structure_sizes(modules: list[Module], linears: Mapping[str, nn.Linear]) -> 
 
 def _window_pass(model: nn.Module, linears: dict[str, nn.Linear], ids: torch.Tensor) -> dict[str, torch.Tensor]:
     """Forward and backward on one window: the weights' .grad, and X of every linear (returned)."""
-
     losses = []
 
     def forward():
