@@ -105,6 +105,11 @@ class OutputHead:
     lm_head: nn.Module
     softcap: float | None
 
+    @property
+    def positions_per_chunk(self) -> int:
+        """How many positions' logits fit in one chunk of LOGIT_CHUNK_ELEMENTS."""
+        return max(1, LOGIT_CHUNK_ELEMENTS // self.lm_head.weight.shape[0])
+
     def logits(self, normed: torch.Tensor) -> torch.Tensor:
         """Float32 logits from hidden states the final norm was already applied to."""
         out = self.lm_head(normed).float()
@@ -141,7 +146,6 @@ def output_head(model: nn.Module) -> OutputHead | None:
     except MetricGPError:
         return None
     calls: list[tuple[nn.Module, torch.Tensor]] = []
-    last_out: list[torch.Tensor] = []
     hooks = [m.register_forward_hook(lambda m, _a, out: calls.append((m, out)))
              for m in model.modules() if not list(m.children()) or m is blocks[-1]]
     device = lm_head.weight.device
@@ -155,12 +159,12 @@ def output_head(model: nn.Module) -> OutputHead | None:
     if not after or after[-1] + 1 >= len(calls):
         return None
     last = calls[after[-1]][1]
-    last_out.append(last[0] if isinstance(last, tuple) else last)
+    last = last[0] if isinstance(last, tuple) else last
     norm = calls[after[-1] + 1][0]
     config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
     head = OutputHead(norm, lm_head, getattr(config, "final_logit_softcapping", None))
     try:
-        ok = torch.allclose(head(last_out[0]), logits, rtol=1e-4, atol=1e-4)
+        ok = torch.allclose(head(last), logits, rtol=1e-4, atol=1e-4)
     except (RuntimeError, TypeError):
         ok = False
     return head if ok else None

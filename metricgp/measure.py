@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from metricgp.blocks import LOGIT_CHUNK_ELEMENTS, OutputHead, last_block_output, output_head
+from metricgp.blocks import OutputHead, last_block_output, output_head
 
 KL_TOPK = 256  # dense distribution kept as top-k log-probs + the tail mass (memory: EvoPress users)
 
@@ -48,7 +48,7 @@ def logit_chunks(model: nn.Module, ids: torch.Tensor):
             yield row, 0, logits[row]
         return
     hidden = last_block_output(model, ids.to(head.lm_head.weight.device))
-    step = max(1, LOGIT_CHUNK_ELEMENTS // head.lm_head.weight.shape[0])
+    step = head.positions_per_chunk
     for row in range(len(ids)):
         for first in range(0, hidden.shape[1], step):
             yield row, first, head(hidden[row, first : first + step])

@@ -26,7 +26,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
 
-from metricgp.blocks import LOGIT_CHUNK_ELEMENTS, BlockInputs, OutputHead, output_head
+from metricgp.blocks import BlockInputs, OutputHead, output_head
 from metricgp.errors import MetricGPError
 from metricgp.expr.ops import leaves_from
 from metricgp.fileio import atomic_path
@@ -90,27 +90,6 @@ def collect_input_stats(
 
 
 @contextmanager
-def gradients_of(model: nn.Module, linears: dict[str, nn.Linear], grads: bool = True):
-    """The model in float32 (bf16 gradients underflow) with gradients for the linears' weights
-    only (none when not `grads`); dtype, flags and .grad restored afterwards. For a whole-model
-    backward (SAAP's estimators); the statistics pass itself works a block at a time."""
-    dtype = next(model.parameters()).dtype
-    flags = {n: p.requires_grad for n, p in model.named_parameters()}
-    model.float()
-    for p in model.parameters():
-        p.requires_grad_(False)
-    for m in linears.values():
-        m.weight.requires_grad_(grads)
-    try:
-        yield
-    finally:
-        for n, p in model.named_parameters():
-            p.requires_grad_(flags[n])
-            p.grad = None
-        model.to(dtype)
-
-
-@contextmanager
 def _float32(module: nn.Module):
     """`module` in float32 while inside (bf16 gradients underflow); its own dtype afterwards. Used on one
     block (or the output head) at a time, never on the whole model."""
@@ -137,6 +116,17 @@ def _frozen(model: nn.Module):
             p.grad = None
 
 
+@contextmanager
+def gradients_of(model: nn.Module, linears: dict[str, nn.Linear], grads: bool = True):
+    """The model in float32 (bf16 gradients underflow) with gradients for the linears' weights
+    only (none when not `grads`); dtype, flags and .grad restored afterwards. For a whole-model
+    backward (SAAP's estimators); the statistics pass itself works a block at a time."""
+    with _float32(model), _frozen(model):
+        for m in linears.values():
+            m.weight.requires_grad_(grads)
+        yield
+
+
 def _layers_by_block(blocks: nn.ModuleList, layers: dict[str, nn.Linear]) -> list[dict[str, nn.Linear]]:
     """The requested layers of each block, found by identity (callers name layers as they like)."""
     block_of = {id(m): i for i, block in enumerate(blocks) for m in block.modules()}
@@ -156,7 +146,7 @@ def _head_gradient(head: OutputHead, hidden: torch.Tensor, ids: torch.Tensor) ->
     leaf = normed.detach().requires_grad_(True)
     targets = ids.to(h.device)
     n = targets.shape[-1] - 1
-    step = max(1, LOGIT_CHUNK_ELEMENTS // head.lm_head.weight.shape[0])
+    step = head.positions_per_chunk
     for first in range(0, n, step):
         last = min(first + step, n)
         logits = head.logits(leaf[0, first:last])
@@ -178,8 +168,8 @@ def compute_stats(
     first, is run again on its saved inputs and back-propagated per window; each weight gradient is
     folded into its leaf as it arrives and freed. The device holds the model plus one block's working
     set: no whole-model float32 copy, no live gradient for every weight, no whole-batch logits."""
-    prefix_blocks = find_blocks(model)[1]
-    per_block = _layers_by_block(prefix_blocks, layers)
+    decoder_blocks = find_blocks(model)[1]
+    per_block = _layers_by_block(decoder_blocks, layers)
     grad_leaves = leaves_from("gradients", leaves) if grads else {}
     input_leaves = list(leaves_from("inputs", leaves))
     inputs = BlockInputs.capture(model, calib)
@@ -192,10 +182,10 @@ def compute_stats(
     # memory would outgrow a small model), read back memory-mapped
     scratch = tempfile.TemporaryDirectory(prefix="metricgp-stats-") if grad_leaves else contextlib.nullcontext()
     hidden = inputs.first_hidden
-    blocks = range(len(prefix_blocks))
+    blocks = range(len(decoder_blocks))
     with _frozen(model), scratch as scratch_dir:
         for i in tqdm(blocks, desc=f"{desc} (forward)", unit="block", leave=False):
-            with _float32(prefix_blocks[i]), torch.no_grad():
+            with _float32(decoder_blocks[i]), torch.no_grad():
                 hidden = [h.float() for h in hidden]
                 if grad_leaves:
                     torch.save(torch.cat(hidden).cpu(), Path(scratch_dir) / f"block-{i}.pt")
@@ -217,7 +207,7 @@ def compute_stats(
         for i in tqdm(reversed(blocks), total=len(blocks), desc=f"{desc} (backward)", unit="block", leave=False):
             states = {name: {leaf: lf.statistic.start(tuple(m.weight.shape), m.weight.device)
                              for leaf, lf in grad_leaves.items()} for name, m in per_block[i].items()}
-            with _float32(prefix_blocks[i]), _folding_gradients(per_block[i], grad_leaves, states):
+            with _float32(decoder_blocks[i]), _folding_gradients(per_block[i], grad_leaves, states):
                 saved = torch.load(Path(scratch_dir) / f"block-{i}.pt", mmap=True, weights_only=True)
                 below = []
                 for h, grad in zip(saved, upstream, strict=True):

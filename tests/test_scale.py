@@ -158,11 +158,12 @@ def gemma3_softcapped():
 @pytest.mark.parametrize("make", [lambda: family_model("llama"), lambda: family_model("qwen2"), gemma3_softcapped],
                          ids=["llama", "qwen2", "gemma3-softcapped"])
 def test_chunked_logits_give_the_numbers_of_whole_logits(make, monkeypatch):
+    from metricgp import blocks
     from metricgp import measure as evaluate
 
     model = make()
     windows = torch.randint(0, 300, (5, 12), generator=torch.Generator().manual_seed(0))
-    monkeypatch.setattr(evaluate, "LOGIT_CHUNK_ELEMENTS", 300 * 5)  # chunks of 5 positions
+    monkeypatch.setattr(blocks, "LOGIT_CHUNK_ELEMENTS", 300 * 5)  # chunks of 5 positions
     chunked_ref = evaluate.DenseReference.build(model, windows)
     with torch.no_grad():
         for p in model.parameters():  # a different model to measure KL to
@@ -195,11 +196,12 @@ class LargestVocabTensor(TorchDispatchMode):
 
 
 def test_a_batch_never_holds_its_whole_logits(monkeypatch):
+    from metricgp import blocks
     from metricgp import measure as evaluate
 
     model = family_model("llama", vocab=997)  # a vocabulary no other dimension equals
     windows = torch.randint(0, 997, (4, 24), generator=torch.Generator().manual_seed(0))
-    monkeypatch.setattr(evaluate, "LOGIT_CHUNK_ELEMENTS", 997 * 8)
+    monkeypatch.setattr(blocks, "LOGIT_CHUNK_ELEMENTS", 997 * 8)
     evaluate.window_losses(model, windows[:1], batch_size=4)  # the one-off check of the head, on 8 tokens
     with LargestVocabTensor(997) as seen:
         evaluate.window_losses(model, windows, batch_size=4)

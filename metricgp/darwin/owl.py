@@ -19,6 +19,7 @@ from metricgp.prune.engine import metric_inputs
 
 OWL_M = 5.0
 OWL_LAMBDA = 0.08
+_WANDA = compile_metric(resolve_metric("wanda"))  # OWL's outlier scores are the built-in wanda metric's
 
 
 def owl_sparsities(ratios: Sequence[float], sparsity: float, lam: float = OWL_LAMBDA) -> list[float]:
@@ -49,8 +50,7 @@ def block_outlier_ratios(setup, m: float = OWL_M) -> list[float]:
 def wanda_scores(weight: torch.Tensor, stats: dict[str, torch.Tensor]) -> torch.Tensor:
     """The built-in wanda metric's scores of one layer, on the weight's device (the statistics are kept
     on the host while the weights may be on a GPU)."""
-    wanda = compile_metric(resolve_metric("wanda"))
-    return wanda(metric_inputs(wanda, weight, stats))
+    return _WANDA(metric_inputs(_WANDA, weight, stats))
 
 
 def owl_layer_sparsities(setup, sparsity: float, m: float = OWL_M, lam: float = OWL_LAMBDA) -> list[float]:

@@ -27,7 +27,7 @@ from metricgp.evaluate import FitnessResult
 from metricgp.expr.simplify import DEFAULT_SCOPE
 
 # Out of memory is the run's fault, not the candidate's: it must stop the search, not score `inf`.
-OUT_OF_MEMORY = (getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError), MemoryError)
+OUT_OF_MEMORY = (torch.OutOfMemoryError, MemoryError)
 
 Job = tuple[Any, int]  # (candidate, windows); the candidate is opaque to the backends
 EvaluatorFactory = Callable[[], Any]
