@@ -25,18 +25,15 @@ from metricgp.cli.options import (
     add_model_data_options,
     add_pattern_options,
     add_report_options,
-    evaluator_spec,
     metric_from_args,
     pattern_from_args,
+    prune_and_measure,
     validate_model_and_report,
     write_out_dir,
 )
-from metricgp.data import parse_report_data
 from metricgp.errors import MetricGPError, cli_entry
-from metricgp.evaluate import PruningSetup, cached_dense_perplexity
 from metricgp.expr import BUILTIN_METRICS, OPERATORS, describe
-from metricgp.measure import perplexity
-from metricgp.provenance import provenance, write_json_atomic
+from metricgp.provenance import write_json_atomic
 from metricgp.prune.engine import PRUNE_MODES
 
 
@@ -89,26 +86,9 @@ def validate(args: argparse.Namespace):
 def run(args: argparse.Namespace) -> dict:
     """Prune, evaluate and write `args.out`; returns the report."""
     tree, source, pattern = validate(args)
-    started = provenance()
-    spec = evaluator_spec(args, pattern=pattern.name, sparsity=pattern.sparsity)
-    t0 = time.perf_counter()
-    setup = PruningSetup.from_spec(spec, grads="G" in tree.leaves_used())
-    n_eval = args.eval_windows or None
-    evals = {d: setup.report_windows(d, n_eval) for d in parse_report_data(args.dataset)}
-    timings = dict(setup.timings)
-
-    t1 = time.perf_counter()
-    dense_ppl = {} if args.no_dense_eval else {
-        d: cached_dense_perplexity(setup, d, w) for d, w in evals.items()}
-    timings["dense_eval"] = time.perf_counter() - t1
-
-    t2 = time.perf_counter()
-    report = setup.prune(tree, pattern, args.mode)
-    timings["prune"] = time.perf_counter() - t2
-
-    t3 = time.perf_counter()
-    pruned_ppl = {d: perplexity(setup.model, w, progress=True) for d, w in evals.items()}
-    timings["pruned_eval"] = time.perf_counter() - t3
+    m = prune_and_measure(args, "G" in tree.leaves_used(), lambda s: (s.model, s.prune(tree, pattern, args.mode)),
+                          pattern=pattern.name, sparsity=pattern.sparsity)
+    setup, evals, report = m.setup, m.evals, m.outcome
 
     result = {
         "metric": {**describe(tree), "source": source},
@@ -121,11 +101,11 @@ def run(args: argparse.Namespace) -> dict:
                         "statistics_cached": setup.stats_cached},
         "evaluation": {d: {"windows": len(w), "seqlen": args.seqlen, "tokens": int(w.numel())}
                        for d, w in evals.items()},
-        "perplexity": {"dense": dense_ppl, "pruned": pruned_ppl},
+        "perplexity": {"dense": m.dense_ppl, "pruned": m.pruned_ppl},
         "sparsity": {"overall": report.sparsity, "pruned_weights": report.pruned,
                      "prunable_weights": report.total, "per_layer": report.layer_sparsity},
-        "timings_s": {k: round(v, 2) for k, v in timings.items()} | {"total": round(time.perf_counter() - t0, 2)},
-        "provenance": started,
+        "timings_s": {k: round(v, 2) for k, v in m.timings.items()} | {"total": round(time.perf_counter() - m.t0, 2)},
+        "provenance": m.provenance,
     }
     _write_out(args, setup, result, write_json_atomic)
     return result

@@ -19,14 +19,22 @@ from __future__ import annotations
 import argparse
 import shutil
 import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
+from torch import nn
+
 from metricgp.data import parse_data_ref, parse_report_data
 from metricgp.errors import MetricGPError
-from metricgp.evaluate import EvaluatorSpec
+from metricgp.evaluate import EvaluatorSpec, PruningSetup, cached_dense_perplexity
 from metricgp.expr import Node, resolve_metric
+from metricgp.measure import perplexity
 from metricgp.models import resolve_model_path
+from metricgp.provenance import provenance
 from metricgp.prune.patterns import parse_pattern, pattern_help
 from metricgp.search.backends import BACKENDS
 
@@ -132,6 +140,43 @@ def validate_model_and_report(args: argparse.Namespace) -> None:
     if args.out.exists() and not args.out.is_dir():
         raise MetricGPError(f"{args.out} exists and is not a directory")
     resolve_model_path(args.model)  # a missing path fails here; the default model converts once
+
+
+@dataclass
+class Measured:
+    """What both `apply` modes do before writing: the session, the test windows, dense and pruned
+    perplexity, the pruning's own outcome, and how long each step took."""
+
+    setup: PruningSetup
+    evals: dict[str, torch.Tensor]
+    model: nn.Module  # the pruned model (the session's model, or a shrunk one)
+    outcome: Any  # what the prune step returned beside the model (a PruneReport, structure sizes ...)
+    dense_ppl: dict[str, float]
+    pruned_ppl: dict[str, float]
+    timings: dict[str, float]
+    t0: float
+    provenance: dict
+
+
+def prune_and_measure(args: argparse.Namespace, grads: bool, prune: Callable[[PruningSetup], tuple[nn.Module, Any]],
+                      **spec_fields: Any) -> Measured:
+    """Load the model and its statistics, evaluate the dense model (cached), `prune(setup)`, evaluate the
+    pruned model; each step timed."""
+    started = provenance()
+    t0 = time.perf_counter()
+    setup = PruningSetup.from_spec(evaluator_spec(args, **spec_fields), grads=grads)
+    evals = {d: setup.report_windows(d, args.eval_windows or None) for d in parse_report_data(args.dataset)}
+    timings = dict(setup.timings)
+    t1 = time.perf_counter()
+    dense_ppl = {} if args.no_dense_eval else {d: cached_dense_perplexity(setup, d, w) for d, w in evals.items()}
+    timings["dense_eval"] = time.perf_counter() - t1
+    t2 = time.perf_counter()
+    model, outcome = prune(setup)
+    timings["prune"] = time.perf_counter() - t2
+    t3 = time.perf_counter()
+    pruned_ppl = {d: perplexity(model, w, progress=True) for d, w in evals.items()}
+    timings["pruned_eval"] = time.perf_counter() - t3
+    return Measured(setup, evals, model, outcome, dense_ppl, pruned_ppl, timings, t0, started)
 
 
 def add_recovery_options(group: argparse._ActionsContainer, methods: tuple[str, ...]) -> None:

@@ -23,17 +23,16 @@ from pathlib import Path
 from metricgp.cli.options import (
     REPORT,
     add_recovery_options,
-    evaluator_spec,
     metric_from_args,
+    prune_and_measure,
     validate_model_and_report,
     write_out_dir,
 )
-from metricgp.data import parse_data_ref, parse_report_data, windows
+from metricgp.data import parse_data_ref, windows
 from metricgp.errors import MetricGPError
-from metricgp.evaluate import PruningSetup, cached_dense_perplexity
 from metricgp.expr import describe
 from metricgp.measure import perplexity
-from metricgp.provenance import provenance, write_json_atomic
+from metricgp.provenance import write_json_atomic
 from metricgp.structured.allocate import ALLOCATIONS
 from metricgp.structured.evaluator import (
     BLOCK_IMPORTANCES,
@@ -177,22 +176,8 @@ def validate(args: argparse.Namespace):
 
 def run(args: argparse.Namespace) -> dict:
     spec, tree, source = validate(args)
-    started = provenance()
-    espec = evaluator_spec(args)
-    t0 = time.perf_counter()
-    setup = PruningSetup.from_spec(espec, grads=tree is not None and "G" in tree.leaves_used())
-    evals = {d: setup.report_windows(d, args.eval_windows or None) for d in parse_report_data(args.dataset)}
-    timings = dict(setup.timings)
-    t1 = time.perf_counter()
-    dense_ppl = {} if args.no_dense_eval else {d: cached_dense_perplexity(setup, d, w) for d, w in evals.items()}
-    timings["dense_eval"] = time.perf_counter() - t1
-
-    t2 = time.perf_counter()
-    model, sizes = prune(setup, tree, spec)
-    timings["prune"] = time.perf_counter() - t2
-    t3 = time.perf_counter()
-    pruned_ppl = {d: perplexity(model, w, progress=True) for d, w in evals.items()}
-    timings["pruned_eval"] = time.perf_counter() - t3
+    m = prune_and_measure(args, tree is not None and "G" in tree.leaves_used(), lambda s: prune(s, tree, spec))
+    setup, evals, model, sizes, timings = m.setup, m.evals, m.model, m.outcome, m.timings
 
     result = {
         "mode": "structured",
@@ -203,10 +188,9 @@ def run(args: argparse.Namespace) -> dict:
         "evaluation": {d: {"windows": len(w), "seqlen": args.seqlen, "tokens": int(w.numel())}
                        for d, w in evals.items()},
         "size": sizes,
-        "perplexity": {"dense": dense_ppl, "pruned": pruned_ppl},
+        "perplexity": {"dense": m.dense_ppl, "pruned": m.pruned_ppl},
     }
     if args.recover_tokens:
-
         t4 = time.perf_counter()
         ref = parse_data_ref(args.calib, "calibration")
         n_train = -(-args.recover_tokens // args.seqlen)
@@ -223,8 +207,8 @@ def run(args: argparse.Namespace) -> dict:
         setup.dense.restore()
         result["speed"] = speed_report(setup.model, model)
     result["per_layer"] = {str(k): v for k, v in per_layer_sizes(model).items()}
-    result["timings_s"] = {k: round(v, 2) for k, v in timings.items()} | {"total": round(time.perf_counter() - t0, 2)}
-    result["provenance"] = started
+    result["timings_s"] = {k: round(v, 2) for k, v in timings.items()} | {"total": round(time.perf_counter() - m.t0, 2)}
+    result["provenance"] = m.provenance
     _write(args, model, setup.tokenizer, result)
     return result
 
