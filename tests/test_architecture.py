@@ -22,6 +22,7 @@ LAYERS = [
     ("measure",),
     ("evaluate",),
     ("refit_fitness",),
+    ("recover",),
     ("structured",),
     ("search",),
     ("darwin",),

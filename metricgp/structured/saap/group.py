@@ -23,6 +23,8 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
+from metricgp.recover.methods import swapped_adapters
+
 
 class GroupLoRALinear(nn.Module):
     """`base` plus one low-rank adapter per group of input columns."""
@@ -51,29 +53,14 @@ class GroupLoRALinear(nn.Module):
         return self.scale * torch.cat([b @ a for a, b in zip(self.A, self.B, strict=True)], dim=1)
 
 
-def _put(model: nn.Module, name: str, module: nn.Module) -> None:
-    parent, _, attr = name.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, attr, module)
-
-
 @contextmanager
 def group_adapters(model: nn.Module, layers: dict[str, nn.Linear], groups: int, rank: int,
                    alpha: float) -> Iterator[list[nn.Parameter]]:
     """Wrap `layers` in group adapters and yield their parameters; on success dW is merged into each
     weight, on error it is dropped. Either way the original linears are put back."""
     wrapped = {name: GroupLoRALinear(lin, min(groups, lin.in_features), rank, alpha) for name, lin in layers.items()}
-    for name, w in wrapped.items():
-        _put(model, name, w)
-    ok = False
-    try:
+    with swapped_adapters(model, wrapped):
         yield [p for w in wrapped.values() for p in (*w.A, *w.B)]
-        ok = True
-    finally:
-        with torch.no_grad():
-            for name, w in wrapped.items():
-                if ok:
-                    w.base.weight += w.delta().to(w.base.weight.dtype)
-                _put(model, name, w.base)
 
 
 def group_lora_params(layers: dict[str, nn.Linear], groups: int, rank: int) -> int:
