@@ -9,10 +9,12 @@ import sys
 import pytest
 import torch
 
+import metricgp
 from metricgp.cli.apply import main
 from metricgp.evaluate import EvaluatorSpec, PruningSetup
 from metricgp.expr import resolve_metric
-from metricgp.prune.patterns import NM
+from metricgp.models import prunable_layers
+from metricgp.prune.patterns import NM, parse_pattern
 
 
 def _refuse(constant: str):
@@ -80,6 +82,10 @@ def test_apply_metric_file_and_sequential(tmp_path, base_args):
     (["--metric", "wanda", "--calib", "/no/such/text.txt"], "neither a known dataset"),
     (["--metric", "wanda", "--dataset", "wikitext2:validation"], "report"),
     (["--metric", "wanda", "--calib", "wikitext2:test"], "reserved for reports"),
+    (["--metric", "wanda", "--recover-tokens", "64", "--recover-loss", "mse"], "unknown --recover-loss 'mse'"),
+    (["--metric", "wanda", "--recover-tokens", "64", "--recover-schedule", "step"], "unknown --recover-schedule"),
+    (["--metric", "wanda", "--recover-tokens", "64", "--recover-method", "group-lora"], "cannot keep the zeros"),
+    (["--metric", "wanda", "--recover-tokens", "-1"], "--recover-tokens must be >= 0"),
 ])
 def test_bad_input_is_one_line_exit_2_and_nothing_written(tmp_path, base_args, capsys, extra, message):
     out = tmp_path / "out"
@@ -109,3 +115,43 @@ def test_cli_help_and_exit_code():
     run = subprocess.run([sys.executable, "-m", "metricgp.apply", "--metric", "wanda", "--sparsity", "2",
                           "--out", "/tmp/never-written-metricgp"], capture_output=True, text=True)
     assert run.returncode == 2 and run.stderr.count("\n") == 1 and "Traceback" not in run.stderr
+
+
+@pytest.mark.parametrize("pattern,method", [(["--sparsity", "0.5"], "full"), (["--pattern", "2:4"], "lora")])
+def test_recovery_keeps_every_zero_through_save_and_reload(tmp_path, base_args, tiny_llama_dir, text_files, pattern,
+                                                           method):
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / "rec"
+    assert main([*base_args, "--metric", "wanda", *pattern, "--recover-tokens", "96", "--recover-method", method,
+                 "--recover-lr", "1e-2", "--recover-loss", "ce+kd", "--recover-schedule", "cosine",
+                 "--recover-warmup", "0.3", "--out", str(out)]) == 0
+    report = json.loads((out / "report.json").read_text(), parse_constant=_refuse)
+    rec = report["recovery"]
+    assert rec["method"] == method and rec["loss"] == "ce+kd" and rec["steps"] == 3 and rec["warmup_steps"] == 1
+    assert rec["split"] == "file" and rec["masked_layers"] == 14 and rec["tokens_per_second"] > 0
+    assert rec["sparsity_after"] == report["sparsity"]["overall"]
+    dataset = str(text_files["test"])
+    assert report["perplexity"]["recovered"][dataset] != report["perplexity"]["pruned"][dataset]
+    # the pruning done again in memory: the saved, recovered model has exactly its zeros, other weights
+    spec = EvaluatorSpec(model=str(tiny_llama_dir), calib=str(text_files["calib"]), n_calib=4, seqlen=32)
+    setup = PruningSetup.from_spec(spec)
+    setup.prune(resolve_metric("wanda"), parse_pattern(pattern[1] if pattern[0] == "--pattern" else "unstructured",
+                                                       0.5 if pattern[0] == "--sparsity" else None), "oneshot")
+    ids = torch.randint(0, 200, (2, 16))
+    loaded = metricgp.load_pruned(out)
+    stock = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    with torch.no_grad():
+        assert torch.equal(loaded(input_ids=ids).logits, stock(input_ids=ids).logits)
+    for name, layer in prunable_layers(loaded).items():
+        pruned = setup.layers[name].weight
+        assert torch.equal(layer.weight == 0, pruned == 0), name
+        assert not torch.equal(layer.weight, pruned), name
+
+
+def test_kd_recovery_needs_no_other_flag(tmp_path, base_args):
+    out = tmp_path / "kd"
+    assert main([*base_args, "--metric", "wanda", "--recover-tokens", "64", "--recover-loss", "kd",
+                 "--no-save-model", "--out", str(out)]) == 0
+    rec = json.loads((out / "report.json").read_text())["recovery"]
+    assert rec["loss"] == "kd" and rec["method"] == "lora" and rec["lr"] == 1e-4 and len(rec["losses"]) == 2

@@ -389,3 +389,47 @@ def test_refuses_a_pruning_it_cannot_record(tmp_path):
     with pytest.raises(MetricGPError, match="input_layernorm"):
         save_pruned(model, tmp_path)
     assert not (tmp_path / "config.json").exists()
+
+
+def _train_windows(n: int = 4) -> torch.Tensor:
+    return torch.randint(0, 300, (n, 12), generator=torch.Generator().manual_seed(0))
+
+
+@pytest.mark.parametrize("method", ["lora", "full"])
+def test_a_recovered_structured_model_saves_and_reloads_with_identical_logits(method, tmp_path):
+    from metricgp.recover import build_teacher
+    from metricgp.structured.recover import recover
+
+    dense = family_model("llama")
+    teacher = build_teacher(dense, _train_windows(), k=16, progress=False, cache_dir=tmp_path / "teacher")
+    model = pruned_model("llama")
+    untrained = logits(model, IDS)
+    recover(model, _train_windows(), method=method, tokens=48, lr=1e-2, loss="ce+kd", teacher=teacher, progress=False)
+    expected = logits(model, IDS)
+    assert not torch.equal(expected, untrained)
+    save_pruned(model, tmp_path / "m", per_layer=PER_LAYER)
+    assert torch.equal(logits(load_pruned(tmp_path / "m"), IDS), expected)
+    from transformers import AutoModelForCausalLM
+
+    assert torch.equal(logits(AutoModelForCausalLM.from_pretrained(tmp_path / "m").eval(), IDS), expected)
+
+
+@pytest.mark.parametrize("method", ["lora", "full"])
+def test_a_recovered_sparse_model_saves_and_reloads_with_its_zeros_and_logits(method, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from metricgp.models import prunable_layers
+    from metricgp.prune.patterns import NM
+    from metricgp.recover import recover, sparse_masks
+
+    model = family_model("llama")
+    with torch.no_grad():
+        for layer in prunable_layers(model).values():
+            layer.weight.mul_(NM(2, 4).mask(layer.weight.abs()))
+    masks = sparse_masks(model)
+    recover(model, _train_windows(), method=method, tokens=48, lr=1e-2, masks=masks, progress=False)
+    expected = logits(model, IDS)
+    model.save_pretrained(tmp_path / "m")
+    for reloaded in (load_pruned(tmp_path / "m"), AutoModelForCausalLM.from_pretrained(tmp_path / "m").eval()):
+        assert torch.equal(logits(reloaded, IDS), expected)
+        assert all(torch.equal(layer.weight != 0, masks[n]) for n, layer in prunable_layers(reloaded).items())

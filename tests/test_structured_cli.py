@@ -7,6 +7,7 @@ import json
 import pytest
 import torch
 
+import metricgp
 from metricgp.cli.apply import main
 
 
@@ -138,3 +139,30 @@ def test_refit_fits_the_first_pruned_modules_dense_output_better_and_reloads(tmp
         ids = setup.calib[:1]
         assert torch.allclose(again(input_ids=ids).logits, pruner.build(removed, StructuredSpec(
             keep=0.6, refit=True))(input_ids=ids).logits, atol=1e-5)
+
+
+def test_structured_kd_recovery_reloads_with_identical_logits(tmp_path, base_args, text_files):
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / "s70kd"
+    assert main([*base_args, "--metric", "wanda", "--keep", "0.7", "--recover-tokens", "64", "--recover-loss", "kd",
+                 "--recover-method", "full", "--recover-lr", "1e-3", "--out", str(out)]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["recovery"]["loss"] == "kd" and report["recovery"]["method"] == "full"
+    assert report["recovery"]["split"] == "file"  # a user file is what they said it is for; never a test split
+    dataset = str(text_files["test"])
+    assert report["perplexity"]["recovered"][dataset] != report["perplexity"]["pruned"][dataset]
+    ids = torch.randint(0, 200, (1, 12))
+    with torch.no_grad():
+        a = metricgp.load_pruned(out)(input_ids=ids).logits
+        b = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()(input_ids=ids).logits
+    assert torch.equal(a, b)
+
+
+def test_a_bad_recovery_loss_is_one_line_and_writes_nothing(tmp_path, base_args, capsys):
+    out = tmp_path / "bad"
+    assert main([*base_args, "--metric", "wanda", "--recover-tokens", "64", "--recover-loss", "kl",
+                 "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error:") and "\n" not in err and "--recover-loss 'kl'" in err
+    assert not out.exists() and not (tmp_path / ".bad.tmp").exists()

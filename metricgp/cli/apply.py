@@ -6,6 +6,8 @@
         --out runs/mine
     python -m metricgp.apply --metric-file runs/<search>/best.json --out runs/evolved
     python -m metricgp.apply --structured --method flap --keep 0.7 --out runs/flap70   # structured mode
+    python -m metricgp.apply --metric sparsegpt --mode reconstruct --recover-tokens 65536 --recover-method full \
+        --recover-loss kd --out runs/sgpt50r     # recovery that keeps the zeros, distilled from the dense model
 
 One parser holds both modes (masks by default; `--structured`: `metricgp.cli.structured`), so
 `--help` lists every option; an option of the other mode is an error. Everything is checked before
@@ -24,10 +26,13 @@ from metricgp.cli.options import (
     REPORT,
     add_model_data_options,
     add_pattern_options,
+    add_recovery_options,
     add_report_options,
+    check_recovery_options,
     metric_from_args,
     pattern_from_args,
     prune_and_measure,
+    recover_and_measure,
     validate_model_and_report,
     write_out_dir,
 )
@@ -35,6 +40,8 @@ from metricgp.errors import MetricGPError, cli_entry
 from metricgp.expr import BUILTIN_METRICS, OPERATORS, describe
 from metricgp.provenance import write_json_atomic
 from metricgp.prune.engine import PRUNE_MODES
+from metricgp.recover import sparse_masks
+from metricgp.structured.recover import RECOVERY_METHODS
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -58,6 +65,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "inputs recomputed after the earlier blocks were pruned; reconstruct: sequential, then "
                    "the kept weights re-fitted by least squares on the calibration inputs")
     structured.add_structured_options(p)
+    add_recovery_options(p.add_argument_group(
+        "recovery (both modes; an unstructured or N:M model keeps its zeros: masked gradients for full, masked "
+        "adapters for lora)"), methods=tuple(RECOVERY_METHODS))
     add_model_data_options(p)
     add_report_options(p)
     return p
@@ -79,6 +89,10 @@ def validate(args: argparse.Namespace):
     if tree is None:
         raise MetricGPError("give --metric or --metric-file")
     pattern = pattern_from_args(args)
+    check_recovery_options(args)
+    if args.recover_tokens and not RECOVERY_METHODS[args.recover_method].keeps_masks:
+        raise MetricGPError(f"--recover-method {args.recover_method} cannot keep the zeros of a sparse model "
+                            "(lora or full; or --structured)")
     validate_model_and_report(args)
     return tree, source, pattern
 
@@ -89,6 +103,11 @@ def run(args: argparse.Namespace) -> dict:
     m = prune_and_measure(args, "G" in tree.leaves_used(), lambda s: (s.model, s.prune(tree, pattern, args.mode)),
                           pattern=pattern.name, sparsity=pattern.sparsity)
     setup, evals, report = m.setup, m.evals, m.outcome
+    recovery, recovered = None, None
+    if args.recover_tokens:
+        masks = sparse_masks(m.model)  # the pattern the pruning left, before any training
+        recovery, recovered = recover_and_measure(args, m, masks)
+        recovery["sparsity_after"] = _sparsity(setup)
 
     result = {
         "metric": {**describe(tree), "source": source},
@@ -101,14 +120,21 @@ def run(args: argparse.Namespace) -> dict:
                         "statistics_cached": setup.stats_cached},
         "evaluation": {d: {"windows": len(w), "seqlen": args.seqlen, "tokens": int(w.numel())}
                        for d, w in evals.items()},
-        "perplexity": {"dense": m.dense_ppl, "pruned": m.pruned_ppl},
+        "perplexity": {"dense": m.dense_ppl, "pruned": m.pruned_ppl} | ({"recovered": recovered} if recovery else {}),
         "sparsity": {"overall": report.sparsity, "pruned_weights": report.pruned,
                      "prunable_weights": report.total, "per_layer": report.layer_sparsity},
+        **({"recovery": recovery} if recovery else {}),
         "timings_s": {k: round(v, 2) for k, v in m.timings.items()} | {"total": round(time.perf_counter() - m.t0, 2)},
         "provenance": m.provenance,
     }
     _write_out(args, setup, result, write_json_atomic)
     return result
+
+
+def _sparsity(setup) -> float:
+    """The fraction of zero weights over the prunable layers, read from the model."""
+    zeros = sum(int((m.weight == 0).sum()) for m in setup.layers.values())
+    return zeros / sum(m.weight.numel() for m in setup.layers.values())
 
 
 def _write_out(args: argparse.Namespace, setup, result: dict, write_json) -> None:
@@ -127,7 +153,10 @@ def summary(result: dict) -> str:
     for data, ppl in result["perplexity"]["pruned"].items():
         dense = result["perplexity"]["dense"].get(data)
         dense_txt = f"dense {dense:.3f}  ->  " if dense is not None else ""
-        lines.append(f"{data:<10} {dense_txt}pruned {ppl:.3f}   ({result['evaluation'][data]['windows']} windows)")
+        rec = result["perplexity"].get("recovered", {}).get(data)
+        rec_txt = f"  ->  recovered {rec:.3f}" if rec is not None else ""
+        lines.append(f"{data:<10} {dense_txt}pruned {ppl:.3f}{rec_txt}   ({result['evaluation'][data]['windows']} "
+                     "windows)")
     return "\n".join(lines)
 
 

@@ -36,7 +36,9 @@ from metricgp.measure import perplexity
 from metricgp.models import resolve_model_path
 from metricgp.provenance import provenance
 from metricgp.prune.patterns import parse_pattern, pattern_help
+from metricgp.recover import LOSSES, SCHEDULES, Teacher, build_teacher, get_loss, training_windows
 from metricgp.search.backends import BACKENDS
+from metricgp.structured.recover import recover
 
 REPORT = "report.json"
 
@@ -156,12 +158,32 @@ class Measured:
     timings: dict[str, float]
     t0: float
     provenance: dict
+    recovery: RecoveryData | None = None  # with --recover-tokens: what recovery needs of the dense model
+
+
+@dataclass
+class RecoveryData:
+    """What recovery needs from before pruning: its training windows and, for a distillation loss, the
+    dense model's top-k on them (on disk)."""
+
+    windows: torch.Tensor
+    teacher: Teacher | None
+
+
+def recovery_data(args: argparse.Namespace, setup: PruningSetup) -> RecoveryData | None:
+    """Call on the dense model: calibration windows for --recover-tokens (the calibration seed + 1) and,
+    for --recover-loss kd or ce+kd, the teacher built from the dense model (cached on disk)."""
+    if not args.recover_tokens:
+        return None
+    train = training_windows(args.calib, setup.tokenizer, args.seqlen, args.recover_tokens, args.calib_seed + 1)
+    needs = get_loss(args.recover_loss).needs_teacher
+    return RecoveryData(train, build_teacher(setup.model, train, fingerprint=setup.fingerprint) if needs else None)
 
 
 def prune_and_measure(args: argparse.Namespace, grads: bool, prune: Callable[[PruningSetup], tuple[nn.Module, Any]],
                       **spec_fields: Any) -> Measured:
-    """Load the model and its statistics, evaluate the dense model (cached), `prune(setup)`, evaluate the
-    pruned model; each step timed."""
+    """Load the model and its statistics, evaluate the dense model (cached), take what recovery needs of
+    it (`recovery_data`), `prune(setup)`, evaluate the pruned model; each step timed."""
     started = provenance()
     t0 = time.perf_counter()
     setup = PruningSetup.from_spec(evaluator_spec(args, **spec_fields), grads=grads)
@@ -171,19 +193,68 @@ def prune_and_measure(args: argparse.Namespace, grads: bool, prune: Callable[[Pr
     dense_ppl = {} if args.no_dense_eval else {d: cached_dense_perplexity(setup, d, w) for d, w in evals.items()}
     timings["dense_eval"] = time.perf_counter() - t1
     t2 = time.perf_counter()
+    recovery = recovery_data(args, setup)
+    if recovery is not None:
+        timings["recovery_data"] = time.perf_counter() - t2
+    t2 = time.perf_counter()
     model, outcome = prune(setup)
     timings["prune"] = time.perf_counter() - t2
     t3 = time.perf_counter()
     pruned_ppl = {d: perplexity(model, w, progress=True) for d, w in evals.items()}
     timings["pruned_eval"] = time.perf_counter() - t3
-    return Measured(setup, evals, model, outcome, dense_ppl, pruned_ppl, timings, t0, started)
+    return Measured(setup, evals, model, outcome, dense_ppl, pruned_ppl, timings, t0, started, recovery)
+
+
+RECOVERY_VALID_WINDOWS = 8  # validation windows whose perplexity recovery reports before and after
+
+
+def recover_and_measure(args: argparse.Namespace, m: Measured, masks: dict | None = None,
+                        groups: int = 4) -> tuple[dict, dict[str, float]]:
+    """Fine-tune `m.model` in place as the recovery options say (keeping `masks`' zeros) on the windows of
+    `m.recovery`; returns (the recovery report, test perplexity after)."""
+    t0 = time.perf_counter()
+    rec = recover(m.model, m.recovery.windows, method=args.recover_method, tokens=args.recover_tokens,
+                  lr=args.recover_lr, val_windows=m.setup.fitness_windows(RECOVERY_VALID_WINDOWS), seed=args.calib_seed,
+                  groups=groups, loss=args.recover_loss, teacher=m.recovery.teacher, masks=masks,
+                  schedule=args.recover_schedule, warmup=args.recover_warmup)
+    m.timings["recover"] = time.perf_counter() - t0
+    ppl = {d: perplexity(m.model, w, progress=True) for d, w in m.evals.items()}
+    split = parse_data_ref(args.calib, "calibration").split
+    return {**rec.to_dict(), "data": args.calib, "split": split, "seed": args.calib_seed + 1}, ppl
 
 
 def add_recovery_options(group: argparse._ActionsContainer, methods: tuple[str, ...]) -> None:
-    """Recovery fine-tuning of the pruned model (metricgp.structured.recover): budget, method, lr."""
+    """Recovery fine-tuning of the pruned model (metricgp.recover): budget, method, loss, lr and schedule."""
     group.add_argument("--recover-tokens", type=int, default=0, help="recovery fine-tuning budget in tokens (0: none)")
-    group.add_argument("--recover-method", choices=methods, default="lora", help=f"{', '.join(methods)} (default lora)")
-    group.add_argument("--recover-lr", type=float, default=None, help="learning rate (default per method)")
+    group.add_argument("--recover-method", choices=methods, default="lora",
+                       help=f"{', '.join(methods)} (default lora; an unstructured or N:M model keeps its zeros)")
+    group.add_argument("--recover-lr", type=float, default=None, help="learning rate (default per method: lora "
+                       "1e-4, full 1e-5)")
+    group.add_argument("--recover-loss", default="ce", help=f"{', '.join(LOSSES)}: next-token cross-entropy, "
+                       "KL(dense || pruned) on the dense model's top-k (computed before pruning, cached), or their "
+                       "sum (default ce)")
+    group.add_argument("--recover-schedule", default="constant",
+                       help=f"lr schedule after the warmup: {', '.join(SCHEDULES)} (default constant)")
+    group.add_argument("--recover-warmup", type=float, default=0.0,
+                       help="fraction of the recovery steps with a linear lr warmup (default 0)")
+
+
+def check_recovery_options(args: argparse.Namespace) -> None:
+    """The recovery options, checked before anything slow happens."""
+    if args.recover_tokens < 0:
+        raise MetricGPError(f"--recover-tokens must be >= 0, got {args.recover_tokens}")
+    if args.recover_loss not in LOSSES:
+        raise MetricGPError(f"unknown --recover-loss '{args.recover_loss}' (choose from {', '.join(LOSSES)})")
+    if args.recover_schedule not in SCHEDULES:
+        raise MetricGPError(f"unknown --recover-schedule '{args.recover_schedule}' (choose from "
+                            f"{', '.join(SCHEDULES)})")
+    if not 0.0 <= args.recover_warmup < 1.0:
+        raise MetricGPError(f"--recover-warmup is a fraction of the steps in [0, 1), got {args.recover_warmup}")
+    if args.recover_lr is not None and not args.recover_lr >= 0:
+        raise MetricGPError(f"--recover-lr must be >= 0, got {args.recover_lr}")
+    if not args.recover_tokens and (args.recover_loss != "ce" or args.recover_schedule != "constant"
+                                    or args.recover_warmup):
+        raise MetricGPError("--recover-loss, --recover-schedule and --recover-warmup need --recover-tokens")
 
 
 def add_backend_options(parser: argparse.ArgumentParser) -> argparse._ArgumentGroup:

@@ -21,14 +21,15 @@ import time
 from pathlib import Path
 
 from metricgp.cli.options import (
+    RECOVERY_VALID_WINDOWS,
     REPORT,
-    add_recovery_options,
+    check_recovery_options,
     metric_from_args,
     prune_and_measure,
+    recover_and_measure,
     validate_model_and_report,
     write_out_dir,
 )
-from metricgp.data import parse_data_ref, windows
 from metricgp.errors import MetricGPError
 from metricgp.expr import describe
 from metricgp.measure import perplexity
@@ -48,7 +49,7 @@ from metricgp.structured.evaluator import (
 from metricgp.structured.groups import HEAD_MODES
 from metricgp.structured.importance import NORMALISATIONS, REDUCTIONS
 from metricgp.structured.methods import METHODS, get_method
-from metricgp.structured.recover import RECOVERY_METHODS, compare_with_lora, recover
+from metricgp.structured.recover import compare_with_lora
 from metricgp.structured.saap import SAAPOptions
 from metricgp.structured.saap.estimators import DEFAULT_ESTIMATORS, ESTIMATORS, split_estimators
 from metricgp.structured.saving import save_pruned
@@ -77,7 +78,6 @@ def add_structured_options(p: argparse.ArgumentParser) -> None:
                    help="fold the removed channels' mean output into a bias (FLAP)")
     g.add_argument("--refit", action="store_true", default=None,
                    help="re-fit each pruned module's output projection by least squares on calibration inputs")
-    add_recovery_options(g, methods=tuple(RECOVERY_METHODS))
     g.add_argument("--speed", action="store_true", help="measure prefill/decode throughput, dense vs pruned")
     add_saap_options(p)
 
@@ -147,10 +147,9 @@ def spec_from_args(args: argparse.Namespace) -> StructuredSpec:
 
 def validate_recovery(args: argparse.Namespace) -> None:
     """--group-finetune-tokens N is --recover-tokens N --recover-method group-lora."""
-    for flag, value in (("--recover-tokens", args.recover_tokens), ("--group-finetune-tokens",
-                                                                    args.group_finetune_tokens)):
-        if value < 0:
-            raise MetricGPError(f"{flag} must be >= 0, got {value}")
+    check_recovery_options(args)
+    if args.group_finetune_tokens < 0:
+        raise MetricGPError(f"--group-finetune-tokens must be >= 0, got {args.group_finetune_tokens}")
     if args.group_finetune_tokens:
         if args.recover_tokens:
             raise MetricGPError("give --recover-tokens or --group-finetune-tokens, not both")
@@ -191,18 +190,10 @@ def run(args: argparse.Namespace) -> dict:
         "perplexity": {"dense": m.dense_ppl, "pruned": m.pruned_ppl},
     }
     if args.recover_tokens:
-        t4 = time.perf_counter()
-        ref = parse_data_ref(args.calib, "calibration")
-        n_train = -(-args.recover_tokens // args.seqlen)
-        train = windows(ref, setup.tokenizer, "calibration", args.seqlen, n_train, args.calib_seed + 1)
         if args.compare_lora:
-            result["recovery_comparison"] = _compare_lora(args, model, train, setup, evals)
-        rec = recover(model, train, method=args.recover_method, tokens=args.recover_tokens, lr=args.recover_lr,
-                      val_windows=setup.fitness_windows(8), seed=args.calib_seed,
-                      groups=args.group_finetune_groups)
-        timings["recover"] = time.perf_counter() - t4
-        result["recovery"] = {**rec.to_dict(), "data": args.calib, "seed": args.calib_seed + 1}
-        result["perplexity"]["recovered"] = {d: perplexity(model, w, progress=True) for d, w in evals.items()}
+            result["recovery_comparison"] = _compare_lora(args, model, m.recovery.windows, setup, evals)
+        result["recovery"], result["perplexity"]["recovered"] = recover_and_measure(
+            args, m, groups=args.group_finetune_groups)
     if args.speed:
         setup.dense.restore()
         result["speed"] = speed_report(setup.model, model)
@@ -216,7 +207,8 @@ def run(args: argparse.Namespace) -> dict:
 def _compare_lora(args: argparse.Namespace, model, train, setup, evals: dict) -> dict:
     """Plain LoRA on a copy at the group fine-tuning's budget and trainable-parameter count."""
     twin, report = compare_with_lora(model, train, tokens=args.recover_tokens, groups=args.group_finetune_groups,
-                                     lr=args.recover_lr, seed=args.calib_seed, val_windows=setup.fitness_windows(8))
+                                     lr=args.recover_lr, seed=args.calib_seed,
+                                     val_windows=setup.fitness_windows(RECOVERY_VALID_WINDOWS))
     report["perplexity"] = {d: perplexity(twin, w, progress=True) for d, w in evals.items()}
     return report
 
