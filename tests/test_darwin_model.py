@@ -184,6 +184,19 @@ def test_in_loop_training_keeps_pruned_structures_pruned(tiny4_dir, text_files, 
     assert result.reason is None and result.fitness > 0
 
 
+def test_in_loop_kd_training_distils_from_the_dense_model(tiny4_dir, text_files, module_cache):
+    """--train-loss kd: the dense model's top-k on the training windows is taken once, before any candidate
+    is built, and a candidate trained on it moves towards the dense model (lower KL fitness)."""
+    config = make_config(tiny4_dir, text_files, train_loss="kd", train_lr=1e-3, stages=(
+        {"survivors": 2, "windows": 1, "train_tokens": 64}, {"survivors": 1, "windows": 2, "train_tokens": 128}))
+    prep = prepare(config)
+    evaluator = build_evaluator(config.recipe(prep.database), prep.setup)
+    assert evaluator.teacher is not None and evaluator.recipe.training.loss == "kd"
+    untrained = evaluator.evaluate(Candidate(prep.start), 2).fitness
+    trained = evaluator.evaluate(Candidate(prep.start, 128), 2).fitness
+    assert 0 < trained < untrained
+
+
 def cli_args(model, text_files, out, *extra: str) -> list[str]:
     """A small structured run at 70% kept with a 2,1 schedule; `extra` adds or overrides options."""
     return ["--model", str(model), "--calib", str(text_files["calib"]), "--n-calib", "4", "--seqlen", str(SEQLEN),
@@ -350,6 +363,8 @@ def test_the_update_is_recorded_and_carried_into_the_saved_model(tiny4_dir, text
     (["--keep", "1.5"], "--keep must be in (0, 1]"),
     (["--survivors", "2,2"], "--survivors must decrease strictly to 1"),
     (["--unstructured", "--train-tokens", "1k,2k"], "needs structured pruning"),
+    (["--train-loss", "kl"], "unknown training loss 'kl'"),
+    (["--recover-tokens", "64", "--recover-loss", "mse"], "unknown recovery loss 'mse'"),
 ])
 def test_cli_bad_input_exits_2_with_one_error_line(tiny4_dir, text_files, module_cache, tmp_path, capsys, extra,
                                                    message):

@@ -35,6 +35,7 @@ from metricgp.evaluate import FITNESSES
 from metricgp.expr import to_functional
 from metricgp.expr.builtins import EVOLVED
 from metricgp.provenance import provenance
+from metricgp.recover import LOSSES
 from metricgp.structured.evaluator import StructuredSpec
 from metricgp.structured.recover import RECOVERY_METHODS
 
@@ -71,6 +72,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="in-loop fine-tuning tokens per stage before scoring, e.g. 2k,4k,8k (default none)")
     s.add_argument("--train-method", default="full", help="in-loop training: full (DarwinLM, lr 1e-5) or lora")
     s.add_argument("--train-lr", type=float, default=None)
+    s.add_argument("--train-loss", default="ce", help=f"in-loop training loss: {', '.join(LOSSES)} (kd: KL to the "
+                   "dense model's top-k on the training windows, taken once before any pruning; default ce)")
     s.add_argument("--fitness", choices=tuple(FITNESSES), default="kl")
     s.add_argument("--fitness-data", default=None, help="calibration data for fitness and training windows "
                    "(default: --calib; never a test split)")
@@ -116,9 +119,10 @@ def config_from_args(args: argparse.Namespace) -> DarwinConfig:
         normalisation=args.normalisation, head_mode=args.head_mode, stages=tuple(schedule_dict(stages)),
         offspring=args.offspring, generations=args.generations, seed=args.search_seed, prior=not args.no_prior,
         screen=screen, fitness=args.fitness, fitness_data=args.fitness_data or args.calib,
-        train_method=args.train_method, train_lr=args.train_lr, **backend_fields(args),
+        train_method=args.train_method, train_lr=args.train_lr, train_loss=args.train_loss, **backend_fields(args),
         time_budget_min=args.time_budget, recover_tokens=args.recover_tokens, recover_method=args.recover_method,
-        recover_lr=args.recover_lr, dataset=args.dataset, eval_windows=args.eval_windows,
+        recover_lr=args.recover_lr, recover_loss=args.recover_loss, recover_schedule=args.recover_schedule,
+        recover_warmup=args.recover_warmup, dataset=args.dataset, eval_windows=args.eval_windows,
         save_model=not args.no_save_model, dense_eval=not args.no_dense_eval, speed=not args.no_speed,
         reconstruct=args.reconstruct, update=args.update,
         name=args.out.name).validate()

@@ -25,6 +25,7 @@ from metricgp.data import parse_data_ref, parse_report_data
 from metricgp.errors import MetricGPError
 from metricgp.evaluate import FITNESSES, EvaluatorSpec, PruningSetup
 from metricgp.expr import parse
+from metricgp.recover import LOSSES, SCHEDULES
 from metricgp.search.backends import BACKENDS
 from metricgp.structured.evaluator import StructuredPruner, StructuredSpec
 from metricgp.structured.recover import RECOVERY_METHODS
@@ -56,6 +57,7 @@ class DarwinConfig:
     fitness_data: str = "c4"
     train_method: str = "full"
     train_lr: float | None = None
+    train_loss: str = "ce"  # in-loop training: ce, kd or ce+kd (`metricgp.recover.LOSSES`)
     backend: str = "serial"
     workers: int = 1
     gpus_per_worker: float = 0.0  # GPUs each Ray actor asks for; Ray hides the GPUs from an actor that asks none
@@ -64,6 +66,9 @@ class DarwinConfig:
     recover_tokens: int = 0
     recover_method: str = "lora"
     recover_lr: float | None = None
+    recover_loss: str = "ce"
+    recover_schedule: str = "constant"
+    recover_warmup: float = 0.0
     dataset: str = "wikitext2"
     eval_windows: int = 32
     save_model: bool = True
@@ -90,7 +95,8 @@ class DarwinConfig:
         return Recipe(EvaluatorSpec(**self.spec), self.kind, database, self.fitness, self.fitness_data,
                       max(s.windows for s in stages), self.spec.get("seed", 0) + 2,
                       max(s.train_tokens for s in stages), self.spec.get("seed", 0) + 1,
-                      Training(self.train_method, self.train_lr, 1, self.seed), self.uses_grads(), self.update)
+                      Training(self.train_method, self.train_lr, 1, self.seed, self.train_loss), self.uses_grads(),
+                      self.update)
 
     def uses_grads(self) -> bool:
         return "G" in parse(self.metric).leaves_used()
@@ -107,7 +113,9 @@ class DarwinConfig:
         self.search_config().validate()
         checks = ((self.fitness, FITNESSES, "fitness"), (self.backend, BACKENDS, "backend"),
                   (self.train_method, RECOVERY_METHODS, "training method"),
-                  (self.recover_method, RECOVERY_METHODS, "recovery method"))
+                  (self.recover_method, RECOVERY_METHODS, "recovery method"),
+                  (self.train_loss, LOSSES, "training loss"), (self.recover_loss, LOSSES, "recovery loss"),
+                  (self.recover_schedule, SCHEDULES, "recovery schedule"))
         for value, choices, what in checks:
             if value not in choices:
                 raise MetricGPError(f"unknown {what} '{value}' (choose from {', '.join(choices)})")
@@ -117,6 +125,8 @@ class DarwinConfig:
             raise MetricGPError("--update needs structured pruning (--unstructured has --reconstruct)")
         if self.workers < 1 or self.recover_tokens < 0 or self.eval_windows < 0:
             raise MetricGPError("--workers must be >= 1, --recover-tokens and --eval-windows >= 0")
+        if not 0.0 <= self.recover_warmup < 1.0:
+            raise MetricGPError(f"--recover-warmup is a fraction of the steps in [0, 1), got {self.recover_warmup}")
         parse_data_ref(self.fitness_data, "calibration")
         parse_report_data(self.dataset)
         return self

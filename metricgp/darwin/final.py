@@ -16,7 +16,7 @@ from typing import Any
 
 from metricgp import load_pruned
 from metricgp.darwin.config import DarwinConfig, Prepared
-from metricgp.darwin.fitness import calibration_windows, structured_masks
+from metricgp.darwin.fitness import structured_masks
 from metricgp.darwin.levels import Genome
 from metricgp.darwin.owl import owl_layer_sparsities
 from metricgp.data import parse_report_data
@@ -24,6 +24,7 @@ from metricgp.evaluate import cached_dense_perplexity
 from metricgp.measure import perplexity
 from metricgp.prune.engine import prune_sequential
 from metricgp.prune.patterns import Unstructured
+from metricgp.recover import build_teacher, get_loss, training_windows
 from metricgp.structured.evaluator import per_layer_sizes, size_report, speed_report
 from metricgp.structured.recover import recover
 from metricgp.structured.saving import save_pruned
@@ -42,16 +43,16 @@ def _dense_ppl(config: DarwinConfig, setup, evals: dict) -> dict[str, float]:
 def structured_model(config: DarwinConfig, prep: Prepared, genome: Genome, out: Path) -> dict[str, Any]:
     setup, t0 = prep.setup, time.perf_counter()
     setup.dense.restore()
+    train, teacher = _recovery_data(config, setup)  # from the dense model, before the winner is built
     model = structured_masks(setup, prep.database, config.update).build(genome)
     report: dict[str, Any] = {"size": size_report(setup.model, model, config.keep)}
     evals = _test_windows(config, setup)
     report["perplexity"] = {"dense": _dense_ppl(config, setup, evals)}
     report["perplexity"]["pruned"] = {d: perplexity(model, w) for d, w in evals.items()}
     if config.recover_tokens:
-        n = -(-config.recover_tokens // setup.spec.seqlen)
-        train = calibration_windows(setup, config.fitness_data, n, setup.spec.seed + 1)
         rec = recover(model, train, method=config.recover_method, tokens=config.recover_tokens, lr=config.recover_lr,
-                      seed=config.seed, progress=False)
+                      seed=config.seed, progress=False, loss=config.recover_loss, teacher=teacher,
+                      schedule=config.recover_schedule, warmup=config.recover_warmup)
         report["recovery"] = rec.to_dict()
         report["perplexity"]["recovered"] = {d: perplexity(model, w) for d, w in evals.items()}
     report["per_layer"] = {str(k): v for k, v in per_layer_sizes(model).items()}
@@ -66,6 +67,17 @@ def structured_model(config: DarwinConfig, prep: Prepared, genome: Genome, out: 
         report["speed"] = speed_report(setup.model, model)
     report["seconds"] = round(time.perf_counter() - t0, 2)
     return report
+
+
+def _recovery_data(config: DarwinConfig, setup):
+    """The final model's recovery windows (calibration seed + 1) and, for a distillation loss, the dense
+    model's top-k on them; (None, None) without recovery."""
+    if not config.recover_tokens:
+        return None, None
+    train = training_windows(config.fitness_data, setup.tokenizer, setup.spec.seqlen, config.recover_tokens,
+                             setup.spec.seed + 1)
+    needs = get_loss(config.recover_loss).needs_teacher
+    return train, build_teacher(setup.model, train, fingerprint=setup.fingerprint, progress=False) if needs else None
 
 
 def unstructured_model(config: DarwinConfig, prep: Prepared, genome: Genome, out: Path, evaluator) -> dict[str, Any]:

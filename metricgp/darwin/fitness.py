@@ -27,6 +27,7 @@ from metricgp.darwin.unstructured import UnstructuredMasks
 from metricgp.data import parse_data_ref, windows
 from metricgp.errors import MetricGPError
 from metricgp.evaluate import FITNESSES, EvaluatorSpec, FitnessResult, PruningSetup
+from metricgp.recover import build_teacher, get_loss, training_windows
 from metricgp.structured.evaluator import StructuredPruner
 from metricgp.structured.recover import recover
 from metricgp.structured.refit import UPDATES, check_update
@@ -41,12 +42,13 @@ class Candidate:
 @dataclass(frozen=True)
 class Training:
     """In-loop fine-tuning of a candidate (metricgp.structured.recover): DarwinLM trains every
-    parameter with AdamW at lr 1e-5 ("full")."""
+    parameter with AdamW at lr 1e-5 ("full"); `loss` "kd" or "ce+kd" distils from the dense model."""
 
     method: str = "full"
     lr: float | None = None  # None: the method's default
     batch_size: int = 1
     seed: int = 0
+    loss: str = "ce"
 
 
 @dataclass(frozen=True)
@@ -110,10 +112,13 @@ class LevelEvaluator:
         self.fidelities = (len(self.windows),)
         build = self.objective.reference
         self.reference = build(setup.model, self.windows) if build is not None else None
-        self.train_windows = None
+        self.train_windows, self.teacher = None, None
         if recipe.train_tokens:
-            n = -(-recipe.train_tokens // setup.spec.seqlen)
-            self.train_windows = calibration_windows(setup, recipe.fitness_data, n, recipe.train_seed)
+            self.train_windows = training_windows(recipe.fitness_data, setup.tokenizer, setup.spec.seqlen,
+                                                  recipe.train_tokens, recipe.train_seed)
+            if get_loss(recipe.training.loss).needs_teacher:  # the model is dense here (masks reset above)
+                self.teacher = build_teacher(setup.model, self.train_windows, fingerprint=setup.fingerprint,
+                                             progress=False)
         self.timings: dict[str, float] = defaultdict(float)
         self.swapped = 0  # genes re-masked over all evaluations
 
@@ -141,7 +146,7 @@ class LevelEvaluator:
         model = self.masks.build(genome)
         t = self.recipe.training
         recover(model, self.train_windows, method=t.method, tokens=tokens, lr=t.lr, batch_size=t.batch_size,
-                seed=t.seed, progress=False)
+                seed=t.seed, progress=False, loss=t.loss, teacher=self.teacher)
         return model
 
 
