@@ -97,11 +97,17 @@ def validate(args: argparse.Namespace):
     return tree, source, pattern
 
 
-def run(args: argparse.Namespace) -> dict:
-    """Prune, evaluate and write `args.out`; returns the report."""
+def measure(args: argparse.Namespace):
+    """Validate, load, prune and measure (`prune_and_measure`); returns (Measured, (tree, source, pattern))."""
     tree, source, pattern = validate(args)
     m = prune_and_measure(args, "G" in tree.leaves_used(), lambda s: (s.model, s.prune(tree, pattern, args.mode)),
                           pattern=pattern.name, sparsity=pattern.sparsity)
+    return m, (tree, source, pattern)
+
+
+def run(args: argparse.Namespace) -> dict:
+    """Prune, evaluate and write `args.out`; returns the report."""
+    m, (tree, source, pattern) = measure(args)
     setup, evals, report = m.setup, m.evals, m.outcome
     recovery, recovered = None, None
     if args.recover_tokens:

@@ -208,15 +208,16 @@ def prune_and_measure(args: argparse.Namespace, grads: bool, prune: Callable[[Pr
 RECOVERY_VALID_WINDOWS = 8  # validation windows whose perplexity recovery reports before and after
 
 
-def recover_and_measure(args: argparse.Namespace, m: Measured, masks: dict | None = None,
-                        groups: int = 4) -> tuple[dict, dict[str, float]]:
+def recover_and_measure(args: argparse.Namespace, m: Measured, masks: dict | None = None, groups: int = 4,
+                        **loop: Any) -> tuple[dict, dict[str, float]]:
     """Fine-tune `m.model` in place as the recovery options say (keeping `masks`' zeros) on the windows of
-    `m.recovery`; returns (the recovery report, test perplexity after)."""
+    `m.recovery`; returns (the recovery report, test perplexity after). `loop`: more of `recover`'s options
+    (checkpoints, on_checkpoint, state_path, progress), which change what is recorded, never the training."""
     t0 = time.perf_counter()
     rec = recover(m.model, m.recovery.windows, method=args.recover_method, tokens=args.recover_tokens,
                   lr=args.recover_lr, val_windows=m.setup.fitness_windows(RECOVERY_VALID_WINDOWS), seed=args.calib_seed,
                   groups=groups, loss=args.recover_loss, teacher=m.recovery.teacher, masks=masks,
-                  schedule=args.recover_schedule, warmup=args.recover_warmup)
+                  schedule=args.recover_schedule, warmup=args.recover_warmup, **loop)
     m.timings["recover"] = time.perf_counter() - t0
     ppl = {d: perplexity(m.model, w, progress=True) for d, w in m.evals.items()}
     split = parse_data_ref(args.calib, "calibration").split

@@ -173,9 +173,15 @@ def validate(args: argparse.Namespace):
     return spec, tree, source
 
 
-def run(args: argparse.Namespace) -> dict:
+def measure(args: argparse.Namespace):
+    """Validate, load, prune and measure (`prune_and_measure`); returns (Measured, (spec, tree, source))."""
     spec, tree, source = validate(args)
     m = prune_and_measure(args, tree is not None and "G" in tree.leaves_used(), lambda s: prune(s, tree, spec))
+    return m, (spec, tree, source)
+
+
+def run(args: argparse.Namespace) -> dict:
+    m, (spec, tree, source) = measure(args)
     setup, evals, model, sizes, timings = m.setup, m.evals, m.model, m.outcome, m.timings
 
     result = {

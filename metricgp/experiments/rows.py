@@ -7,11 +7,12 @@ import json
 from pathlib import Path
 
 from metricgp.cli.options import evaluator_spec
-from metricgp.data import parse_data_ref, parse_report_data, windows
+from metricgp.data import parse_report_data
 from metricgp.evaluate import PruningSetup, cached_dense_perplexity
 from metricgp.expr import resolve_metric
 from metricgp.measure import perplexity
 from metricgp.provenance import command_line, write_json_atomic
+from metricgp.recover import training_windows
 
 
 def load_rows(path: Path) -> dict[str, dict]:
@@ -52,10 +53,8 @@ def perplexities(model, evals: dict) -> dict[str, float]:
 
 def train_windows(setup, args):
     """Recovery training windows: the calibration source (train split), the next seed, enough for
-    `--recover-tokens`."""
-
-    return windows(parse_data_ref(args.calib, "calibration"), setup.tokenizer, "calibration", args.seqlen,
-                   -(-args.recover_tokens // args.seqlen), args.calib_seed + 1)
+    `--recover-tokens` (as `apply --recover-tokens` draws them)."""
+    return training_windows(args.calib, setup.tokenizer, args.seqlen, args.recover_tokens, args.calib_seed + 1)
 
 
 def commands(path: Path) -> list[str]:
