@@ -22,7 +22,7 @@ SEARCH_BUDGET_MIN ?= 23
 SEARCH_OUT ?= runs/search-metric
 SEARCH_ARGS ?=
 
-.PHONY: venv test test-latest test-lowest lock lint search-metric search-scratch search-hessian search-long fidelity-final baselines-full refit-fidelity baselines noise-floor bench bench-fidelity bench-scale bench-structured structured saap-ablation darwin clean-venv
+.PHONY: venv test test-latest test-lowest lock lint search-metric search-scratch search-hessian search-long fidelity-final baselines-full refit-fidelity baselines noise-floor bench bench-fidelity bench-scale bench-structured structured saap-ablation darwin recovery clean-venv
 
 venv: $(STAMP)
 
@@ -184,3 +184,10 @@ darwin: venv
 
 clean-venv:
 	rm -rf $(VENV) $(LATEST_VENV) $(LOWEST_VENV)
+
+# Recovery curves (issue 22): structured 70% kept, unstructured 50% and 2:4 pipelines x ce/kd, full fine-tuning that
+# keeps every zero, test perplexity at 16K..262K tokens (results/recovery/; resumable: a rerun skips finished rows
+# and continues an interrupted one from its last checkpoint). Many hours on 2 CPU cores; RECOVERY_ARGS narrows it.
+RECOVERY_ARGS ?=
+recovery: venv
+	$(PY) -m metricgp.experiments.recovery --out results/recovery $(RECOVERY_ARGS)

@@ -1,0 +1,112 @@
+"""The recovery experiment driver (`python -m metricgp.experiments.recovery`) on the tiny saved Llama: rows,
+checkpoints, the lr choice, the tables, and a killed run that resumes to the uninterrupted result."""
+
+from __future__ import annotations
+
+import json
+import shlex
+
+import pytest
+import torch
+
+from metricgp.cli.apply import main as apply_main
+from metricgp.experiments import recovery
+from metricgp.experiments.recovery import main
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture()
+def base(tiny_llama_dir, text_files, isolated_cache, tmp_path):
+    return ["--model", str(tiny_llama_dir), "--calib", str(text_files["calib"]), "--n-calib", "4", "--seqlen", "32",
+            "--dataset", str(text_files["test"]), "--eval-windows", "2", "--max-tokens", "96",
+            "--checkpoints", "32,64", "--state-dir", str(tmp_path / "state")]
+
+
+def _rows(out):
+    return json.loads((out / "results.json").read_text())["rows"]
+
+
+def test_grid_writes_curves_tables_and_reproducing_commands(base, tmp_path, text_files):
+    out = tmp_path / "grid"
+    assert main([*base, "--pipelines", "ria-sqrt,llm-pruner-taylor", "--losses", "ce,kd", "--lrs", "1e-2",
+                 "--out", str(out)]) == 0
+    rows = _rows(out)
+    assert set(rows) == {f"{p}|{loss}|full" for p in ("ria-sqrt", "llm-pruner-taylor") for loss in ("ce", "kd")}
+    test = str(text_files["test"])
+    for row in rows.values():
+        assert row["done"] and [p["tokens"] for p in row["points"]] == [32, 64, 96] and row["lr"] == 1e-2
+        assert all(p["test"][test] > 1 and p["val_ppl"] > 1 for p in row["points"])
+        assert row["recovery"]["tokens_per_second"] > 0 and row["recovery"]["split"] == "file"
+        assert row["final"][test] == pytest.approx(row["points"][-1]["test"][test], rel=1e-4)
+        assert row["points"][-1]["test"][test] != row["oneshot"][test]
+    assert rows["ria-sqrt|ce|full"]["size"]["sparsity"] == 0.5
+    assert rows["llm-pruner-taylor|kd|full"]["size"]["achieved_keep"] < 0.8
+    table = (out / "table.md").read_text()
+    assert "| ria-sqrt | kd | full |" in table and "Dense: " in table
+    assert (out / "curve.png").stat().st_size > 1000
+    # a row's command is an apply command that trains the same way: its report ends where the row ends
+    row = rows["ria-sqrt|kd|full"]
+    argv = shlex.split(row["command"])[3:]
+    argv[argv.index("--out") + 1] = str(tmp_path / "apply")
+    assert apply_main([*argv, "--no-save-model"]) == 0
+    report = json.loads((tmp_path / "apply" / "report.json").read_text())
+    assert report["recovery"]["losses"] == row["recovery"]["losses"]
+    assert report["perplexity"]["recovered"] == row["final"]
+
+
+def test_the_lr_is_chosen_on_validation_text(base, tmp_path):
+    out = tmp_path / "choice"
+    assert main([*base, "--pipelines", "ria-sqrt", "--losses", "ce", "--lrs", "0,1e-2", "--lr-choice-tokens", "64",
+                 "--max-tokens", "32", "--out", str(out)]) == 0
+    row = _rows(out)["ria-sqrt|ce|full"]
+    tried = row["lr_choice"]
+    assert set(tried) == {"0", "0.01"} and tried["0"] != tried["0.01"]
+    assert row["lr"] == (0.0 if tried["0"] < tried["0.01"] else 1e-2)
+
+
+class Killed(Exception):
+    pass
+
+
+def test_a_killed_row_resumes_to_the_uninterrupted_result(base, tmp_path, monkeypatch):
+    one_row = ["--pipelines", "ria-sqrt", "--losses", "kd", "--lrs", "1e-2"]
+    whole, part = tmp_path / "whole", tmp_path / "part"
+    assert main([*base, *one_row, "--out", str(whole)]) == 0
+    write = recovery.write_table
+
+    def killing(out, meta, rows):
+        write(out, meta, rows)
+        if any(p["tokens"] == 64 for r in rows.values() for p in r["points"]):
+            raise Killed
+
+    monkeypatch.setattr(recovery, "write_table", killing)
+    with pytest.raises(Killed):
+        main([*base, *one_row, "--out", str(part)])
+    monkeypatch.undo()
+    assert not _rows(part)["ria-sqrt|kd|full"].get("done") and list((tmp_path / "state").iterdir())
+    assert main([*base, *one_row, "--out", str(part)]) == 0
+    untimed = lambda row: [{k: v for k, v in p.items() if k != "train_seconds"} for p in row["points"]]  # noqa: E731
+    a, b = _rows(whole)["ria-sqrt|kd|full"], _rows(part)["ria-sqrt|kd|full"]
+    assert untimed(a) == untimed(b) and a["final"] == b["final"] and a["recovery"]["losses"] == b["recovery"]["losses"]
+    assert b["recovery"]["resumed_from_step"] == 1 and not list((tmp_path / "state").iterdir())
+    finished = _rows(part)
+    assert main([*base, *one_row, "--out", str(part)]) == 0  # finished: nothing runs again
+    assert _rows(part) == finished
+
+
+@pytest.mark.parametrize("extra,message", [
+    (["--pipelines", "nope"], "unknown pipelines"),
+    (["--losses", "ce,mse"], "unknown recovery loss"),
+    (["--lrs", "a"], "comma-separated"),
+])
+def test_driver_user_errors(base, tmp_path, capsys, extra, message):
+    out = tmp_path / "bad"
+    assert main([*base, *extra, "--out", str(out)]) == 2
+    assert message in capsys.readouterr().err and not out.exists()
