@@ -85,6 +85,15 @@ def tiny_llama_dir(tmp_path_factory, text_files) -> Path:
 
 
 @pytest.fixture()
+def one_thread():
+    """Tiny matmuls on a shared, busy CPU: one thread is much faster than two contending ones."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture()
 def isolated_cache(tmp_path, monkeypatch) -> Path:
     cache = tmp_path / "cache"
     monkeypatch.setenv("METRICGP_CACHE", str(cache))

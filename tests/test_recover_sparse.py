@@ -23,12 +23,7 @@ from metricgp.structured.recover import recover as structured_recover
 SEQLEN = 16
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def windows(n: int = 4, seed: int = 0) -> torch.Tensor:

@@ -7,19 +7,12 @@ import json
 import shlex
 
 import pytest
-import torch
 
 from metricgp.cli.apply import main as apply_main
 from metricgp.experiments import recovery
 from metricgp.experiments.recovery import main
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture()
