@@ -118,15 +118,15 @@ def test_kd_is_exactly_zero_for_a_student_equal_to_its_teacher():
     assert torch.all(kl > 0) and torch.all(kl <= exact + 1e-6)  # bucketing the tail loses information, never adds
 
 
-def test_teacher_cache_is_keyed_and_kd_of_the_dense_model_is_zero(isolated_cache, monkeypatch):
+def test_teacher_cache_is_keyed_and_kd_of_the_dense_model_is_zero(isolated_cache):
     model, train = tiny_model("llama"), windows(6)
     teacher = build_teacher(model, train, k=300, progress=False)
     assert (teacher.path / "meta.json").is_file() and teacher.k == 300
     idx, logp, tail = teacher.read(torch.tensor([4, 1]), torch.device("cpu"))
     assert idx.shape == (2 * SEQLEN, 300) and logp.shape == idx.shape and tail.shape == (2 * SEQLEN,)
-    monkeypatch.setattr("metricgp.recover.losses.logit_chunks", _refuse)  # a second build reads the cache
-    assert build_teacher(model, train, k=300, progress=False) == teacher
-    monkeypatch.undo()
+    with pytest.MonkeyPatch.context() as patch:  # a second build reads the cache
+        patch.setattr("metricgp.recover.losses.logit_chunks", _refuse)
+        assert build_teacher(model, train, k=300, progress=False) == teacher
     assert build_teacher(model, train, k=16, progress=False).path != teacher.path
     assert build_teacher(model, windows(6, seed=1), k=300, progress=False).path != teacher.path
     head = metricgp.blocks.output_head(model)

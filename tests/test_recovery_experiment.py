@@ -68,7 +68,7 @@ class Killed(Exception):
     pass
 
 
-def test_a_killed_row_resumes_to_the_uninterrupted_result(base, tmp_path, monkeypatch):
+def test_a_killed_row_resumes_to_the_uninterrupted_result(base, tmp_path):
     one_row = ["--pipelines", "ria-sqrt", "--losses", "kd", "--lrs", "1e-2"]
     whole, part = tmp_path / "whole", tmp_path / "part"
     assert main([*base, *one_row, "--out", str(whole)]) == 0
@@ -79,10 +79,9 @@ def test_a_killed_row_resumes_to_the_uninterrupted_result(base, tmp_path, monkey
         if any(p["tokens"] == 64 for r in rows.values() for p in r["points"]):
             raise Killed
 
-    monkeypatch.setattr(recovery, "write_table", killing)
-    with pytest.raises(Killed):
+    with pytest.MonkeyPatch.context() as patch, pytest.raises(Killed):
+        patch.setattr(recovery, "write_table", killing)
         main([*base, *one_row, "--out", str(part)])
-    monkeypatch.undo()
     assert not _rows(part)["ria-sqrt|kd|full"].get("done") and list((tmp_path / "state").iterdir())
     assert main([*base, *one_row, "--out", str(part)]) == 0
     untimed = lambda row: [{k: v for k, v in p.items() if k != "train_seconds"} for p in row["points"]]  # noqa: E731
