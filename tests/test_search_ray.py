@@ -31,7 +31,7 @@ def _run(backend) -> tuple[list, list]:
     space = with_overrides(load_space(TINY), gp={"seed": 5, "generations": 4})
     search = GPSearch(space, backend, backend.fidelities())
     records = [search.initialize()] + [search.step() for _ in range(4)]
-    strip = [{k: v for k, v in r.items() if k not in ("seconds", "eval_seconds")} for r in records]
+    strip = [{k: v for k, v in r.items() if k not in ("seconds", "eval_seconds", "worker_idle_share")} for r in records]
     return strip, [(str(i.node), i.fitness.values) for i in search.hof]
 
 

@@ -37,6 +37,7 @@ from metricgp.models import resolve_model_path
 from metricgp.provenance import provenance
 from metricgp.prune.patterns import parse_pattern, pattern_help
 from metricgp.search.backends import BACKENDS
+from metricgp.search.steady import DISPATCHES, default_lag
 
 REPORT = "report.json"
 
@@ -196,6 +197,12 @@ def add_backend_options(parser: argparse.ArgumentParser) -> argparse._ArgumentGr
                    "1: each actor its own GPU; an actor that asked for one and sees none is an error)")
     g.add_argument("--ray-address", default=None, help="join the Ray cluster at this address (host:port, or "
                    "'auto'; default $RAY_ADDRESS, else a local Ray is started)")
+    g.add_argument("--dispatch", choices=DISPATCHES, default=None,
+                   help="sync (default): generation by generation, results equal on every backend; async: a "
+                        "worker that finishes gets the next candidate at once (no generation barrier), results "
+                        "reproducible for a fixed seed and --lag, but not equal to sync's")
+    g.add_argument("--lag", type=int, default=None, help="async: jobs created ahead of the results folded in "
+                   "(default 2 x --workers); results depend on it, not on the workers' speed")
     return g
 
 
@@ -204,8 +211,13 @@ def backend_fields(args: argparse.Namespace) -> dict[str, Any]:
     for flag, value, low in (("--workers", args.workers, 1), ("--gpus-per-worker", args.gpus_per_worker, 0)):
         if value is not None and value < low:
             raise MetricGPError(f"{flag} must be >= {low}, got {value:g}")
-    return {"backend": args.backend or "serial", "workers": 1 if args.workers is None else args.workers,
-            "gpus_per_worker": args.gpus_per_worker or 0.0, "ray_address": args.ray_address}
+    workers = 1 if args.workers is None else args.workers
+    dispatch = args.dispatch or "sync"
+    if args.lag is not None and (dispatch != "async" or args.lag < 1):
+        raise MetricGPError(f"--lag needs --dispatch async and must be >= 1, got {args.lag}")
+    lag = (args.lag or default_lag(workers)) if dispatch == "async" else None
+    return {"backend": args.backend or "serial", "workers": workers, "gpus_per_worker": args.gpus_per_worker or 0.0,
+            "ray_address": args.ray_address, "dispatch": dispatch, "lag": lag}
 
 
 def resume_overrides(parser: argparse.ArgumentParser, args: argparse.Namespace, resumable: tuple) -> dict:

@@ -26,6 +26,7 @@ from metricgp.errors import MetricGPError
 from metricgp.evaluate import FITNESSES, EvaluatorSpec, PruningSetup
 from metricgp.expr import parse
 from metricgp.search.backends import BACKENDS
+from metricgp.search.steady import DISPATCHES
 from metricgp.structured.evaluator import StructuredPruner, StructuredSpec
 from metricgp.structured.recover import RECOVERY_METHODS
 from metricgp.structured.refit import check_update
@@ -60,6 +61,8 @@ class DarwinConfig:
     workers: int = 1
     gpus_per_worker: float = 0.0  # GPUs each Ray actor asks for; Ray hides the GPUs from an actor that asks none
     ray_address: str | None = None  # None: $RAY_ADDRESS, else a local Ray
+    dispatch: str = "sync"  # or "async" (metricgp.search.steady)
+    lag: int | None = None  # async: jobs created ahead of integration (None: 2 x workers)
     time_budget_min: float | None = None
     recover_tokens: int = 0
     recover_method: str = "lora"
@@ -106,6 +109,7 @@ class DarwinConfig:
                                 "would grow back")
         self.search_config().validate()
         checks = ((self.fitness, FITNESSES, "fitness"), (self.backend, BACKENDS, "backend"),
+                  (self.dispatch, DISPATCHES, "dispatch"),
                   (self.train_method, RECOVERY_METHODS, "training method"),
                   (self.recover_method, RECOVERY_METHODS, "recovery method"))
         for value, choices, what in checks:

@@ -32,6 +32,7 @@ from metricgp.search import loop
 from metricgp.search.artifacts import append_log, rewrite_log
 from metricgp.search.backends import make_backend
 from metricgp.search.checkpoint import load_checkpoint, save_checkpoint
+from metricgp.search.steady import default_lag
 from metricgp.structured.groups import discover, linears_by_name
 from metricgp.structured.refit import hessian_bytes
 
@@ -57,7 +58,8 @@ def _backend(config: DarwinConfig, prep: Prepared):
 def _run(config: DarwinConfig, prep: Prepared, start) -> Run:
     backend = _backend(config, prep)
     search = LevelSearch(prep.space, config.search_config(), backend_scorer(backend, config.schedule()), start,
-                         prep.prior)
+                         prep.prior, backend=backend, dispatch=config.dispatch,
+                         lag=config.lag)
     return Run(config, prep, search, backend)
 
 
@@ -65,6 +67,8 @@ def start(config: DarwinConfig, out: Path, provenance: dict[str, Any] | None = N
           stop_after: int | None = None) -> LevelSearch:
     out = loop.fresh_dir(out)
     config.validate()
+    if config.dispatch == "async" and config.lag is None:  # fixed now: the results depend on it
+        config = dataclasses.replace(config, lag=default_lag(config.workers))
     t0 = time.monotonic()
     prep = prepare(config)  # an unreachable target fails here, before anything is written
     run = _run(config, prep, prep.start)  # and a backend that cannot start (Ray, GPUs) fails here too
