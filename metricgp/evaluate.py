@@ -39,6 +39,7 @@ class FitnessResult:
     reason: str | None
     seconds: float
     sparsity: float
+    windows_run: int | None = None  # windows this call actually ran (earlier ones may be cached); None: unknown
 
 
 @dataclass(frozen=True)
@@ -136,12 +137,13 @@ class MetricEvaluator:
         key = to_functional(tree)
         seen, removed = self._seen.pop(key, (None, 0.0))
         done = len(seen.nll) if seen is not None else 0
+        ran = max(n_windows - done, 0)
         if done < n_windows:
             try:
                 removed = self.prune_with(tree)
             except DegenerateMetric as err:
                 self.setup.dense.restore()
-                return FitnessResult(math.inf, n_windows, str(err), time.perf_counter() - t0, 0.0)
+                return FitnessResult(math.inf, n_windows, str(err), time.perf_counter() - t0, 0.0, 0)
             t1 = time.perf_counter()
             self.timings["score_mask"] += t1 - t0
             try:
@@ -160,7 +162,7 @@ class MetricEvaluator:
         value = self.objective.value(seen, n_windows)
         reason = None if math.isfinite(value) else "non-finite fitness"
         fitness = value if math.isfinite(value) else math.inf
-        return FitnessResult(fitness, n_windows, reason, time.perf_counter() - t0, removed)
+        return FitnessResult(fitness, n_windows, reason, time.perf_counter() - t0, removed, ran)
 
 
 @dataclass

@@ -27,7 +27,7 @@ from metricgp.search.synthetic import SyntheticSpec, build_synthetic
 
 TINY = Path(__file__).resolve().parents[1] / "search_spaces" / "tiny.yaml"
 FIDS = (2, 4, 8)
-TIMING = ("seconds", "eval_seconds", "worker_idle_share")
+TIMING = ("seconds", "eval_seconds", "worker_idle_share", "windows_run")  # windows_run: caches die with a process
 
 
 class Scrambled:

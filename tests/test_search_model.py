@@ -15,7 +15,7 @@ from metricgp.search.run import RunConfig, resume, start
 from metricgp.search.space import load_space, with_overrides
 
 TINY = Path(__file__).resolve().parents[1] / "search_spaces" / "tiny.yaml"
-TIMING = ("seconds", "eval_seconds", "worker_idle_share")
+TIMING = ("seconds", "eval_seconds", "worker_idle_share", "windows_run")  # windows_run: caches die with a process
 
 
 @pytest.fixture(scope="module")

@@ -233,7 +233,7 @@ class GPSearch:
         self.counters["degenerate"] += sum(rep.degenerate.values())
         return {"evaluations": {str(n): rep.evaluations.get(n, 0) for n in self.fidelities},
                 "degenerate_reasons": dict(rep.degenerate), "eval_seconds": round(rep.seconds, 3),
-                "worker_idle_share": idle_share}
+                "worker_idle_share": idle_share, "windows_run": rep.windows_run}
 
     def _evaluate_references(self) -> None:
         """Every reference metric at every fidelity (not counted as search evaluations)."""
@@ -439,6 +439,7 @@ class GPSearch:
             "windows": delta["windows"],
             "eval_seconds": extra["eval_seconds"],
             "worker_idle_share": extra.get("worker_idle_share"),
+            "windows_run": extra.get("windows_run"),
             "dispatch": self.dispatch,
             "seconds": round(seconds, 3),
         }

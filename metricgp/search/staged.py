@@ -79,6 +79,7 @@ class CohortReport:
     cache_hits: int = 0  # candidates answered without evaluation at f_0 (cache or in-cohort duplicate)
     degenerate: Counter = field(default_factory=Counter)  # reason -> count (distinct candidates)
     seconds: float = 0.0
+    windows_run: int = 0  # windows the evaluators actually ran (those that report it)
 
 
 def assign_fitness(ind: Individual, cache: FitnessCache, fidelities: Sequence[int]) -> None:
@@ -95,6 +96,7 @@ def record_result(cache: FitnessCache, key: str, n: int, res: FitnessResult, rep
             log.warning("candidate %s: %s", cache.forms[key][0], reason)
     cache.put(key, n, fitness, reason)
     report.seconds += res.seconds
+    report.windows_run += res.windows_run or 0
 
 
 def evaluate_cohort(cohort: Sequence[Individual], fidelities: Sequence[int], eta: int,
