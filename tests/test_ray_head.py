@@ -5,12 +5,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
-import socket
-import subprocess
-import sys
-import tempfile
-import time
 from pathlib import Path
 
 import pytest
@@ -18,53 +12,21 @@ import pytest
 ray = pytest.importorskip("ray")
 pytestmark = pytest.mark.ray
 
-RAY = Path(sys.executable).with_name("ray")
 TIMING = ("seconds", "eval_seconds", "worker_idle_share")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture()
 def head(tmp_path, monkeypatch):
-    """`ray start --head --block` with 2 CPUs; its workers see this test's cache. Stopped by signal (not
-    `ray stop`, which would stop every Ray on the machine)."""
-    port = _free_port()
+    """`ray start --head` with 2 CPUs (as `make bench-distributed` starts it); its workers see this test's cache."""
+    from metricgp.experiments.distributed import local_head
+
     cache = tmp_path / "cache"
     monkeypatch.setenv("METRICGP_CACHE", str(cache))
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
-    env = {**os.environ, "METRICGP_CACHE": str(cache), "RAY_USAGE_STATS_ENABLED": "0"}
-    proc = subprocess.Popen([str(RAY), "start", "--head", "--block", f"--port={port}", "--num-cpus=2",
-                             "--node-ip-address=127.0.0.1", "--include-dashboard=false", "--disable-usage-stats"],
-                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        with socket.socket() as s:
-            if s.connect_ex(("127.0.0.1", port)) == 0:
-                break
-        time.sleep(0.5)
-    else:
-        proc.kill()
-        pytest.fail("ray start --head did not open its port")
-    had_mode = "RAY_AUTH_MODE" in os.environ
-    yield f"127.0.0.1:{port}"
-    if not had_mode:  # joining may have switched this process to token mode
-        os.environ.pop("RAY_AUTH_MODE", None)
-    if ray.is_initialized():
-        ray.shutdown()
-    os.killpg(proc.pid, 15)
-    try:
-        proc.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, 9)
-    # `ray start` records its cluster as the machine's current one, and a later `ray.init()` would try to
-    # join that dead address: forget it, as `ray stop` does
-    current = Path(tempfile.gettempdir()) / "ray" / "ray_current_cluster"
-    if current.is_file() and current.read_text().strip().endswith(f":{port}"):
-        current.unlink()
+    with local_head(num_cpus=2, env={"METRICGP_CACHE": str(cache)}) as address:
+        yield address
+        if ray.is_initialized():
+            ray.shutdown()
 
 
 def _log(run_dir: Path) -> list[dict]:
@@ -85,6 +47,11 @@ def test_search_and_darwin_joined_to_a_ray_head_equal_serial(head, tmp_path, tin
     search_start(dataclasses.replace(config, backend="ray", workers=2, ray_address=head), tmp_path / "ray")
     assert _log(tmp_path / "ray") == _log(tmp_path / "serial") and len(_log(tmp_path / "ray")) == 5
     assert not ray.is_initialized()  # the backend left the cluster it joined
+    asynchronous = dataclasses.replace(config, dispatch="async", lag=4)
+    search_start(asynchronous, tmp_path / "serial-async")
+    search_start(dataclasses.replace(asynchronous, backend="ray", workers=2, ray_address=head), tmp_path / "ray-async")
+    # equal, windows run included: a promoted candidate waited for the actor that kept its window losses
+    assert _log(tmp_path / "ray-async") == _log(tmp_path / "serial-async") != _log(tmp_path / "serial")
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as in each actor (one CPU each)
