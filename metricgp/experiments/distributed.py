@@ -14,7 +14,8 @@ evaluations and windows run per hour, and the worker idle share, 1 - evaluation 
 
 `model_rows` is the throughput model of results/distributed/README.md: the synchronous generation
 time is the sum over stages of ceil(jobs / workers) x the stage's job time; the asynchronous one
-is total job time / workers (no barrier). It is printed next to the measurement it predicts.
+is total job time / workers, or the driver's time per generation where that is longer (no barrier).
+It is printed next to the measurement it predicts.
 """
 
 from __future__ import annotations
@@ -127,7 +128,8 @@ def model_rows(fidelities: tuple[int, ...], offspring: int, eta: int, cost: Cost
                workers: tuple[int, ...] = (1, 2, 4, 8, 16, 64), driver: float = 0.0) -> list[dict[str, Any]]:
     """Predicted evaluations per hour (no stragglers): stage s races ceil(offspring / eta^s) jobs, each
     running fidelities[s] - fidelities[s-1] new windows; the driver spends `driver` seconds per
-    generation, between generations when synchronous, beside the workers when asynchronous."""
+    generation, between generations when synchronous, beside the workers when asynchronous (where
+    nothing waits for the longest job: `lag` jobs ahead keep the other workers busy)."""
     jobs, times = [], []
     for s, n in enumerate(fidelities):
         jobs.append(math.ceil(offspring / eta ** s))
@@ -136,8 +138,9 @@ def model_rows(fidelities: tuple[int, ...], offspring: int, eta: int, cost: Cost
     rows = []
     for w in workers:
         sync = sum(math.ceil(j / w) * t for j, t in zip(jobs, times, strict=True)) + driver
-        asynchronous = max(total_time / w, max(times), driver)  # no barrier: bounded by the longest job
-        rows.append({"workers": w, "sync_evaluations_per_hour": round(3600 * total_jobs / sync, 1),
+        asynchronous = max(total_time / w, driver)  # no barrier: bounded by the driver only
+        rows.append({"workers": w, "work_seconds_per_generation": round(total_time, 4),
+                     "sync_evaluations_per_hour": round(3600 * total_jobs / sync, 1),
                      "sync_idle_share": round(1 - total_time / (w * sync), 4),
                      "async_idle_share": round(1 - total_time / (w * asynchronous), 4),
                      "async_evaluations_per_hour": round(3600 * total_jobs / asynchronous, 1)})
@@ -194,20 +197,24 @@ def table(payload: dict[str, Any]) -> str:
                      f"{r['best_fitness']:.5f} |")
     lines += ["", f"Throughput model (README.md), same costs, no stragglers, the serial run's driver time "
               f"({payload['driver_seconds_per_generation']} s per generation):", ""]
-    lines += _model_table(payload["model"])
+    lines += _model_table(payload["model"], payload["driver_seconds_per_generation"])
     est = payload["model_8b_h100"]
     lines += ["", f"The same model for Llama-3.1-8B on H100s ({est['basis']}): {est['cost']['per_candidate']} s per "
               f"candidate + {est['cost']['per_window']} s per window.", ""]
-    lines += _model_table(est["rows"])
+    lines += _model_table(est["rows"], payload["driver_seconds_per_generation"])
     return "\n".join(lines) + "\n"
 
 
-def _model_table(rows: list[dict[str, Any]]) -> list[str]:
+def _model_table(rows: list[dict[str, Any]], driver: float) -> list[str]:
     out = ["| workers | sync evaluations/h | sync idle share | async evaluations/h | async idle share |",
            "|---|---|---|---|---|"]
     for m in rows:
         out.append(f"| {m['workers']} | {m['sync_evaluations_per_hour']:.0f} | {m['sync_idle_share']:.3f} | "
                    f"{m['async_evaluations_per_hour']:.0f} | {m['async_idle_share']:.3f} |")
+    work = rows[0]["work_seconds_per_generation"]
+    if driver > 0:
+        out += ["", f"Async stops scaling where the driver's {driver} s per generation exceeds the work per worker "
+                f"({work} s / N): N = {work / driver:.0f} workers; sync gains nothing past N = offspring."]
     return out
 
 
