@@ -89,7 +89,7 @@ class WhereEvaluator:
 def test_a_promoted_candidate_goes_back_to_the_actor_that_scored_its_first_windows(monkeypatch):
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     tests = str(Path(__file__).resolve().parent)  # the actors import WhereEvaluator from this file
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
              runtime_env={"env_vars": {"PYTHONPATH": tests}})
     backend = RayBackend(WhereEvaluator, workers=2)
     try:
@@ -107,7 +107,7 @@ def test_darwin_on_ray_asks_its_actors_for_the_gpus_given(tiny_llama_dir, text_f
     actor is scheduled only because it asked for one, then finds no CUDA device: a one-line error, exit 2."""
     from metricgp.darwin.__main__ import main
 
-    ray.init(num_cpus=2, num_gpus=2, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=2, num_gpus=2, include_dashboard=False, log_to_driver=False)
     try:
         out = tmp_path / "run"
         code = main(["--model", str(tiny_llama_dir), "--calib", str(text_files["calib"]), "--n-calib", "4",

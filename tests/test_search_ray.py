@@ -22,7 +22,7 @@ TINY = Path(__file__).resolve().parents[1] / "search_spaces" / "tiny.yaml"
 
 @pytest.fixture(scope="module")
 def local_ray():
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     yield
     ray.shutdown()
 

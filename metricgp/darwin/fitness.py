@@ -26,7 +26,7 @@ from metricgp.darwin.masking import StructuredMasks
 from metricgp.darwin.unstructured import UnstructuredMasks
 from metricgp.data import parse_data_ref, windows
 from metricgp.errors import MetricGPError
-from metricgp.evaluate import FITNESSES, EvaluatorSpec, FitnessResult, PruningSetup
+from metricgp.evaluate import FITNESSES, EvaluatorSpec, FitnessResult, PruningSetup, cached_reference
 from metricgp.structured.evaluator import StructuredPruner
 from metricgp.structured.recover import recover
 from metricgp.structured.refit import UPDATES, check_update
@@ -108,8 +108,7 @@ class LevelEvaluator:
         self.objective = FITNESSES[recipe.fitness]
         self.windows = calibration_windows(setup, recipe.fitness_data, recipe.fitness_windows, recipe.fitness_seed)
         self.fidelities = (len(self.windows),)
-        build = self.objective.reference
-        self.reference = build(setup.model, self.windows) if build is not None else None
+        self.reference = cached_reference(setup, self.windows, self.objective.reference)
         self.train_windows = None
         if recipe.train_tokens:
             n = -(-recipe.train_tokens // setup.spec.seqlen)

@@ -52,6 +52,9 @@ def _backend(config: DarwinConfig, prep: Prepared):
     recipe = config.recipe(prep.database)
     if config.backend == "serial":  # on the driver's model: no second copy
         return make_backend("serial", functools.partial(build_evaluator, recipe, prep.setup))
+    # an evaluator on the driver's model computes and caches the dense reference once, before any worker
+    # starts (the statistics were cached by `prepare`); workers only read both
+    build_evaluator(recipe, prep.setup)
     return make_backend(config.backend, recipe, config.workers, config.gpus_per_worker, config.ray_address)
 
 

@@ -147,7 +147,9 @@ class RayBackend:
             except ConnectionError as err:
                 raise MetricGPError(f"cannot join the Ray cluster at {address}: {err}") from None
         elif self._owns_ray:
-            ray.init(num_cpus=max(workers, 1), include_dashboard=False, log_to_driver=False)
+            # address="local": a new Ray of our own, even where a `ray start` cluster runs on this machine (a
+            # plain `ray.init()` would try to join that one); joining is what --ray-address is for
+            ray.init(address="local", num_cpus=max(workers, 1), include_dashboard=False, log_to_driver=False)
         needed, available = workers * gpus_per_worker, ray.cluster_resources().get("GPU", 0.0)
         if needed > available:
             self.close()
