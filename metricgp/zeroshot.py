@@ -66,6 +66,20 @@ class ZeroShot:
     _names: list[str] = field(default_factory=list, init=False, repr=False)
 
     @classmethod
+    def from_options(cls, tasks: str | None, limit: int | None = None, batch_size: int = 1,
+                     check: bool = False) -> ZeroShot | None:
+        """`parse` of the command-line options (--zero-shot, --zero-shot-limit, --zero-shot-batch-size),
+        and `check` with `check`; None without tasks, where a limit or batch size alone is an error."""
+        if tasks is None:
+            if limit is not None or batch_size != 1:
+                raise MetricGPError("--zero-shot-limit and --zero-shot-batch-size need --zero-shot TASKS")
+            return None
+        zs = cls.parse(tasks, limit, batch_size)
+        if check:
+            zs.check()
+        return zs
+
+    @classmethod
     def parse(cls, tasks: str, limit: int | None = None, batch_size: int = 1) -> ZeroShot:
         if not [t for t in tasks.split(",") if t.strip()]:
             raise MetricGPError("--zero-shot names no task")

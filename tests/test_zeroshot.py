@@ -219,7 +219,7 @@ def _refuse_model_loading(monkeypatch) -> None:
     monkeypatch.setattr(metricgp.evaluate, "load_model", refuse)
 
 
-@pytest.mark.parametrize("command", ["apply", "structured"])
+@pytest.mark.parametrize("command", ["apply", "structured", "compare", "darwin"])
 def test_missing_extra_is_one_line_naming_it_before_any_work(tmp_path, base_args, monkeypatch, capsys, command):
     from metricgp.cli.darwin import main as darwin_main
     from metricgp.experiments.compare import main as compare_main
@@ -236,3 +236,73 @@ def test_missing_extra_is_one_line_naming_it_before_any_work(tmp_path, base_args
     err = capsys.readouterr().err.strip()
     assert err == "error: --zero-shot needs lm-evaluation-harness, an optional extra: pip install 'metricgp[eval]'"
     assert not out.exists()
+
+
+def test_compare_rows_get_accuracy_once_and_refuse_other_settings(tmp_path, base_args, task_dir, monkeypatch,
+                                                                 capsys):
+    from metricgp.experiments.compare import main as compare_main
+
+    out = tmp_path / "cmp"
+    args = [*base_args, "--metric", "magnitude", "--settings", "0.5", "--modes", "oneshot", "--out", str(out)]
+    assert compare_main(args) == 0  # perplexity only first: the rows are finished
+    assert compare_main([*args, "--zero-shot", str(task_dir), "--zero-shot-limit", "8"]) == 0  # accuracy added
+    table = json.loads((out / "table.json").read_text())
+    zs = table["zero_shot"]
+    assert zs["limit"] == 8 and list(zs["models"]) == ["dense"]
+    row = table["rows"]["abs(W)|0.5|oneshot"]
+    assert set(row["zero_shot"]) == {"tasks", "mean", "seconds"} and row["perplexity"]
+    assert row["zero_shot"]["tasks"][WITH_NORM]["items"] == 8
+    md = (out / "table.md").read_text()
+    assert "## Zero-shot accuracy" in md and "| dense |" in md and "| magnitude 50% oneshot |" in md
+
+    def refuse(*_a, **_k):
+        raise AssertionError("measured a finished row again")
+
+    monkeypatch.setattr(ZeroShot, "evaluate", refuse)
+    assert compare_main([*args, "--zero-shot", str(task_dir), "--zero-shot-limit", "8"]) == 0
+    assert json.loads((out / "table.json").read_text())["rows"] == table["rows"]
+    capsys.readouterr()
+    assert compare_main([*args, "--zero-shot", str(task_dir), "--zero-shot-limit", "4"]) == 2
+    assert "holds zero-shot accuracy measured with other settings" in capsys.readouterr().err
+
+
+def _darwin_args(model_dir, text_files, out, *extra) -> list[str]:
+    return ["--model", str(model_dir), "--calib", str(text_files["calib"]), "--n-calib", "2", "--seqlen", "32",
+            "--dataset", str(text_files["test"]), "--eval-windows", "2", "--offspring", "2", "--generations", "1",
+            "--survivors", "1", "--fitness-windows", "1", "--metric", "wanda", "--no-speed", "--no-progress",
+            "--out", str(out), *extra]
+
+
+def test_darwin_final_report_dense_pruned_recovered_and_reloaded(tmp_path, tiny_llama_dir, text_files, task_dir,
+                                                                isolated_cache, capsys):
+    from transformers import AutoTokenizer
+
+    import metricgp
+    from metricgp.cli.darwin import main as darwin_main
+
+    out = tmp_path / "darwin"
+    assert darwin_main(_darwin_args(tiny_llama_dir, text_files, out, "--keep", "0.7", "--recover-tokens", "64",
+                                    "--zero-shot", str(task_dir), "--zero-shot-limit", "8")) == 0
+    assert "| recovered |" in capsys.readouterr().out
+    zs = json.loads((out / "report.json").read_text())["zero_shot"]
+    assert list(zs["models"]) == ["dense", "pruned", "recovered"] and zs["limit"] == 8
+    assert "| recovered |" in (out / "README.md").read_text()
+    reloaded = metricgp.load_pruned(out / "model")  # the saved model is the recovered one
+    result = ZeroShot.parse(str(task_dir), limit=8).evaluate(reloaded, AutoTokenizer.from_pretrained(out / "model"))
+    assert _accuracies(result) == _accuracies(zs["models"]["recovered"])
+
+
+def test_darwin_resume_adds_accuracy_to_every_unstructured_allocation(tmp_path, tiny_llama_dir, text_files,
+                                                                      task_dir, isolated_cache):
+    from metricgp.cli.darwin import main as darwin_main
+
+    out = tmp_path / "evo"
+    assert darwin_main(_darwin_args(tiny_llama_dir, text_files, out, "--unstructured", "--sparsity", "0.5",
+                                    "--no-save-model")) == 0
+    assert "zero_shot" not in json.loads((out / "report.json").read_text())
+    assert darwin_main(["--resume", str(out), "--zero-shot", str(task_dir), "--zero-shot-limit", "4",
+                        "--no-progress"]) == 0
+    zs = json.loads((out / "report.json").read_text())["zero_shot"]
+    assert list(zs["models"]) == ["dense", "uniform", "owl", "evopress"]
+    resumed = json.loads((out / "config.json").read_text())["resumes"]
+    assert resumed[-1]["overrides"] == {"zero_shot": str(task_dir), "zero_shot_limit": 4}

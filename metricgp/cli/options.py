@@ -148,14 +148,8 @@ def add_zero_shot_options(parser: argparse.ArgumentParser) -> argparse._Argument
 
 def zero_shot_from_args(args: argparse.Namespace) -> ZeroShot | None:
     """The checked zero-shot evaluation of --zero-shot (lm-eval installed, every task known and its data
-    found), or None without it; --zero-shot-limit alone is an error."""
-    if args.zero_shot is None:
-        if args.zero_shot_limit is not None or args.zero_shot_batch_size != 1:
-            raise MetricGPError("--zero-shot-limit and --zero-shot-batch-size need --zero-shot TASKS")
-        return None
-    zs = ZeroShot.parse(args.zero_shot, args.zero_shot_limit, args.zero_shot_batch_size)
-    zs.check()
-    return zs
+    found), or None without it."""
+    return ZeroShot.from_options(args.zero_shot, args.zero_shot_limit, args.zero_shot_batch_size, check=True)
 
 
 def validate_model_and_report(args: argparse.Namespace) -> ZeroShot | None:
