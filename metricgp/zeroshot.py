@@ -130,8 +130,9 @@ class ZeroShot:
         try:
             manager.load(chosen)
         except Exception as err:  # noqa: BLE001 - lm-eval and datasets raise many kinds (no network, bad YAML)
+            first = (str(err).strip().splitlines() or [""])[0]  # one line, as every user error
             raise MetricGPError(f"--zero-shot: could not load the tasks {', '.join(chosen)}: "
-                                f"{type(err).__name__}: {err}") from None
+                                f"{type(err).__name__}: {first}") from None
         self._manager, self._names = manager, chosen
         return chosen
 

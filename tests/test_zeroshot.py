@@ -198,12 +198,16 @@ def test_shipped_example_task_runs_offline_and_leaves_the_random_state(monkeypat
     (["--zero-shot", "TASKS", "--zero-shot-limit", "0"], "--zero-shot-limit must be at least 1, got 0"),
     (["--zero-shot", "/no/such/tasks"], "--zero-shot /no/such/tasks: no such file or directory"),
     (["--zero-shot", "ITEMS"], "a local task is a directory or a .yaml file"),
+    (["--zero-shot", "BROKEN"], "--zero-shot: could not load the tasks toy_broken: "),
 ])
 def test_zero_shot_user_errors_before_the_model_loads(tmp_path, base_args, task_dir, monkeypatch, capsys,
                                                       extra, message):
     _refuse_model_loading(monkeypatch)
     out = tmp_path / "out"
-    extra = [{"TASKS": str(task_dir), "ITEMS": str(task_dir / "items.jsonl")}.get(a, a) for a in extra]
+    broken = tmp_path / "broken.yaml"  # its data file does not exist
+    broken.write_text(TASK_YAML.format(name="toy_broken", data=tmp_path / "missing.jsonl", metrics=_metric("acc")))
+    extra = [{"TASKS": str(task_dir), "ITEMS": str(task_dir / "items.jsonl"), "BROKEN": str(broken)}.get(a, a)
+             for a in extra]
     assert main([*base_args, "--metric", "wanda", *extra, "--out", str(out)]) == 2
     err = capsys.readouterr().err
     assert message in err and len(err.strip().splitlines()) == 1
