@@ -11,7 +11,7 @@ LOCKED_TORCH := $(shell grep -m1 '^torch==' $(LOCK) 2>/dev/null)
 TORCH_SPEC ?= $(or $(LOCKED_TORCH),torch==2.13.0)
 # Where pip finds torch's CPU wheels when they are not on this machine's disk (PyPI has only CUDA builds).
 TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
-EXTRAS ?= dev,ray
+EXTRAS ?= dev,ray,eval
 # `make test-latest` / `make lock`: a second venv with the newest release of everything pyproject allows.
 LATEST_VENV ?= .venv-latest
 LATEST_TORCH ?= torch==2.13.0

@@ -37,17 +37,9 @@ def module_cache(tmp_path_factory):
 @pytest.fixture(scope="module")
 def tiny4_dir(tmp_path_factory, tiny_llama_dir):
     """The shared tiny Llama's tokenizer with a 4-block model (more genes to search)."""
-    from conftest import tiny_config
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from conftest import save_tiny_variant
 
-    path = tmp_path_factory.mktemp("tiny4")
-    tokenizer = AutoTokenizer.from_pretrained(tiny_llama_dir)
-    config = tiny_config("llama", len(tokenizer))
-    config.num_hidden_layers = 4
-    torch.manual_seed(0)
-    AutoModelForCausalLM.from_config(config).save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
+    return save_tiny_variant(tmp_path_factory.mktemp("tiny4"), tiny_llama_dir, num_hidden_layers=4)
 
 
 def make_config(model, text_files, **fields) -> DarwinConfig:

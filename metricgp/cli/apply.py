@@ -25,6 +25,7 @@ from metricgp.cli.options import (
     add_model_data_options,
     add_pattern_options,
     add_report_options,
+    add_zero_shot_options,
     metric_from_args,
     pattern_from_args,
     prune_and_measure,
@@ -35,6 +36,7 @@ from metricgp.errors import MetricGPError, cli_entry
 from metricgp.expr import BUILTIN_METRICS, OPERATORS, describe
 from metricgp.provenance import write_json_atomic
 from metricgp.prune.engine import PRUNE_MODES
+from metricgp.zeroshot import zero_shot_lines
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -60,6 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
     structured.add_structured_options(p)
     add_model_data_options(p)
     add_report_options(p)
+    add_zero_shot_options(p)
     return p
 
 
@@ -74,20 +77,21 @@ def check_mode(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
 
 
 def validate(args: argparse.Namespace):
-    """Check everything the user gave, before anything slow happens. Returns (tree, source, pattern)."""
+    """Check everything the user gave, before anything slow happens. Returns (tree, source, pattern,
+    zero-shot evaluation or None)."""
     tree, source = metric_from_args(args)
     if tree is None:
         raise MetricGPError("give --metric or --metric-file")
     pattern = pattern_from_args(args)
-    validate_model_and_report(args)
-    return tree, source, pattern
+    zero_shot = validate_model_and_report(args)
+    return tree, source, pattern, zero_shot
 
 
 def run(args: argparse.Namespace) -> dict:
     """Prune, evaluate and write `args.out`; returns the report."""
-    tree, source, pattern = validate(args)
+    tree, source, pattern, zero_shot = validate(args)
     m = prune_and_measure(args, "G" in tree.leaves_used(), lambda s: (s.model, s.prune(tree, pattern, args.mode)),
-                          pattern=pattern.name, sparsity=pattern.sparsity)
+                          zero_shot, pattern=pattern.name, sparsity=pattern.sparsity)
     setup, evals, report = m.setup, m.evals, m.outcome
 
     result = {
@@ -102,6 +106,7 @@ def run(args: argparse.Namespace) -> dict:
         "evaluation": {d: {"windows": len(w), "seqlen": args.seqlen, "tokens": int(w.numel())}
                        for d, w in evals.items()},
         "perplexity": {"dense": m.dense_ppl, "pruned": m.pruned_ppl},
+        **({"zero_shot": m.zero_shot_report()} if zero_shot else {}),
         "sparsity": {"overall": report.sparsity, "pruned_weights": report.pruned,
                      "prunable_weights": report.total, "per_layer": report.layer_sparsity},
         "timings_s": {k: round(v, 2) for k, v in m.timings.items()} | {"total": round(time.perf_counter() - m.t0, 2)},
@@ -128,7 +133,7 @@ def summary(result: dict) -> str:
         dense = result["perplexity"]["dense"].get(data)
         dense_txt = f"dense {dense:.3f}  ->  " if dense is not None else ""
         lines.append(f"{data:<10} {dense_txt}pruned {ppl:.3f}   ({result['evaluation'][data]['windows']} windows)")
-    return "\n".join(lines)
+    return "\n".join(lines + zero_shot_lines(result))
 
 
 @cli_entry

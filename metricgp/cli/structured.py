@@ -52,6 +52,7 @@ from metricgp.structured.recover import RECOVERY_METHODS, compare_with_lora, rec
 from metricgp.structured.saap import SAAPOptions
 from metricgp.structured.saap.estimators import DEFAULT_ESTIMATORS, ESTIMATORS, split_estimators
 from metricgp.structured.saving import save_pruned
+from metricgp.zeroshot import zero_shot_lines
 
 DEFAULTS = StructuredSpec()
 
@@ -170,13 +171,14 @@ def validate(args: argparse.Namespace):
     tree, source = metric_from_args(args)
     if tree is None and spec.importance == "metric":
         raise MetricGPError("importance 'metric' needs --metric or --metric-file")
-    validate_model_and_report(args)
-    return spec, tree, source
+    zero_shot = validate_model_and_report(args)
+    return spec, tree, source, zero_shot
 
 
 def run(args: argparse.Namespace) -> dict:
-    spec, tree, source = validate(args)
-    m = prune_and_measure(args, tree is not None and "G" in tree.leaves_used(), lambda s: prune(s, tree, spec))
+    spec, tree, source, zero_shot = validate(args)
+    m = prune_and_measure(args, tree is not None and "G" in tree.leaves_used(), lambda s: prune(s, tree, spec),
+                          zero_shot)
     setup, evals, model, sizes, timings = m.setup, m.evals, m.model, m.outcome, m.timings
 
     result = {
@@ -203,6 +205,11 @@ def run(args: argparse.Namespace) -> dict:
         timings["recover"] = time.perf_counter() - t4
         result["recovery"] = {**rec.to_dict(), "data": args.calib, "seed": args.calib_seed + 1}
         result["perplexity"]["recovered"] = {d: perplexity(model, w, progress=True) for d, w in evals.items()}
+        if zero_shot is not None:
+            m.accuracy["recovered"] = zero_shot.evaluate(model, setup.tokenizer)
+            timings["recovered_zero_shot"] = m.accuracy["recovered"]["seconds"]
+    if zero_shot is not None:
+        result["zero_shot"] = m.zero_shot_report()
     if args.speed:
         setup.dense.restore()
         result["speed"] = speed_report(setup.model, model)
@@ -245,4 +252,4 @@ def summary(result: dict) -> str:
         s = result["speed"]
         lines.append(f"speed-up prefill {s['prefill_speedup']:.2f}x, decode {s['decode_speedup']:.2f}x "
                      f"(FLOPs ratio {s['flops_ratio']:.2f}x)")
-    return "\n".join(lines)
+    return "\n".join(lines + zero_shot_lines(result))

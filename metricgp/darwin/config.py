@@ -30,6 +30,7 @@ from metricgp.search.steady import DISPATCHES
 from metricgp.structured.evaluator import StructuredPruner, StructuredSpec
 from metricgp.structured.recover import RECOVERY_METHODS
 from metricgp.structured.refit import check_update
+from metricgp.zeroshot import ZeroShot
 
 DATABASE = "database.json"
 
@@ -74,6 +75,9 @@ class DarwinConfig:
     reconstruct: bool = False  # unstructured: also every allocation + least-squares reconstruction
     update: str = "none"  # structured: each level's weight update (`metricgp.structured.refit.UPDATES`)
     speed: bool = True  # structured: prefill/decode throughput of the final model vs dense
+    zero_shot: str | None = None  # final report: lm-eval tasks (metricgp.zeroshot), dense and final model
+    zero_shot_limit: int | None = None
+    zero_shot_batch_size: int = 1
     name: str = "darwin"
 
     @property
@@ -123,7 +127,13 @@ class DarwinConfig:
             raise MetricGPError("--workers must be >= 1, --recover-tokens and --eval-windows >= 0")
         parse_data_ref(self.fitness_data, "calibration")
         parse_report_data(self.dataset)
+        ZeroShot.from_options(self.zero_shot, self.zero_shot_limit, self.zero_shot_batch_size)
         return self
+
+    def zero_shot_evaluation(self) -> ZeroShot | None:
+        """The final report's zero-shot evaluation, checked (lm-eval installed, the tasks and their data
+        found), or None: called before the model loads."""
+        return ZeroShot.from_options(self.zero_shot, self.zero_shot_limit, self.zero_shot_batch_size, check=True)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
