@@ -11,7 +11,7 @@ LOCKED_TORCH := $(shell grep -m1 '^torch==' $(LOCK) 2>/dev/null)
 TORCH_SPEC ?= $(or $(LOCKED_TORCH),torch==2.13.0)
 # Where pip finds torch's CPU wheels when they are not on this machine's disk (PyPI has only CUDA builds).
 TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
-EXTRAS ?= dev,ray
+EXTRAS ?= dev,ray,eval
 # `make test-latest` / `make lock`: a second venv with the newest release of everything pyproject allows.
 LATEST_VENV ?= .venv-latest
 LATEST_TORCH ?= torch==2.13.0
@@ -22,7 +22,7 @@ SEARCH_BUDGET_MIN ?= 23
 SEARCH_OUT ?= runs/search-metric
 SEARCH_ARGS ?=
 
-.PHONY: venv test test-latest test-lowest lock lint search-metric search-scratch search-hessian search-long fidelity-final baselines-full refit-fidelity baselines noise-floor bench bench-fidelity bench-scale bench-structured structured saap-ablation darwin recovery clean-venv
+.PHONY: venv test test-latest test-lowest lock lint search-metric search-scratch search-hessian search-long fidelity-final baselines-full refit-fidelity baselines noise-floor bench bench-fidelity bench-scale bench-distributed bench-structured structured saap-ablation darwin recovery clean-venv
 
 venv: $(STAMP)
 
@@ -165,6 +165,11 @@ saap-ablation: venv
 bench-scale: venv
 	$(PY) -m metricgp.experiments.scale --shapes small,8b --layers 1,2,4 \
 	  --phases model,statistics,search-evaluation,sequential --out results/scale
+
+# The metric search on a local `ray start --head` cluster joined with --ray-address: serial, 1 and 2
+# workers, sync and async dispatch; evaluations per hour, worker idle share, and the throughput model.
+bench-distributed: venv
+	$(PY) -m metricgp.experiments.distributed --out results/distributed
 
 bench-structured: venv
 	$(PY) -m metricgp.structured.experiments speed --keep 0.7 --out results/structured

@@ -19,12 +19,14 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 from metricgp.data import parse_data_ref, windows
 from metricgp.errors import MetricGPError
 from metricgp.expr import compile_metric, to_functional
-from metricgp.measure import DenseReference, WindowLosses, perplexity, window_losses
+from metricgp.fileio import atomic_path
+from metricgp.measure import KL_TOPK, DenseReference, WindowLosses, perplexity, window_losses
 from metricgp.models import cache_root, load_model, prunable_layers
 from metricgp.provenance import json_safe
 from metricgp.prune.engine import PRUNE_MODES, DegenerateMetric, DenseWeights, prune_oneshot
@@ -39,6 +41,7 @@ class FitnessResult:
     reason: str | None
     seconds: float
     sparsity: float
+    windows_run: int | None = None  # windows this call actually ran (earlier ones may be cached); None: unknown
 
 
 @dataclass(frozen=True)
@@ -118,8 +121,7 @@ class MetricEvaluator:
         self.setup = setup or PruningSetup.from_spec(self.spec)
         self.valid = self.setup.fitness_windows(max(self.spec.fidelities))
         self.fidelities = tuple(min(f, len(self.valid)) for f in self.spec.fidelities)
-        build = self.objective.reference
-        self.reference = build(self.setup.model, self.valid) if build is not None else None
+        self.reference = cached_reference(self.setup, self.valid, self.objective.reference)
         self.timings: dict[str, float] = defaultdict(float)
         self._seen: dict[str, tuple[WindowLosses, float]] = {}  # formula -> (losses so far, fraction removed)
 
@@ -136,12 +138,13 @@ class MetricEvaluator:
         key = to_functional(tree)
         seen, removed = self._seen.pop(key, (None, 0.0))
         done = len(seen.nll) if seen is not None else 0
+        ran = max(n_windows - done, 0)
         if done < n_windows:
             try:
                 removed = self.prune_with(tree)
             except DegenerateMetric as err:
                 self.setup.dense.restore()
-                return FitnessResult(math.inf, n_windows, str(err), time.perf_counter() - t0, 0.0)
+                return FitnessResult(math.inf, n_windows, str(err), time.perf_counter() - t0, 0.0, 0)
             t1 = time.perf_counter()
             self.timings["score_mask"] += t1 - t0
             try:
@@ -160,7 +163,7 @@ class MetricEvaluator:
         value = self.objective.value(seen, n_windows)
         reason = None if math.isfinite(value) else "non-finite fitness"
         fitness = value if math.isfinite(value) else math.inf
-        return FitnessResult(fitness, n_windows, reason, time.perf_counter() - t0, removed)
+        return FitnessResult(fitness, n_windows, reason, time.perf_counter() - t0, removed, ran)
 
 
 @dataclass
@@ -215,6 +218,31 @@ class PruningSetup:
             raise MetricGPError(f"unknown mode '{mode}' (choose from {', '.join(PRUNE_MODES)})")
         self.dense.restore()
         return PRUNE_MODES[mode](self, compile_metric(tree), pattern)
+
+
+REFERENCE_VERSION = 1
+
+
+def cached_reference(setup: PruningSetup, valid: torch.Tensor,
+                     build: Callable[[nn.Module, torch.Tensor], Any] | None) -> Any:
+    """A fitness's dense reference on `valid`, built before any pruning. The KL fitness's top-k reference
+    is cached on disk, keyed by the weights and the windows: the driver of a distributed search builds it
+    once before any worker starts (`metricgp.search.run.warm_caches`), and the workers read it instead of
+    each running the dense model over the windows again."""
+    if build is None:
+        return None
+    key = hashlib.sha256(json.dumps({"v": REFERENCE_VERSION, "model": setup.fingerprint, "k": KL_TOPK,
+                                     "windows": hashlib.sha256(valid.numpy().tobytes()).hexdigest(),
+                                     "shape": list(valid.shape)}).encode()).hexdigest()[:20]
+    path = cache_root() / "references" / f"{key}.safetensors"
+    if path.is_file():
+        tensors = load_file(path)
+        return DenseReference(tensors["top_logp"], tensors["top_idx"])
+    reference = build(setup.model, valid)
+    if isinstance(reference, DenseReference):  # another kind of reference is not cached
+        with atomic_path(path) as tmp:
+            save_file({"top_logp": reference.top_logp.contiguous(), "top_idx": reference.top_idx.contiguous()}, tmp)
+    return reference
 
 
 def cached_dense_perplexity(setup: PruningSetup, data: str, windows: torch.Tensor) -> float:

@@ -84,6 +84,21 @@ def tiny_llama_dir(tmp_path_factory, text_files) -> Path:
     return path
 
 
+def save_tiny_variant(path: Path, tiny_llama_dir: Path, **config: object) -> Path:
+    """A random Llama with the shared tiny model's tokenizer and config, but for `config`'s fields
+    (more blocks, larger initial weights ...), saved in `path`."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_llama_dir)
+    cfg = tiny_config("llama", len(tokenizer))
+    for key, value in config.items():
+        setattr(cfg, key, value)
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(cfg).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
 @pytest.fixture()
 def one_thread():
     """Tiny matmuls on a shared, busy CPU: one thread is much faster than two contending ones."""

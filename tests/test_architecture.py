@@ -19,7 +19,7 @@ LAYERS = [
     ("models", "data", "blocks"),
     ("stats",),
     ("prune",),
-    ("measure",),
+    ("measure", "zeroshot"),
     ("evaluate",),
     ("refit_fitness",),
     ("recover",),

@@ -38,7 +38,7 @@ def test_ray_backend_equals_serial(tiny4, text_files, isolated_cache, tmp_path):
     config = make_config(tiny4, text_files, stages=stages, generations=2, save_model=False, dense_eval=False)
     try:
         start(config, tmp_path / "serial")
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
+        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
                  runtime_env={"env_vars": {"METRICGP_CACHE": str(isolated_cache)}})
         start(dataclasses.replace(config, backend="ray", workers=2), tmp_path / "ray")
     finally:

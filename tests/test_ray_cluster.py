@@ -89,7 +89,7 @@ class WhereEvaluator:
 def test_a_promoted_candidate_goes_back_to_the_actor_that_scored_its_first_windows(monkeypatch):
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     tests = str(Path(__file__).resolve().parent)  # the actors import WhereEvaluator from this file
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
              runtime_env={"env_vars": {"PYTHONPATH": tests}})
     backend = RayBackend(WhereEvaluator, workers=2)
     try:
@@ -100,3 +100,23 @@ def test_a_promoted_candidate_goes_back_to_the_actor_that_scored_its_first_windo
         backend.close()
         ray.shutdown()
     assert [r.fitness for r in promoted] == [first[4].fitness, first[1].fitness, first[5].fitness]
+
+
+def test_darwin_on_ray_asks_its_actors_for_the_gpus_given(tiny_llama_dir, text_files, isolated_cache, tmp_path, capsys):
+    """A cluster that advertises two GPUs but has none (Ray takes `num_gpus` on trust): the level search's
+    actor is scheduled only because it asked for one, then finds no CUDA device: a one-line error, exit 2."""
+    from metricgp.darwin.__main__ import main
+
+    ray.init(address="local", num_cpus=2, num_gpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        out = tmp_path / "run"
+        code = main(["--model", str(tiny_llama_dir), "--calib", str(text_files["calib"]), "--n-calib", "4",
+                     "--seqlen", "32", "--metric", "wanda", "--keep", "0.7", "--fitness-data", str(text_files["calib"]),
+                     "--no-progress", "--backend", "ray", "--workers", "1", "--gpus-per-worker", "1",
+                     "--out", str(out)])
+    finally:
+        ray.shutdown()
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if line.startswith("error: ")]
+    assert code == 2 and len(errors) == 1 and "asked for 1 GPU but sees none" in errors[0], err[-2000:]
+    assert "Traceback" not in err and not out.exists()

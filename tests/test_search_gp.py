@@ -21,7 +21,7 @@ from metricgp.search.trees import node_to_tree
 
 FIDS = (2, 4, 8)
 SPACES = Path(__file__).resolve().parents[1] / "search_spaces"
-TIMING = ("seconds", "eval_seconds")
+TIMING = ("seconds", "eval_seconds", "worker_idle_share")
 
 
 def strip_timing(records: list[dict]) -> list[dict]:

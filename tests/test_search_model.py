@@ -15,7 +15,7 @@ from metricgp.search.run import RunConfig, resume, start
 from metricgp.search.space import load_space, with_overrides
 
 TINY = Path(__file__).resolve().parents[1] / "search_spaces" / "tiny.yaml"
-TIMING = ("seconds", "eval_seconds")
+TIMING = ("seconds", "eval_seconds", "worker_idle_share", "windows_run")  # windows_run: caches die with a process
 
 
 @pytest.fixture(scope="module")
@@ -64,7 +64,7 @@ def test_ray_backend_equals_serial_on_a_model(spec, isolated_cache):
     jobs = [(parse(t), n) for t in ("abs(W)", "mul(abs(W), sqrt(X))", "mul(abs(mul(W, W)), mms(G))", "sub(W, W)")
             for n in (1, 2)]
     serial = SerialBackend(factory).evaluate(jobs)
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
              runtime_env={"env_vars": {"METRICGP_CACHE": str(isolated_cache)}})
     try:
         remote = RayBackend(factory, workers=2)
@@ -88,7 +88,7 @@ def test_with_ray_the_driver_computes_the_statistics_once_before_any_worker(spec
     real_warm, real_make = run.warm_caches, run.make_backend
     monkeypatch.setattr(run, "warm_caches", lambda c: order.append("warm") or real_warm(c))
     monkeypatch.setattr(run, "make_backend", lambda *a: order.append("workers") or real_make(*a))
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
              runtime_env={"env_vars": {"METRICGP_CACHE": str(isolated_cache)}})
     try:
         real_warm(config)  # what the driver leaves in the cache
@@ -104,3 +104,26 @@ def test_with_ray_the_driver_computes_the_statistics_once_before_any_worker(spec
     assert order == ["warm", "workers"]
     assert files and sorted(isolated_cache.rglob("*.safetensors")) == files  # the workers wrote no statistics
     assert [f.stat().st_mtime_ns for f in files] == stamps
+
+
+def test_the_kl_reference_is_computed_once_and_read_back_by_later_evaluators(spec, isolated_cache, monkeypatch):
+    """The driver's evaluator caches the dense top-k reference; an evaluator built afterwards (a worker)
+    reads it instead of running the dense model again, and scores exactly alike."""
+    import dataclasses
+
+    import torch
+
+    from metricgp.evaluate import FITNESSES
+
+    kl = EvaluatorSpec(**spec, fitness="kl")
+    first = build_evaluator(kl)
+    assert len(list((isolated_cache / "references").glob("*.safetensors"))) == 1
+
+    def no_dense_pass(*_args, **_kwargs):
+        raise AssertionError("the reference was computed again")
+
+    monkeypatch.setitem(FITNESSES, "kl", dataclasses.replace(FITNESSES["kl"], reference=no_dense_pass))
+    second = build_evaluator(kl)
+    tree = parse("mul(abs(W), sqrt(X))")
+    assert second.evaluate(tree, 2).fitness == first.evaluate(tree, 2).fitness
+    assert torch.equal(second.reference.top_idx, first.reference.top_idx)

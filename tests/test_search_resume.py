@@ -21,7 +21,7 @@ from metricgp.search.space import load_space, with_overrides
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "search_spaces" / "tiny.yaml"
-TIMING = ("seconds", "eval_seconds")
+TIMING = ("seconds", "eval_seconds", "worker_idle_share", "windows_run")  # windows_run: caches die with a process
 
 
 def _config(generations: int = 10, seed: int = 3, delay: float = 0.0) -> RunConfig:

@@ -28,6 +28,7 @@ from metricgp.cli.options import (
     add_pattern_options,
     add_recovery_options,
     add_report_options,
+    add_zero_shot_options,
     check_recovery_options,
     metric_from_args,
     pattern_from_args,
@@ -42,6 +43,7 @@ from metricgp.provenance import write_json_atomic
 from metricgp.prune.engine import PRUNE_MODES
 from metricgp.recover import sparse_masks
 from metricgp.structured.recover import RECOVERY_METHODS
+from metricgp.zeroshot import zero_shot_lines
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -70,6 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
         "adapters for lora)"), methods=tuple(RECOVERY_METHODS))
     add_model_data_options(p)
     add_report_options(p)
+    add_zero_shot_options(p)
     return p
 
 
@@ -84,7 +87,8 @@ def check_mode(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
 
 
 def validate(args: argparse.Namespace):
-    """Check everything the user gave, before anything slow happens. Returns (tree, source, pattern)."""
+    """Check everything the user gave, before anything slow happens. Returns (tree, source, pattern,
+    zero-shot evaluation or None)."""
     tree, source = metric_from_args(args)
     if tree is None:
         raise MetricGPError("give --metric or --metric-file")
@@ -93,15 +97,15 @@ def validate(args: argparse.Namespace):
     if args.recover_tokens and not RECOVERY_METHODS[args.recover_method].keeps_masks:
         raise MetricGPError(f"--recover-method {args.recover_method} cannot keep the zeros of a sparse model "
                             "(lora or full; or --structured)")
-    validate_model_and_report(args)
-    return tree, source, pattern
+    zero_shot = validate_model_and_report(args)
+    return tree, source, pattern, zero_shot
 
 
 def measure(args: argparse.Namespace):
     """Validate, load, prune and measure (`prune_and_measure`); returns (Measured, (tree, source, pattern))."""
-    tree, source, pattern = validate(args)
+    tree, source, pattern, zero_shot = validate(args)
     m = prune_and_measure(args, "G" in tree.leaves_used(), lambda s: (s.model, s.prune(tree, pattern, args.mode)),
-                          pattern=pattern.name, sparsity=pattern.sparsity)
+                          zero_shot, pattern=pattern.name, sparsity=pattern.sparsity)
     return m, (tree, source, pattern)
 
 
@@ -127,6 +131,7 @@ def run(args: argparse.Namespace) -> dict:
         "evaluation": {d: {"windows": len(w), "seqlen": args.seqlen, "tokens": int(w.numel())}
                        for d, w in evals.items()},
         "perplexity": {"dense": m.dense_ppl, "pruned": m.pruned_ppl} | ({"recovered": recovered} if recovery else {}),
+        **({"zero_shot": m.zero_shot_report()} if m.zero_shot else {}),
         "sparsity": {"overall": report.sparsity, "pruned_weights": report.pruned,
                      "prunable_weights": report.total, "per_layer": report.layer_sparsity},
         **({"recovery": recovery} if recovery else {}),
@@ -163,7 +168,7 @@ def summary(result: dict) -> str:
         rec_txt = f"  ->  recovered {rec:.3f}" if rec is not None else ""
         lines.append(f"{data:<10} {dense_txt}pruned {ppl:.3f}{rec_txt}   ({result['evaluation'][data]['windows']} "
                      "windows)")
-    return "\n".join(lines)
+    return "\n".join(lines + zero_shot_lines(result))
 
 
 @cli_entry

@@ -8,11 +8,14 @@
     python -m metricgp.darwin --keep 0.6 --survivors 4,2,1 --fitness-windows 2,4,8 \\
         --train-tokens 2k,4k,8k --out results/darwin-k60-trained        # training-aware selection
     python -m metricgp.darwin --unstructured --sparsity 0.7 --metric wanda --out results/evo-unstructured-70
+    python -m metricgp.darwin --resume results/darwin-k60 --zero-shot arc_easy,arc_challenge,hellaswag,piqa,winogrande
+        # at its last generation: the final report again, with zero-shot accuracy (EvoPress's tasks)
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -20,6 +23,7 @@ from metricgp.cli.options import (
     add_backend_options,
     add_model_data_options,
     add_recovery_options,
+    add_zero_shot_options,
     backend_fields,
     metric_from_args,
     model_data_fields,
@@ -38,6 +42,7 @@ from metricgp.provenance import provenance
 from metricgp.recover import LOSSES
 from metricgp.structured.evaluator import StructuredSpec
 from metricgp.structured.recover import RECOVERY_METHODS
+from metricgp.zeroshot import zero_shot_lines
 
 DESCRIPTION = ("DarwinLM level search: a database of per-module pruning levels ordered by a metric, searched by "
                "(1+lambda) evolution on KL to the dense model; --unstructured: EvoPress per-layer sparsity.")
@@ -84,6 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "in every measured run, and screening half of them gave a worse search)")
     s.add_argument("--time-budget", type=float, metavar="MIN", help="stop after the generation exceeding it")
     add_backend_options(p)
+    add_zero_shot_options(p)
     f = p.add_argument_group("final model")
     add_recovery_options(f, methods=tuple(RECOVERY_METHODS))
     f.add_argument("--dataset", default="wikitext2", help="comma-separated test data for the final report")
@@ -124,7 +130,8 @@ def config_from_args(args: argparse.Namespace) -> DarwinConfig:
         recover_lr=args.recover_lr, recover_loss=args.recover_loss, recover_schedule=args.recover_schedule,
         recover_warmup=args.recover_warmup, dataset=args.dataset, eval_windows=args.eval_windows,
         save_model=not args.no_save_model, dense_eval=not args.no_dense_eval, speed=not args.no_speed,
-        reconstruct=args.reconstruct, update=args.update,
+        reconstruct=args.reconstruct, update=args.update, zero_shot=args.zero_shot,
+        zero_shot_limit=args.zero_shot_limit, zero_shot_batch_size=args.zero_shot_batch_size,
         name=args.out.name).validate()
 
 
@@ -143,6 +150,9 @@ def main(argv: list[str] | None = None) -> int:
         search = start(config, out, provenance(), progress=progress)
     print(f"best: kept {search.space.kept_fraction(search.parent):.4f}, fitness {search.fitness:.6g} "
           f"after {search.gen} generations -> {out}/best.json, {out}/levels.txt")
+    report = out / "report.json"
+    if report.is_file():
+        print("\n".join(zero_shot_lines(json.loads(report.read_text(encoding="utf-8")))))
     return 0
 
 

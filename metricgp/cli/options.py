@@ -4,6 +4,7 @@
     add_model_data_options(p)          # --model --dtype --device --calib --n-calib --seqlen --calib-seed
     add_pattern_options(p)             # --pattern --sparsity
     add_report_options(p)              # --dataset --eval-windows --out --overwrite --no-save-model ...
+    add_zero_shot_options(p)           # --zero-shot TASKS --zero-shot-limit N --zero-shot-batch-size B
     args = p.parse_args(argv)
     tree, source = metric_from_args(args)      # --metric / --metric-file: a name, a formula or a file
     spec = evaluator_spec(args, pattern=...)   # or model_data_fields(args) for a spec of your own
@@ -21,7 +22,7 @@ import shutil
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -38,7 +39,9 @@ from metricgp.provenance import provenance
 from metricgp.prune.patterns import parse_pattern, pattern_help
 from metricgp.recover import LOSSES, SCHEDULES, Teacher, build_teacher, get_loss, training_windows
 from metricgp.search.backends import BACKENDS
+from metricgp.search.steady import DISPATCHES, default_lag
 from metricgp.structured.recover import recover
+from metricgp.zeroshot import ZeroShot, zero_shot_report
 
 REPORT = "report.json"
 
@@ -127,11 +130,33 @@ def add_report_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", type=Path, required=True, help="output directory (pruned model + report.json)")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     p.add_argument("--no-save-model", action="store_true", help="write only the report")
-    p.add_argument("--no-dense-eval", action="store_true", help="skip the dense model's perplexity")
+    p.add_argument("--no-dense-eval", action="store_true",
+                   help="skip the dense model's perplexity (and zero-shot accuracy)")
 
 
-def validate_model_and_report(args: argparse.Namespace) -> None:
-    """The shared options, checked before anything slow happens."""
+def add_zero_shot_options(parser: argparse.ArgumentParser) -> argparse._ArgumentGroup:
+    """Zero-shot accuracy through lm-evaluation-harness (metricgp.zeroshot), as one argument group."""
+    g = parser.add_argument_group("zero-shot accuracy (lm-evaluation-harness; pip install 'metricgp[eval]')")
+    g.add_argument("--zero-shot", metavar="TASKS", default=None,
+                   help="comma-separated lm-eval task names (e.g. boolq,rte,hellaswag,winogrande,arc_easy,"
+                   "arc_challenge,openbookqa), or local task directories / YAML files; acc and acc_norm of the "
+                   "dense and the pruned model, each with its own mean")
+    g.add_argument("--zero-shot-limit", type=int, default=None, metavar="N",
+                   help="only the first N items of each task (quick runs; default all)")
+    g.add_argument("--zero-shot-batch-size", type=int, default=1, metavar="B",
+                   help="lm-eval's batch size (default 1)")
+    return g
+
+
+def zero_shot_from_args(args: argparse.Namespace) -> ZeroShot | None:
+    """The checked zero-shot evaluation of --zero-shot (lm-eval installed, every task known and its data
+    found), or None without it."""
+    return ZeroShot.from_options(args.zero_shot, args.zero_shot_limit, args.zero_shot_batch_size, check=True)
+
+
+def validate_model_and_report(args: argparse.Namespace) -> ZeroShot | None:
+    """The shared options, checked before anything slow happens; returns the zero-shot evaluation
+    (--zero-shot) or None."""
     evaluator_spec(args)  # checks --n-calib and --seqlen
     if args.eval_windows < 0:
         raise MetricGPError(f"--eval-windows must be at least 0, got {args.eval_windows}")
@@ -141,13 +166,15 @@ def validate_model_and_report(args: argparse.Namespace) -> None:
         raise MetricGPError(f"{args.out} exists; pass --overwrite or choose another --out")
     if args.out.exists() and not args.out.is_dir():
         raise MetricGPError(f"{args.out} exists and is not a directory")
+    zero_shot = zero_shot_from_args(args)  # lm-eval missing, an unknown task or unreachable data: before the model
     resolve_model_path(args.model)  # a missing path fails here; the default model converts once
+    return zero_shot
 
 
 @dataclass
 class Measured:
     """What both `apply` modes do before writing: the session, the test windows, dense and pruned
-    perplexity, the pruning's own outcome, and how long each step took."""
+    perplexity (and zero-shot accuracy), the pruning's own outcome, and how long each step took."""
 
     setup: PruningSetup
     evals: dict[str, torch.Tensor]
@@ -158,7 +185,13 @@ class Measured:
     timings: dict[str, float]
     t0: float
     provenance: dict
+    zero_shot: ZeroShot | None = None
+    accuracy: dict[str, dict] = field(default_factory=dict)  # zero-shot results by model: dense, pruned ...
     recovery: RecoveryData | None = None  # with --recover-tokens: what recovery needs of the dense model
+
+    def zero_shot_report(self) -> dict | None:
+        """The report's `zero_shot` block (None without --zero-shot)."""
+        return zero_shot_report(self.zero_shot, self.accuracy) if self.zero_shot else None
 
 
 @dataclass
@@ -181,9 +214,10 @@ def recovery_data(args: argparse.Namespace, setup: PruningSetup) -> RecoveryData
 
 
 def prune_and_measure(args: argparse.Namespace, grads: bool, prune: Callable[[PruningSetup], tuple[nn.Module, Any]],
-                      **spec_fields: Any) -> Measured:
-    """Load the model and its statistics, evaluate the dense model (cached), take what recovery needs of
-    it (`recovery_data`), `prune(setup)`, evaluate the pruned model; each step timed."""
+                      zero_shot: ZeroShot | None = None, **spec_fields: Any) -> Measured:
+    """Load the model and its statistics, evaluate the dense model (perplexity cached; zero-shot accuracy
+    on the same model object, before it is pruned), take what recovery needs of it (`recovery_data`),
+    `prune(setup)`, evaluate the pruned model; each step timed."""
     started = provenance()
     t0 = time.perf_counter()
     setup = PruningSetup.from_spec(evaluator_spec(args, **spec_fields), grads=grads)
@@ -192,6 +226,10 @@ def prune_and_measure(args: argparse.Namespace, grads: bool, prune: Callable[[Pr
     t1 = time.perf_counter()
     dense_ppl = {} if args.no_dense_eval else {d: cached_dense_perplexity(setup, d, w) for d, w in evals.items()}
     timings["dense_eval"] = time.perf_counter() - t1
+    accuracy = {}
+    if zero_shot is not None and not args.no_dense_eval:
+        accuracy["dense"] = zero_shot.evaluate(setup.model, setup.tokenizer)  # the same model, not yet pruned
+        timings["dense_zero_shot"] = accuracy["dense"]["seconds"]
     t2 = time.perf_counter()
     recovery = recovery_data(args, setup)
     if recovery is not None:
@@ -202,7 +240,11 @@ def prune_and_measure(args: argparse.Namespace, grads: bool, prune: Callable[[Pr
     t3 = time.perf_counter()
     pruned_ppl = {d: perplexity(model, w, progress=True) for d, w in evals.items()}
     timings["pruned_eval"] = time.perf_counter() - t3
-    return Measured(setup, evals, model, outcome, dense_ppl, pruned_ppl, timings, t0, started, recovery)
+    if zero_shot is not None:
+        accuracy["pruned"] = zero_shot.evaluate(model, setup.tokenizer)
+        timings["pruned_zero_shot"] = accuracy["pruned"]["seconds"]
+    return Measured(setup, evals, model, outcome, dense_ppl, pruned_ppl, timings, t0, started, zero_shot, accuracy,
+                    recovery)
 
 
 RECOVERY_VALID_WINDOWS = 8  # validation windows whose perplexity recovery reports before and after
@@ -211,8 +253,9 @@ RECOVERY_VALID_WINDOWS = 8  # validation windows whose perplexity recovery repor
 def recover_and_measure(args: argparse.Namespace, m: Measured, masks: dict | None = None, groups: int = 4,
                         **loop: Any) -> tuple[dict, dict[str, float]]:
     """Fine-tune `m.model` in place as the recovery options say (keeping `masks`' zeros) on the windows of
-    `m.recovery`; returns (the recovery report, test perplexity after). `loop`: more of `recover`'s options
-    (checkpoints, on_checkpoint, state_path, progress), which change what is recorded, never the training."""
+    `m.recovery`; returns (the recovery report, test perplexity after); with --zero-shot also the recovered
+    model's accuracy (in `m.accuracy`). `loop`: more of `recover`'s options (checkpoints, on_checkpoint,
+    state_path, progress), which change what is recorded, never the training."""
     t0 = time.perf_counter()
     rec = recover(m.model, m.recovery.windows, method=args.recover_method, tokens=args.recover_tokens,
                   lr=args.recover_lr, val_windows=m.setup.fitness_windows(RECOVERY_VALID_WINDOWS), seed=args.calib_seed,
@@ -220,6 +263,9 @@ def recover_and_measure(args: argparse.Namespace, m: Measured, masks: dict | Non
                   schedule=args.recover_schedule, warmup=args.recover_warmup, **loop)
     m.timings["recover"] = time.perf_counter() - t0
     ppl = {d: perplexity(m.model, w, progress=True) for d, w in m.evals.items()}
+    if m.zero_shot is not None:
+        m.accuracy["recovered"] = m.zero_shot.evaluate(m.model, m.setup.tokenizer)
+        m.timings["recovered_zero_shot"] = m.accuracy["recovered"]["seconds"]
     split = parse_data_ref(args.calib, "calibration").split
     return {**rec.to_dict(), "data": args.calib, "split": split, "seed": args.calib_seed + 1}, ppl
 
@@ -268,6 +314,12 @@ def add_backend_options(parser: argparse.ArgumentParser) -> argparse._ArgumentGr
                    "1: each actor its own GPU; an actor that asked for one and sees none is an error)")
     g.add_argument("--ray-address", default=None, help="join the Ray cluster at this address (host:port, or "
                    "'auto'; default $RAY_ADDRESS, else a local Ray is started)")
+    g.add_argument("--dispatch", choices=DISPATCHES, default=None,
+                   help="sync (default): generation by generation, results equal on every backend; async: a "
+                        "worker that finishes gets the next candidate at once (no generation barrier), results "
+                        "reproducible for a fixed seed and --lag, but not equal to sync's")
+    g.add_argument("--lag", type=int, default=None, help="async: jobs created ahead of the results folded in "
+                   "(default 2 x --workers); results depend on it, not on the workers' speed")
     return g
 
 
@@ -276,8 +328,13 @@ def backend_fields(args: argparse.Namespace) -> dict[str, Any]:
     for flag, value, low in (("--workers", args.workers, 1), ("--gpus-per-worker", args.gpus_per_worker, 0)):
         if value is not None and value < low:
             raise MetricGPError(f"{flag} must be >= {low}, got {value:g}")
-    return {"backend": args.backend or "serial", "workers": 1 if args.workers is None else args.workers,
-            "gpus_per_worker": args.gpus_per_worker or 0.0, "ray_address": args.ray_address}
+    workers = 1 if args.workers is None else args.workers
+    dispatch = args.dispatch or "sync"
+    if args.lag is not None and (dispatch != "async" or args.lag < 1):
+        raise MetricGPError(f"--lag needs --dispatch async and must be >= 1, got {args.lag}")
+    lag = (args.lag or default_lag(workers)) if dispatch == "async" else None
+    return {"backend": args.backend or "serial", "workers": workers, "gpus_per_worker": args.gpus_per_worker or 0.0,
+            "ray_address": args.ray_address, "dispatch": dispatch, "lag": lag}
 
 
 def resume_overrides(parser: argparse.ArgumentParser, args: argparse.Namespace, resumable: tuple) -> dict:

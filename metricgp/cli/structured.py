@@ -53,6 +53,7 @@ from metricgp.structured.recover import compare_with_lora
 from metricgp.structured.saap import SAAPOptions
 from metricgp.structured.saap.estimators import DEFAULT_ESTIMATORS, ESTIMATORS, split_estimators
 from metricgp.structured.saving import save_pruned
+from metricgp.zeroshot import zero_shot_lines
 
 DEFAULTS = StructuredSpec()
 
@@ -169,14 +170,15 @@ def validate(args: argparse.Namespace):
     tree, source = metric_from_args(args)
     if tree is None and spec.importance == "metric":
         raise MetricGPError("importance 'metric' needs --metric or --metric-file")
-    validate_model_and_report(args)
-    return spec, tree, source
+    zero_shot = validate_model_and_report(args)
+    return spec, tree, source, zero_shot
 
 
 def measure(args: argparse.Namespace):
     """Validate, load, prune and measure (`prune_and_measure`); returns (Measured, (spec, tree, source))."""
-    spec, tree, source = validate(args)
-    m = prune_and_measure(args, tree is not None and "G" in tree.leaves_used(), lambda s: prune(s, tree, spec))
+    spec, tree, source, zero_shot = validate(args)
+    m = prune_and_measure(args, tree is not None and "G" in tree.leaves_used(), lambda s: prune(s, tree, spec),
+                          zero_shot)
     return m, (spec, tree, source)
 
 
@@ -200,6 +202,8 @@ def run(args: argparse.Namespace) -> dict:
             result["recovery_comparison"] = _compare_lora(args, model, m.recovery.windows, setup, evals)
         result["recovery"], result["perplexity"]["recovered"] = recover_and_measure(
             args, m, groups=args.group_finetune_groups)
+    if m.zero_shot is not None:
+        result["zero_shot"] = m.zero_shot_report()
     if args.speed:
         setup.dense.restore()
         result["speed"] = speed_report(setup.model, model)
@@ -243,4 +247,4 @@ def summary(result: dict) -> str:
         s = result["speed"]
         lines.append(f"speed-up prefill {s['prefill_speedup']:.2f}x, decode {s['decode_speedup']:.2f}x "
                      f"(FLOPs ratio {s['flops_ratio']:.2f}x)")
-    return "\n".join(lines)
+    return "\n".join(lines + zero_shot_lines(result))

@@ -18,6 +18,7 @@ from typing import Any
 from metricgp.darwin.levels import Genome, LevelSpace
 from metricgp.plotting import pyplot, save_figure
 from metricgp.provenance import write_json_atomic
+from metricgp.zeroshot import table_lines
 
 
 def best_payload(space: LevelSpace, genome: Genome, fitness: float, gen: int, database) -> dict[str, Any]:
@@ -81,7 +82,8 @@ def _size(n: float) -> str:
 
 
 def final_lines(final: dict[str, Any]) -> list[str]:
-    """The final model's test perplexity (one row per model, one column per dataset), size and speed."""
+    """The final model's test perplexity (one row per model, one column per dataset), zero-shot accuracy
+    (with --zero-shot), size and speed."""
     ppl = final.get("perplexity", {})
     datasets = sorted({d for row in ppl.values() for d in row})
     lines = []
@@ -90,6 +92,8 @@ def final_lines(final: dict[str, Any]) -> list[str]:
         lines += [f"| {name} | " + " | ".join(f"{row[d]:.2f}" if d in row else "" for d in datasets) + " |"
                   for name, row in ppl.items() if row]
         lines.append("")
+    if final.get("zero_shot"):
+        lines += [*table_lines(final["zero_shot"]), ""]
     size = final.get("size")
     if size:
         lines += [f"Decoder parameters kept {size['achieved_keep']:.4f} (target {size['target_keep']}); parameters "

@@ -27,9 +27,11 @@ from metricgp.evaluate import FITNESSES, EvaluatorSpec, PruningSetup
 from metricgp.expr import parse
 from metricgp.recover import LOSSES, SCHEDULES
 from metricgp.search.backends import BACKENDS
+from metricgp.search.steady import DISPATCHES
 from metricgp.structured.evaluator import StructuredPruner, StructuredSpec
 from metricgp.structured.recover import RECOVERY_METHODS
 from metricgp.structured.refit import check_update
+from metricgp.zeroshot import ZeroShot
 
 DATABASE = "database.json"
 
@@ -62,6 +64,8 @@ class DarwinConfig:
     workers: int = 1
     gpus_per_worker: float = 0.0  # GPUs each Ray actor asks for; Ray hides the GPUs from an actor that asks none
     ray_address: str | None = None  # None: $RAY_ADDRESS, else a local Ray
+    dispatch: str = "sync"  # or "async" (metricgp.search.steady)
+    lag: int | None = None  # async: jobs created ahead of integration (None: 2 x workers)
     time_budget_min: float | None = None
     recover_tokens: int = 0
     recover_method: str = "lora"
@@ -76,6 +80,9 @@ class DarwinConfig:
     reconstruct: bool = False  # unstructured: also every allocation + least-squares reconstruction
     update: str = "none"  # structured: each level's weight update (`metricgp.structured.refit.UPDATES`)
     speed: bool = True  # structured: prefill/decode throughput of the final model vs dense
+    zero_shot: str | None = None  # final report: lm-eval tasks (metricgp.zeroshot), dense and final model
+    zero_shot_limit: int | None = None
+    zero_shot_batch_size: int = 1
     name: str = "darwin"
 
     @property
@@ -112,6 +119,7 @@ class DarwinConfig:
                                 "would grow back")
         self.search_config().validate()
         checks = ((self.fitness, FITNESSES, "fitness"), (self.backend, BACKENDS, "backend"),
+                  (self.dispatch, DISPATCHES, "dispatch"),
                   (self.train_method, RECOVERY_METHODS, "training method"),
                   (self.recover_method, RECOVERY_METHODS, "recovery method"),
                   (self.train_loss, LOSSES, "training loss"), (self.recover_loss, LOSSES, "recovery loss"),
@@ -129,7 +137,13 @@ class DarwinConfig:
             raise MetricGPError(f"--recover-warmup is a fraction of the steps in [0, 1), got {self.recover_warmup}")
         parse_data_ref(self.fitness_data, "calibration")
         parse_report_data(self.dataset)
+        ZeroShot.from_options(self.zero_shot, self.zero_shot_limit, self.zero_shot_batch_size)
         return self
+
+    def zero_shot_evaluation(self) -> ZeroShot | None:
+        """The final report's zero-shot evaluation, checked (lm-eval installed, the tasks and their data
+        found), or None: called before the model loads."""
+        return ZeroShot.from_options(self.zero_shot, self.zero_shot_limit, self.zero_shot_batch_size, check=True)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -28,6 +28,7 @@ from metricgp.recover import build_teacher, get_loss, training_windows
 from metricgp.structured.evaluator import per_layer_sizes, size_report, speed_report
 from metricgp.structured.recover import recover
 from metricgp.structured.saving import save_pruned
+from metricgp.zeroshot import ZeroShot, zero_shot_report
 
 MODEL_DIR = "model"
 
@@ -40,21 +41,37 @@ def _dense_ppl(config: DarwinConfig, setup, evals: dict) -> dict[str, float]:
     return {d: cached_dense_perplexity(setup, d, w) for d, w in evals.items()} if config.dense_eval else {}
 
 
-def structured_model(config: DarwinConfig, prep: Prepared, genome: Genome, out: Path) -> dict[str, Any]:
+def _dense_accuracy(config: DarwinConfig, setup, zero_shot: ZeroShot | None) -> dict[str, dict]:
+    """The dense model's zero-shot accuracy (on the session's model, dense at the time), by label."""
+    if zero_shot is None or not config.dense_eval:
+        return {}
+    return {"dense": zero_shot.evaluate(setup.model, setup.tokenizer)}
+
+
+def structured_model(config: DarwinConfig, prep: Prepared, genome: Genome, out: Path,
+                     zero_shot: ZeroShot | None = None) -> dict[str, Any]:
+    """With `zero_shot`: the dense, pruned and (with recovery) recovered model's accuracy too."""
     setup, t0 = prep.setup, time.perf_counter()
     setup.dense.restore()
+    accuracy = _dense_accuracy(config, setup, zero_shot)
     train, teacher = _recovery_data(config, setup)  # from the dense model, before the winner is built
     model = structured_masks(setup, prep.database, config.update).build(genome)
     report: dict[str, Any] = {"size": size_report(setup.model, model, config.keep)}
     evals = _test_windows(config, setup)
     report["perplexity"] = {"dense": _dense_ppl(config, setup, evals)}
     report["perplexity"]["pruned"] = {d: perplexity(model, w) for d, w in evals.items()}
+    if zero_shot is not None:
+        accuracy["pruned"] = zero_shot.evaluate(model, setup.tokenizer)
     if config.recover_tokens:
         rec = recover(model, train, method=config.recover_method, tokens=config.recover_tokens, lr=config.recover_lr,
                       seed=config.seed, progress=False, loss=config.recover_loss, teacher=teacher,
                       schedule=config.recover_schedule, warmup=config.recover_warmup)
         report["recovery"] = rec.to_dict()
         report["perplexity"]["recovered"] = {d: perplexity(model, w) for d, w in evals.items()}
+        if zero_shot is not None:
+            accuracy["recovered"] = zero_shot.evaluate(model, setup.tokenizer)
+    if zero_shot is not None:
+        report["zero_shot"] = zero_shot_report(zero_shot, accuracy)
     report["per_layer"] = {str(k): v for k, v in per_layer_sizes(model).items()}
     if config.save_model:
         save_pruned(model, out / MODEL_DIR, tokenizer=setup.tokenizer, per_layer=per_layer_sizes(model))
@@ -80,15 +97,19 @@ def _recovery_data(config: DarwinConfig, setup):
     return train, build_teacher(setup.model, train, fingerprint=setup.fingerprint, progress=False) if needs else None
 
 
-def unstructured_model(config: DarwinConfig, prep: Prepared, genome: Genome, out: Path, evaluator) -> dict[str, Any]:
+def unstructured_model(config: DarwinConfig, prep: Prepared, genome: Genome, out: Path, evaluator,
+                       zero_shot: ZeroShot | None = None) -> dict[str, Any]:
     """`evaluator`: a LevelEvaluator on `prep.setup` (its masks, windows and dense reference).
 
     Every allocation (uniform, OWL, the winner) is scored with the metric's masks on the dense model
     and, with `config.reconstruct`, again after sequential pruning with a least-squares refit of the
-    kept weights (`metricgp.prune.engine.prune_sequential`), named `<allocation>+reconstruct`."""
+    kept weights (`metricgp.prune.engine.prune_sequential`), named `<allocation>+reconstruct`; with
+    `zero_shot`, each one's accuracy too, next to the dense model's."""
 
     setup, t0 = prep.setup, time.perf_counter()
     masks = evaluator.masks
+    masks.reset()
+    accuracy = _dense_accuracy(config, setup, zero_shot)
     evals = _test_windows(config, setup)
     n = len(evaluator.windows)
     report: dict[str, Any] = {"perplexity": {"dense": _dense_ppl(config, setup, evals)}, "fitness": {}}
@@ -100,6 +121,8 @@ def unstructured_model(config: DarwinConfig, prep: Prepared, genome: Genome, out
     def score(name: str) -> None:
         report["fitness"][name] = evaluator.objective.measure(setup.model, evaluator.windows, evaluator.reference, 4)
         report["perplexity"][name] = {d: perplexity(setup.model, w) for d, w in evals.items()}
+        if zero_shot is not None:
+            accuracy[name] = zero_shot.evaluate(setup.model, setup.tokenizer)
 
     for name, sparsities in allocations.items():
         masks.reset()
@@ -110,6 +133,8 @@ def unstructured_model(config: DarwinConfig, prep: Prepared, genome: Genome, out
             masks.reset()
             _reconstruct(setup, masks.metric, dict(zip(db.names, sparsities, strict=True)))
             score(f"{name}+reconstruct")
+    if zero_shot is not None:
+        report["zero_shot"] = zero_shot_report(zero_shot, accuracy)
     masks.reset()
     masks.apply(genome)
     report["sparsity"] = 1 - prep.space.kept_fraction(genome)

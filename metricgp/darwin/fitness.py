@@ -26,7 +26,7 @@ from metricgp.darwin.masking import StructuredMasks
 from metricgp.darwin.unstructured import UnstructuredMasks
 from metricgp.data import parse_data_ref, windows
 from metricgp.errors import MetricGPError
-from metricgp.evaluate import FITNESSES, EvaluatorSpec, FitnessResult, PruningSetup
+from metricgp.evaluate import FITNESSES, EvaluatorSpec, FitnessResult, PruningSetup, cached_reference
 from metricgp.recover import build_teacher, get_loss, training_windows
 from metricgp.structured.evaluator import StructuredPruner
 from metricgp.structured.recover import recover
@@ -110,8 +110,7 @@ class LevelEvaluator:
         self.objective = FITNESSES[recipe.fitness]
         self.windows = calibration_windows(setup, recipe.fitness_data, recipe.fitness_windows, recipe.fitness_seed)
         self.fidelities = (len(self.windows),)
-        build = self.objective.reference
-        self.reference = build(setup.model, self.windows) if build is not None else None
+        self.reference = cached_reference(setup, self.windows, self.objective.reference)
         self.train_windows, self.teacher = None, None
         if recipe.train_tokens:
             self.train_windows = training_windows(recipe.fitness_data, setup.tokenizer, setup.spec.seqlen,

@@ -32,11 +32,15 @@ from metricgp.search import loop
 from metricgp.search.artifacts import append_log, rewrite_log
 from metricgp.search.backends import make_backend
 from metricgp.search.checkpoint import load_checkpoint, save_checkpoint
+from metricgp.search.steady import default_lag
 from metricgp.structured.groups import discover, linears_by_name
 from metricgp.structured.refit import hessian_bytes
+from metricgp.zeroshot import ZeroShot
 
-# what a resume may change: how long and where it runs, and (final report only) the reconstruct rows
-RESUMABLE = ("generations", "backend", "workers", "gpus_per_worker", "ray_address", "time_budget_min", "reconstruct")
+# what a resume may change: how long and where it runs, and (final report only) the reconstruct rows and
+# the zero-shot accuracy
+RESUMABLE = ("generations", "backend", "workers", "gpus_per_worker", "ray_address", "time_budget_min", "reconstruct",
+             "zero_shot", "zero_shot_limit", "zero_shot_batch_size")
 
 
 @dataclasses.dataclass
@@ -45,29 +49,37 @@ class Run:
     prep: Prepared
     search: LevelSearch
     backend: Any
+    zero_shot: ZeroShot | None = None  # the final report's, checked before the model loaded
 
 
 def _backend(config: DarwinConfig, prep: Prepared):
     recipe = config.recipe(prep.database)
     if config.backend == "serial":  # on the driver's model: no second copy
         return make_backend("serial", functools.partial(build_evaluator, recipe, prep.setup))
+    # an evaluator on the driver's model computes and caches the dense reference once, before any worker
+    # starts (the statistics were cached by `prepare`); workers only read both
+    build_evaluator(recipe, prep.setup)
     return make_backend(config.backend, recipe, config.workers, config.gpus_per_worker, config.ray_address)
 
 
-def _run(config: DarwinConfig, prep: Prepared, start) -> Run:
+def _run(config: DarwinConfig, prep: Prepared, start, zero_shot: ZeroShot | None) -> Run:
     backend = _backend(config, prep)
     search = LevelSearch(prep.space, config.search_config(), backend_scorer(backend, config.schedule()), start,
-                         prep.prior)
-    return Run(config, prep, search, backend)
+                         prep.prior, backend=backend, dispatch=config.dispatch,
+                         lag=config.lag)
+    return Run(config, prep, search, backend, zero_shot)
 
 
 def start(config: DarwinConfig, out: Path, provenance: dict[str, Any] | None = None, progress: bool = False,
           stop_after: int | None = None) -> LevelSearch:
     out = loop.fresh_dir(out)
     config.validate()
+    if config.dispatch == "async" and config.lag is None:  # fixed now: the results depend on it
+        config = dataclasses.replace(config, lag=default_lag(config.workers))
     t0 = time.monotonic()
+    zero_shot = config.zero_shot_evaluation()  # lm-eval missing, an unknown task: before the model loads
     prep = prepare(config)  # an unreachable target fails here, before anything is written
-    run = _run(config, prep, prep.start)  # and a backend that cannot start (Ray, GPUs) fails here too
+    run = _run(config, prep, prep.start, zero_shot)  # and a backend that cannot start (Ray, GPUs) fails here too
     try:
         out.mkdir(parents=True, exist_ok=True)
         stored = prep.database.save(out / DATABASE)
@@ -105,9 +117,10 @@ def resume(out: Path, overrides: dict[str, Any] | None = None, progress: bool = 
     payload = load_checkpoint(out)
     overrides = loop.check_overrides(overrides, RESUMABLE)
     config = dataclasses.replace(DarwinConfig.from_dict(payload["config"]), **overrides).validate()
+    zero_shot = config.zero_shot_evaluation()
     prep = prepare(config, db_path=out / DATABASE)
     state = payload["search"]
-    run = _run(config, prep, tuple(state["parent"]))
+    run = _run(config, prep, tuple(state["parent"]), zero_shot)
     try:
         run.search.load_state_dict(state)
         rewrite_log(out, run.search.records)
@@ -152,9 +165,9 @@ def finish(run: Run, out: Path, stopped: str, final: bool = True) -> None:
         if config.unstructured:
             evaluator = getattr(run.backend, "evaluator", None) if config.backend == "serial" else None
             evaluator = evaluator or build_evaluator(config.recipe(prep.database), prep.setup)
-            report = final_model.unstructured_model(config, prep, search.parent, out, evaluator)
+            report = final_model.unstructured_model(config, prep, search.parent, out, evaluator, run.zero_shot)
         else:
-            report = final_model.structured_model(config, prep, search.parent, out)
+            report = final_model.structured_model(config, prep, search.parent, out, run.zero_shot)
         report = {"genome": list(search.parent), "fitness": search.fitness, "stopped": stopped,
                   "spearman_predicted_vs_first_stage_all": search.spearman_all(), **report}
         write_json_atomic(out / "report.json", report)

@@ -4,13 +4,17 @@
     python -m metricgp.compare --run results/smollm2-default-s0 \\
         --settings 0.5,2:4,4:8,0.6 --dataset wikitext2,c4,ptb           # a search's report.md
     python -m metricgp.compare --calib-seeds 0,1,2 --window-sets 2 ...  # the noise floor (make noise-floor)
+    python -m metricgp.compare --metric wanda --settings 0.5 --modes oneshot \
+        --zero-shot boolq,rte,hellaswag,winogrande,arc_easy,arc_challenge,openbookqa --out runs/zs  # + accuracy
 
 The model and its statistics load once; every row restores the dense weights, prunes and
 evaluates. Rows are written to the JSON table as they finish, so an interrupted comparison
 continues where it stopped when run again with the same arguments. With `--calib-seeds` and/or
 `--window-sets` a row is one (metric, setting, mode, calibration seed, window set) cell and the
 report is the noise floor of noise.py: mean ± std over seeds and paired differences to
-`--reference`.
+`--reference`. With `--zero-shot TASKS` every row (and the dense model, before any pruning) also
+gets lm-evaluation-harness accuracy (metricgp.zeroshot: acc and acc_norm apart, each with its mean);
+a resumed table adds it to rows that lack it, and refuses a table holding other zero-shot settings.
 """
 
 from __future__ import annotations
@@ -27,7 +31,13 @@ from typing import TYPE_CHECKING
 
 from tqdm.auto import tqdm
 
-from metricgp.cli.options import add_model_data_options, evaluator_spec, model_data_fields
+from metricgp.cli.options import (
+    add_model_data_options,
+    add_zero_shot_options,
+    evaluator_spec,
+    model_data_fields,
+    zero_shot_from_args,
+)
 from metricgp.data import parse_report_data
 from metricgp.errors import MetricGPError, cli_entry
 from metricgp.evaluate import PruningSetup, cached_dense_perplexity
@@ -47,6 +57,7 @@ from metricgp.plotting import pyplot, save_figure
 from metricgp.provenance import provenance, write_json_atomic
 from metricgp.prune.engine import PRUNE_MODES
 from metricgp.prune.patterns import parse_setting
+from metricgp.zeroshot import ZeroShot, table_lines, zero_shot_report
 
 if TYPE_CHECKING:
     from metricgp.evaluate import EvaluatorSpec, PruningSetup
@@ -122,6 +133,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--reuse", type=Path, action="append", metavar="TABLE_JSON",
                    help="take finished rows from another table made with the same model and data settings")
     p.add_argument("--name", default=None, help="file stem of the table (default 'table', or 'report' with --run)")
+    add_zero_shot_options(p)
     return p
 
 
@@ -162,8 +174,14 @@ def output_of(args: argparse.Namespace) -> tuple[Path, str]:
     return out, args.name or ("report" if args.run and not args.out else "table")
 
 
+ZERO_SHOT_IDENTITY = ("lm_eval", "tasks", "tasks_run", "num_fewshot", "limit")  # what makes accuracies comparable
+
+
 def run(args: argparse.Namespace) -> dict:
     noise = floor.noise_options(args)  # None: the classic single-seed table
+    if noise is not None and args.zero_shot is not None:
+        raise MetricGPError("--zero-shot gives one accuracy per row: not with --calib-seeds or --window-sets")
+    zero_shot = zero_shot_from_args(args)  # lm-eval, the tasks and their data: checked before the model loads
     entries = [parse_metric_arg(m) for m in (args.metric or ([] if args.run else BASELINES))]
     if args.run is not None:
         entries = run_entries(args.run, args.top) + entries
@@ -210,10 +228,12 @@ def run(args: argparse.Namespace) -> dict:
     for d, w in evals.items():
         if d not in table["dense"]:
             table["dense"][d] = cached_dense_perplexity(setup, d, w)
+    if zero_shot is not None:
+        dense_accuracy(table, zero_shot, setup, table_path)
     seeds = noise.seeds if noise else (spec.seed,)
     jobs = [(seed, e, s, m) for seed in seeds for e in entries for s in settings for m in modes]
     setup = measure(table, jobs, setup, spec, grads, evals, ranges, noise is not None,
-                    save=lambda: write_json_atomic(table_path, table))
+                    save=lambda: write_json_atomic(table_path, table), zero_shot=zero_shot)
     setup.dense.restore()
     table["windows"] = {d: len(w) for d, w in evals.items()}
     every = [Entry(label, resolve_metric(d["functional"])) for label, d in table["metrics"].items()]
@@ -231,6 +251,21 @@ def run(args: argparse.Namespace) -> dict:
     return table
 
 
+def dense_accuracy(table: dict, zero_shot: ZeroShot, setup: PruningSetup, table_path: Path) -> None:
+    """The table's zero-shot settings and the dense model's accuracy (on the session's model, dense
+    before any row prunes it); a table measured with other settings is refused, not mixed."""
+    fresh = zero_shot_report(zero_shot, {})
+    held = table.get("zero_shot")
+    if held is not None and any(held[k] != fresh[k] for k in ZERO_SHOT_IDENTITY):
+        raise MetricGPError(f"{table_path} holds zero-shot accuracy measured with other settings "
+                            f"({', '.join(f'{k} {held[k]}' for k in ZERO_SHOT_IDENTITY)}); give the same "
+                            "--zero-shot and --zero-shot-limit, or another --out or --name")
+    if held is None or "dense" not in held["models"]:
+        setup.dense.restore()
+        dense = zero_shot.evaluate(setup.model, setup.tokenizer)
+        table["zero_shot"] = zero_shot_report(zero_shot, {"dense": dense})
+
+
 def one_row_per_formula(entries: list[Entry]) -> list[Entry]:
     """Entries whose formulas are the same (cells are keyed by formula) shown once, under every label
     joined by ' = ' (a table filled by several invocations may name one formula twice)."""
@@ -242,11 +277,12 @@ def one_row_per_formula(entries: list[Entry]) -> list[Entry]:
 
 
 def measure(table: dict, jobs: list, setup: PruningSetup, spec: EvaluatorSpec, grads: bool, evals: dict,
-            ranges: dict, per_seed: bool, save: Callable[[], None]) -> PruningSetup:
+            ranges: dict, per_seed: bool, save: Callable[[], None], zero_shot: ZeroShot | None = None) -> PruningSetup:
     """Prune for each (seed, entry, setting, mode) job that has an unmeasured cell and fill its row(s):
     when `per_seed`, one row per window set (`ranges[dataset]`: [start, end) of each set), keyed by
-    seed and set; else the classic row over all windows (one range). `save()` after every job.
-    Loads another seed's statistics when the jobs reach it; returns the setup in use at the end."""
+    seed and set; else the classic row over all windows (one range), with its zero-shot accuracy
+    when `zero_shot` is given (a cell, too: a row without it is pruned again). `save()` after every
+    job. Loads another seed's statistics when the jobs reach it; returns the setup in use at the end."""
 
 
     k = len(next(iter(ranges.values())))  # window sets: the same number for every dataset
@@ -255,7 +291,8 @@ def measure(table: dict, jobs: list, setup: PruningSetup, spec: EvaluatorSpec, g
         base = row_key(to_functional(entry.tree), setting, mode)
         keys = [floor.set_key(base, seed, j, k) for j in range(k)] if per_seed else [base]
         missing = [[d for d in evals if d not in table["rows"].get(key, {}).get("perplexity", {})] for key in keys]
-        if not any(missing):
+        accuracy = zero_shot is not None and "zero_shot" not in table["rows"].get(base, {})
+        if not any(missing) and not accuracy:
             continue
         if setup.spec.seed != seed:
             setup = None  # drop this reference to the previous seed's model and statistics first
@@ -273,8 +310,11 @@ def measure(table: dict, jobs: list, setup: PruningSetup, spec: EvaluatorSpec, g
             if per_seed:
                 windows = {**row.get("windows", {}), **{d: list(ranges[d][j]) for d in todo}}
                 cell.update(seed=seed, window_set=f"{j + 1}/{k}", windows=windows)
-            table["rows"][key] = {**cell, "sparsity": report.sparsity, "perplexity": ppl,
+            table["rows"][key] = {**row, **cell, "sparsity": report.sparsity, "perplexity": ppl,
                                   "seconds": round(shared + time.perf_counter() - t1, 1)}
+        if accuracy:  # never per_seed (refused with --zero-shot): one key, the base
+            result = zero_shot.evaluate(setup.model, setup.tokenizer)
+            table["rows"][base]["zero_shot"] = {k: result[k] for k in ("tasks", "mean", "seconds")}
         save()
     return setup
 
@@ -355,9 +395,24 @@ def markdown(table: dict, entries: list[Entry], settings: list[str], modes: list
                 cells.append("-" if v is None else (f"**{v:.2f}**" if v == best[col] else f"{v:.2f}"))
             lines.append(f"| {e.label} | " + " | ".join(cells) + " |")
         lines.append("")
+    lines += zero_shot_section(table, entries, settings, modes)
     lines += ["## Formulas", "", "| metric | formula (infix) |", "|---|---|"]
     lines += [f"| {e.label} | `{describe(e.tree)['infix']}` |" for e in entries]
     return "\n".join(lines) + "\n"
+
+
+def zero_shot_section(table: dict, entries: list[Entry], settings: list[str], modes: list[str]) -> list[str]:
+    """The zero-shot table: the dense model, then every measured (metric, setting, mode) row."""
+    if "zero_shot" not in table:
+        return []
+    models = dict(table["zero_shot"]["models"])
+    for e in entries:
+        for s in settings:
+            for m in modes:
+                row = table["rows"].get(row_key(to_functional(e.tree), s, m), {})
+                if "zero_shot" in row:
+                    models[f"{e.label} {setting_label(s)} {m}"] = row["zero_shot"]
+    return ["## Zero-shot accuracy", "", *table_lines({**table["zero_shot"], "models": models}), ""]
 
 
 def plot(table: dict, entries: list[Entry], settings: list[str], modes: list[str], datasets: list[str],

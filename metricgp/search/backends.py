@@ -8,6 +8,11 @@ An exception raised by `evaluate` never escapes: it becomes a degenerate result 
 names it, so one broken candidate cannot end a long search. Running out of memory is the exception:
 it stops the run with a one-line error. A backend also reports the
 evaluator's fidelities and simplification scope (its `scope` attribute; "tensor" without one).
+
+Two ways to hand out work: `evaluate(jobs)` scores a batch and returns when all are done (the
+synchronous searches); `submit(ticket, candidate, windows)` queues one job and `collect()` waits
+for at least one to finish and returns `(ticket, result)` pairs (the asynchronous searches,
+`metricgp.search.steady`): a worker that finishes gets the next queued job at once.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ import math
 import os
 import time
 import traceback
+from collections import deque
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
@@ -57,18 +63,25 @@ def safe_evaluate(evaluator: Any, candidate: Any, n_windows: int) -> FitnessResu
 
 
 class Backend(Protocol):
+    workers: int  # evaluations that can run at once
+
     def fidelities(self) -> tuple[int, ...]: ...
     def scope(self) -> str: ...
     def evaluate(self, jobs: Sequence[Job]) -> list[FitnessResult]: ...
+    def submit(self, ticket: int, candidate: Any, n_windows: int) -> None: ...
+    def collect(self) -> list[tuple[int, FitnessResult]]: ...
     def close(self) -> None: ...
 
 
 class SerialBackend:
     """Builds the evaluator on first use, in this process."""
 
+    workers = 1
+
     def __init__(self, factory: EvaluatorFactory) -> None:
         self.factory = factory
         self._evaluator: Any = None
+        self._queue: deque[tuple[int, Any, int]] = deque()
 
     @property
     def evaluator(self) -> Any:
@@ -87,8 +100,19 @@ class SerialBackend:
         bar = tqdm(jobs, desc="candidates", unit="eval", leave=False, disable=None)
         return [safe_evaluate(self.evaluator, candidate, n) for candidate, n in bar]
 
+    def submit(self, ticket: int, candidate: Any, n_windows: int) -> None:
+        self._queue.append((ticket, candidate, n_windows))
+
+    def collect(self) -> list[tuple[int, FitnessResult]]:
+        """The oldest queued job, scored now."""
+        if not self._queue:
+            raise RuntimeError("collect() with no job submitted")
+        ticket, candidate, n_windows = self._queue.popleft()
+        return [(ticket, safe_evaluate(self.evaluator, candidate, n_windows))]
+
     def close(self) -> None:
         self._evaluator = None
+        self._queue.clear()
 
 
 class RayBackend:
@@ -117,12 +141,15 @@ class RayBackend:
         address = address or os.environ.get("RAY_ADDRESS") or None
         self._owns_ray = not ray.is_initialized()
         if self._owns_ray and address:
+            _use_ray_token()
             try:
                 ray.init(address=address, log_to_driver=False)
             except ConnectionError as err:
                 raise MetricGPError(f"cannot join the Ray cluster at {address}: {err}") from None
         elif self._owns_ray:
-            ray.init(num_cpus=max(workers, 1), include_dashboard=False, log_to_driver=False)
+            # address="local": a new Ray of our own, even where a `ray start` cluster runs on this machine (a
+            # plain `ray.init()` would try to join that one); joining is what --ray-address is for
+            ray.init(address="local", num_cpus=max(workers, 1), include_dashboard=False, log_to_driver=False)
         needed, available = workers * gpus_per_worker, ray.cluster_resources().get("GPU", 0.0)
         if needed > available:
             self.close()
@@ -154,6 +181,12 @@ class RayBackend:
             cause = getattr(err, "cause", None) or err
             raise MetricGPError(f"a Ray worker failed to start: {str(cause).strip().splitlines()[-1]}") from None
         self._home: dict[str, int] = {}  # candidate -> the actor that scored it first
+        self._queue: deque[tuple[int, Any, int]] = deque()  # submitted, not yet on an actor
+        self._running: dict[Any, tuple[int, int]] = {}  # object ref -> (ticket, actor)
+
+    @property
+    def workers(self) -> int:
+        return len(self.actors)
 
     def fidelities(self) -> tuple[int, ...]:
         return self._ray.get(self.actors[0].fidelities.remote())
@@ -176,12 +209,60 @@ class RayBackend:
             futures.append(self.actors[actor].evaluate.remote(candidate, n_windows))
         return self._ray.get(futures)
 
+    def submit(self, ticket: int, candidate: Any, n_windows: int) -> None:
+        self._queue.append((ticket, candidate, n_windows))
+        self._dispatch()
+
+    def _dispatch(self) -> None:
+        """Every idle actor takes the oldest queued job it may run: a candidate it scored before (its
+        evaluator kept those windows' losses), or one no actor has seen. A promoted candidate waits
+        for its own actor rather than scoring its earlier windows again elsewhere."""
+        busy = {actor for _, actor in self._running.values()}
+        for actor in range(len(self.actors)):
+            if actor in busy:
+                continue
+            for i, (ticket, candidate, n_windows) in enumerate(self._queue):
+                home = self._home.setdefault(str(candidate), actor)
+                if home == actor:
+                    del self._queue[i]
+                    ref = self.actors[actor].evaluate.remote(candidate, n_windows)
+                    self._running[ref] = (ticket, actor)
+                    break
+
+    def collect(self) -> list[tuple[int, FitnessResult]]:
+        """Waits for the first running job to finish; returns every finished one, then refills the
+        idle actors."""
+        if not self._running:
+            raise RuntimeError("collect() with no job running")
+        ready, _ = self._ray.wait(list(self._running), num_returns=1)
+        ready += self._ray.wait([r for r in self._running if r not in ready], num_returns=len(self._running) - 1,
+                                timeout=0)[0] if len(self._running) > 1 else []
+        out = [(self._running.pop(ref)[0], self._ray.get(ref)) for ref in ready]
+        self._dispatch()
+        return out
+
     def close(self) -> None:
         for actor in self.actors:
             self._ray.kill(actor)
         self.actors = []
         if self._owns_ray and self._ray.is_initialized():
             self._ray.shutdown()
+
+
+def _use_ray_token() -> None:
+    """Ray >= 2.59's `ray start --head` turns token authentication on, and a driver whose RAY_AUTH_MODE is
+    unset then fails to join it after ~20 s of retries. A driver in token mode joins clusters with or
+    without authentication, so where a token is at hand (Ray's own places for it) and the user chose no
+    mode, token mode is used, through Ray's own switch (it also refreshes Ray's cached config)."""
+    if os.environ.get("RAY_AUTH_MODE"):
+        return
+    try:
+        from ray._private.authentication.authentication_token_setup import (
+            maybe_enable_token_auth_if_token_available,
+        )
+    except ImportError:  # a Ray without token authentication: nothing to do
+        return
+    maybe_enable_token_auth_if_token_available(warn_if_disabled=False)
 
 
 def _serial(factory: EvaluatorFactory, workers: int, gpus_per_worker: float, address: str | None) -> Backend:

@@ -16,6 +16,14 @@ One generation:
    `population` of parents + children survive. Either way a child equivalent to a member is not
    added twice, so equivalent trees stop competing.
 
+Asynchronous dispatch (`dispatch="async"`) has no generation barrier: children are bred one at a
+time as workers free up, each from the population as it stands after the results integrated so
+far (in job order, `metricgp.search.steady`), and the race is asynchronous successive halving
+(ASHA, Li et al. 2018): a candidate goes up a fidelity as soon as it ranks in the best 1/eta of
+everything scored at its fidelity so far. A "generation" is then `offspring` children joined to the
+population. Results depend on the seed and `lag` alone (never on timing or worker count), but differ
+from the synchronous run's.
+
 Everything random goes through the global `random` (DEAP's operators use it), seeded once; the
 search's whole state is plain data (`state_dict`), so a checkpoint resumes exactly.
 """
@@ -38,6 +46,7 @@ import numpy as np
 import torch
 from deap import gp, tools
 
+from metricgp.evaluate import FitnessResult
 from metricgp.expr.builtins import resolve_metric
 from metricgp.expr.parse import parse
 from metricgp.expr.simplify import DEFAULT_SCOPE, resolve_scope
@@ -45,9 +54,11 @@ from metricgp.search.backends import Backend
 from metricgp.search.breeding import ALGORITHMS, MUTATIONS, rank_key
 from metricgp.search.oos import apply_oos
 from metricgp.search.space import SearchSpace
-from metricgp.search.staged import FitnessCache, assign_fitness, evaluate_cohort
+from metricgp.search.staged import NO_LEAVES, CohortReport, FitnessCache, assign_fitness, evaluate_cohort, record_result
+from metricgp.search.steady import DISPATCHES, BoundedStaleness, IdleClock, Payload, Rungs, default_lag
 from metricgp.search.trees import Grammar, Individual, build_grammar, node_to_tree
 
+BREED_TRIES = 50  # async: children bred per job before giving up (all equivalent to scored ones)
 COUNTERS = ("evaluations", "windows", "cache_hits", "oos_regenerated", "oos_exhausted", "oos_simplified",
             "oos_nodes_removed", "duplicates_rejected", "degenerate")
 
@@ -132,10 +143,16 @@ class GPSearch:
     evaluators."""
 
     def __init__(self, space: SearchSpace, backend: Backend, fidelities: Sequence[int],
-                 scope: str | None = None, references: Sequence[str] = ()) -> None:
+                 scope: str | None = None, references: Sequence[str] = (), dispatch: str = "sync",
+                 lag: int | None = None) -> None:
         fids = tuple(sorted(set(int(f) for f in fidelities)))
         if not fids or fids[0] < 1:
             raise ValueError(f"fidelities must be positive window counts, got {fidelities}")
+        if dispatch not in DISPATCHES:
+            raise ValueError(f"dispatch must be one of {DISPATCHES}, got {dispatch!r}")
+        self.dispatch = dispatch
+        self.lag = lag if lag is not None else default_lag(getattr(backend, "workers", 1))
+        self._engine: BoundedStaleness | None = None  # built on the first asynchronous generation
         self.space = space
         self.params = space.gp
         self.backend = backend
@@ -203,7 +220,11 @@ class GPSearch:
     # ---------------------------------------------------------------- generations
 
     def _evaluate(self, cohort: Sequence[Individual]) -> dict[str, Any]:
+        clock = IdleClock(getattr(self.backend, "workers", 1))
         rep = evaluate_cohort(cohort, self.fidelities, self.space.fidelity.eta, self.backend, self.cache)
+        return self._count(rep, clock.share(rep.seconds))
+
+    def _count(self, rep: CohortReport, idle_share: float) -> dict[str, Any]:
         for ind in self.population:  # an equivalent may have been promoted: re-read the cache
             assign_fitness(ind, self.cache, self.fidelities)
         self.counters["evaluations"] += sum(rep.evaluations.values())
@@ -211,7 +232,8 @@ class GPSearch:
         self.counters["cache_hits"] += rep.cache_hits
         self.counters["degenerate"] += sum(rep.degenerate.values())
         return {"evaluations": {str(n): rep.evaluations.get(n, 0) for n in self.fidelities},
-                "degenerate_reasons": dict(rep.degenerate), "eval_seconds": round(rep.seconds, 3)}
+                "degenerate_reasons": dict(rep.degenerate), "eval_seconds": round(rep.seconds, 3),
+                "worker_idle_share": idle_share, "windows_run": rep.windows_run}
 
     def _evaluate_references(self) -> None:
         """Every reference metric at every fidelity (not counted as search evaluations)."""
@@ -254,6 +276,8 @@ class GPSearch:
 
     def step(self) -> dict[str, Any]:
         """One generation; returns its log record."""
+        if self.dispatch == "async":
+            return self._step_async()
         t0 = time.perf_counter()
         before = Counter(self.counters)
         children = [self.make_child(*self.select_parents()) for _ in range(self.params.offspring)]
@@ -265,6 +289,118 @@ class GPSearch:
         self.hof.update(children)
         self.gen += 1
         return self._record(before, extra, time.perf_counter() - t0)
+
+    # ------------------------------------------------------- asynchronous generations
+
+    def _async_engine(self) -> BoundedStaleness:
+        if self._engine is None:
+            self._engine = BoundedStaleness(self.backend, self.lag, self._make_job, self._candidate_of,
+                                            self._integrate)
+            self._rungs = Rungs(len(self.fidelities))  # finite results per fidelity, and who goes up
+            self._waiting: dict[str, Individual] = {}  # new children whose first result is not in
+            self._formulas: dict[str, str] = {ind.key: str(ind.node) for ind in self.population}
+            self._nodes: dict[str, Any] = {}
+            for key in sorted(self.cache.results):  # what the synchronous initial race scored
+                for rung, n in enumerate(self.fidelities):
+                    got = self.cache.get(key, n)
+                    if got is not None and math.isfinite(got[0]):
+                        self._rungs.scored[rung].append(key)
+                        if rung > 0:
+                            self._rungs.promoted[rung - 1].add(key)
+            self._joined = 0
+            self._report = CohortReport()
+        return self._engine
+
+    def _join(self, child: Individual) -> None:
+        assign_fitness(child, self.cache, self.fidelities)
+        replace = ALGORITHMS[self.params.algorithm]
+        self.population, rejected = replace(self.population, [child], self.params.population)
+        self.counters["duplicates_rejected"] += rejected
+        self.hof.update([child])
+        self._joined += 1
+
+    def _make_job(self) -> Payload | None:
+        """A promotion waiting to run, else the next new child (equivalents of scored forms join at once)."""
+        while self._rungs.queue:
+            key, rung = self._rungs.queue.popleft()
+            if self.cache.get(key, self.fidelities[rung]) is None:
+                return {"key": key, "formula": self._formulas[key], "rung": rung, "windows": self.fidelities[rung]}
+        first = self.fidelities[0]
+        for _ in range(BREED_TRIES):
+            child = self.make_child(*self.select_parents())
+            self.cache.remember(child)
+            if child.key in self._waiting:
+                self._report.cache_hits += 1
+                continue
+            if self.cache.get(child.key, first) is not None:
+                self._report.cache_hits += 1
+                self._join(child)
+                continue
+            if not child.node.leaves_used():
+                record_result(self.cache, child.key, first, FitnessResult(math.inf, first, NO_LEAVES, 0.0, 0.0),
+                              self._report)
+                self._join(child)
+                continue
+            self._waiting[child.key] = child
+            self._formulas[child.key], self._nodes[child.key] = str(child.node), child.node
+            return {"key": child.key, "formula": str(child.node), "rung": 0, "windows": first}
+        return None
+
+    def _candidate_of(self, payload: Payload) -> Any:
+        key = payload["key"]
+        if key not in self._nodes:  # after a resume
+            self._nodes[key] = parse(payload["formula"])
+        return self._nodes[key]
+
+    def _integrate(self, payload: Payload, result: FitnessResult) -> None:
+        key, rung, n = payload["key"], int(payload["rung"]), int(payload["windows"])
+        record_result(self.cache, key, n, result, self._report)
+        self._report.evaluations[n] = self._report.evaluations.get(n, 0) + 1
+        if key in self._waiting and rung == 0:
+            self._join(self._waiting.pop(key))
+        for ind in self.population:
+            if ind.key == key:
+                assign_fitness(ind, self.cache, self.fidelities)
+        if not math.isfinite(self.cache.get(key, n)[0]) or rung + 1 == len(self.fidelities):
+            return
+        self._rungs.add(key, rung, lambda k: (self.cache.get(k, n)[0], self.cache.forms[k][1], k),
+                        lambda scored: scored // self.space.fidelity.eta)
+
+    def _step_async(self) -> dict[str, Any]:
+        t0 = time.perf_counter()
+        engine = self._async_engine()
+        before = Counter(self.counters)
+        self._joined, self._report = 0, CohortReport()
+        busy0, clock = engine.busy_seconds, IdleClock(getattr(self.backend, "workers", 1))
+        if not engine.advance(lambda: self._joined >= self.params.offspring):
+            raise RuntimeError("no new child could be bred: every one is equivalent to a scored form")
+        self._report.seconds = engine.busy_seconds - busy0
+        extra = self._count(self._report, clock.share(self._report.seconds))
+        self.hof.refresh(self.cache, self.fidelities)
+        self.gen += 1
+        return self._record(before, extra, time.perf_counter() - t0)
+
+    def _async_state(self) -> dict[str, Any] | None:
+        if self._engine is None:
+            return None
+        return {"engine": self._engine.state_dict(), "rungs": self._rungs.state_dict(),
+                "formulas": dict(self._formulas),
+                "waiting": [(str(ind.node), key) for key, ind in self._waiting.items()]}
+
+    def _load_async_state(self, state: dict[str, Any] | None) -> None:
+        self._engine = None
+        if state is None:
+            return
+        engine = self._async_engine()
+        engine.load_state_dict(state["engine"])
+        self._rungs.load_state_dict(state["rungs"])
+        self._formulas = dict(state["formulas"])
+        self._waiting = {}
+        for formula, key in state["waiting"]:
+            ind = node_to_tree(parse(formula), self.grammar)
+            ind.key = key
+            self._waiting[key] = ind
+            self._nodes[key] = ind.node
 
     # -------------------------------------------------------------------- logging
 
@@ -302,6 +438,9 @@ class GPSearch:
             "degenerate_reasons": extra["degenerate_reasons"],
             "windows": delta["windows"],
             "eval_seconds": extra["eval_seconds"],
+            "worker_idle_share": extra.get("worker_idle_share"),
+            "windows_run": extra.get("windows_run"),
+            "dispatch": self.dispatch,
             "seconds": round(seconds, 3),
         }
         if self.references and best is not None:  # on the windows the best was scored on
@@ -326,6 +465,7 @@ class GPSearch:
             "elapsed": self.elapsed,
             "references": {name: dict(per) for name, per in self.references.items()},
             "rng": rng_state(),
+            "async": self._async_state(),
         }
 
     def _revive(self, item: tuple[str, str]) -> Individual:
@@ -357,3 +497,4 @@ class GPSearch:
         self.references = {name: {int(n): v for n, v in per.items()}
                            for name, per in state.get("references", {}).items()}
         set_rng_state(state["rng"])
+        self._load_async_state(state.get("async"))

@@ -26,6 +26,7 @@ from metricgp.search.backends import Backend, EvaluatorFactory, make_backend
 from metricgp.search.checkpoint import load_checkpoint, save_checkpoint
 from metricgp.search.gp import GPSearch
 from metricgp.search.space import SearchSpace, space_from_dict
+from metricgp.search.steady import default_lag
 from metricgp.search.synthetic import SyntheticSpec, build_synthetic
 from metricgp.structured.evaluator import StructuredSpec
 from metricgp.structured.fitness import StructuredMetricEvaluator
@@ -43,6 +44,8 @@ class RunConfig:
     workers: int = 1
     gpus_per_worker: float = 0.0
     ray_address: str | None = None  # None: $RAY_ADDRESS, else a local Ray
+    dispatch: str = "sync"  # or "async" (metricgp.search.steady)
+    lag: int | None = None  # async: jobs created ahead of integration (None: 2 x workers)
     time_budget_min: float | None = None
     name: str = "run"
     references: tuple[str, ...] = ()  # metrics scored on the same windows, for the report only
@@ -124,10 +127,13 @@ def start(config: RunConfig, run_dir: Path, provenance: dict[str, Any] | None = 
     """A fresh run in `run_dir` (which must not hold a checkpoint already)."""
     run_dir = loop.fresh_dir(run_dir)
     t0 = time.monotonic()
+    if config.dispatch == "async" and config.lag is None:  # fixed now: the results depend on it
+        config = dataclasses.replace(config, lag=default_lag(config.workers))
     backend = _backend(config)  # before the directory exists: a backend that cannot start leaves nothing
     run_dir.mkdir(parents=True, exist_ok=True)
     try:
-        search = GPSearch(config.space, backend, backend.fidelities(), references=config.references)
+        search = GPSearch(config.space, backend, backend.fidelities(), references=config.references,
+                          dispatch=config.dispatch, lag=config.lag)
         payload = {"config": config.to_dict(), "seed": config.space.gp.seed, "fidelities": search.fidelities,
                    **(provenance or {})}
         artifacts.write_json(run_dir / "config.json", payload)
@@ -153,7 +159,8 @@ def resume(run_dir: Path, overrides: dict[str, Any] | None = None, progress: boo
     config = dataclasses.replace(config, **overrides)
     backend = _backend(config)
     try:
-        search = GPSearch(config.space, backend, payload["search"]["fidelities"], references=config.references)
+        search = GPSearch(config.space, backend, payload["search"]["fidelities"], references=config.references,
+                          dispatch=config.dispatch, lag=config.lag)
         search.load_state_dict(payload["search"])
         artifacts.rewrite_log(run_dir, list(search.records))
         return drive(search, config, run_dir, progress, stop_after)

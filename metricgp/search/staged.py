@@ -79,13 +79,14 @@ class CohortReport:
     cache_hits: int = 0  # candidates answered without evaluation at f_0 (cache or in-cohort duplicate)
     degenerate: Counter = field(default_factory=Counter)  # reason -> count (distinct candidates)
     seconds: float = 0.0
+    windows_run: int = 0  # windows the evaluators actually ran (those that report it)
 
 
 def assign_fitness(ind: Individual, cache: FitnessCache, fidelities: Sequence[int]) -> None:
     ind.fitness.values, _ = cache.fitness(ind.key, fidelities)
 
 
-def _record(cache: FitnessCache, key: str, n: int, res: FitnessResult, report: CohortReport) -> None:
+def record_result(cache: FitnessCache, key: str, n: int, res: FitnessResult, report: CohortReport) -> None:
     fitness = res.fitness if math.isfinite(res.fitness) else math.inf
     reason = res.reason if fitness == math.inf else None
     if fitness == math.inf:
@@ -95,6 +96,7 @@ def _record(cache: FitnessCache, key: str, n: int, res: FitnessResult, report: C
             log.warning("candidate %s: %s", cache.forms[key][0], reason)
     cache.put(key, n, fitness, reason)
     report.seconds += res.seconds
+    report.windows_run += res.windows_run or 0
 
 
 def evaluate_cohort(cohort: Sequence[Individual], fidelities: Sequence[int], eta: int,
@@ -119,11 +121,11 @@ def evaluate_cohort(cohort: Sequence[Individual], fidelities: Sequence[int], eta
         jobs = []
         for k in todo:
             if not first[k].node.leaves_used():  # no need to ask the evaluator
-                _record(cache, k, n, FitnessResult(math.inf, n, NO_LEAVES, 0.0, 0.0), report)
+                record_result(cache, k, n, FitnessResult(math.inf, n, NO_LEAVES, 0.0, 0.0), report)
             else:
                 jobs.append(k)
         for k, res in zip(jobs, backend.evaluate([(first[k].node, n) for k in jobs]), strict=True):
-            _record(cache, k, n, res, report)
+            record_result(cache, k, n, res, report)
         if jobs:
             report.evaluations[n] = report.evaluations.get(n, 0) + len(jobs)
     for ind in cohort:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 import time
+import zlib
 from dataclasses import asdict, dataclass
 
 import torch
@@ -34,6 +35,12 @@ class SyntheticSpec:
     fidelities: tuple[int, ...] = (2, 4, 8)
     sparsity: float = 0.5
     delay: float = 0.0  # seconds slept per evaluation, to imitate an expensive evaluator
+    # and per window not run before for this candidate (a real evaluator keeps the losses of the windows it
+    # ran, so a promoted candidate runs only its new ones)
+    delay_per_window: float = 0.0
+    # the sleep times exp(jitter * z), z a standard normal drawn from the candidate's formula: some candidates
+    # straggle, always the same ones (the fitness never depends on it)
+    delay_jitter: float = 0.0
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -57,6 +64,7 @@ class SyntheticEvaluator:
     def __init__(self, spec: SyntheticSpec) -> None:
         self.spec = spec
         self.fidelities = tuple(spec.fidelities)
+        self._windows_seen: dict[str, int] = {}
         gen = torch.Generator().manual_seed(spec.seed)
         n_eval = max(self.fidelities)
         self.layers: list[tuple[dict[str, torch.Tensor], torch.Tensor]] = []
@@ -84,19 +92,31 @@ class SyntheticEvaluator:
         mask.scatter_(1, order[:, :n_drop], False)
         return mask
 
+    def _sleep(self, tree: Node, n_windows: int) -> int:
+        """Imitates the cost of a real evaluation; returns the windows "run" (those not run before)."""
+        key = str(tree)
+        ran = max(n_windows - self._windows_seen.get(key, 0), 0)
+        self._windows_seen[key] = max(self._windows_seen.get(key, 0), n_windows)
+        delay = self.spec.delay + self.spec.delay_per_window * ran
+        if delay and self.spec.delay_jitter:
+            z = torch.randn(1, generator=torch.Generator().manual_seed(zlib.crc32(key.encode()))).item()
+            delay *= math.exp(self.spec.delay_jitter * z)
+        if delay:
+            time.sleep(delay)
+        return ran
+
     def evaluate(self, tree: Node, n_windows: int) -> FitnessResult:
         t0 = time.perf_counter()
-        if self.spec.delay:
-            time.sleep(self.spec.delay)
+        ran = self._sleep(tree, n_windows)
         fn = compile_metric(tree)
         errors, kept, total = [], 0, 0
         for stats, xs in self.layers:
             scores = fn(stats)
             if not torch.isfinite(scores).all():
-                return FitnessResult(math.inf, n_windows, "non-finite scores", time.perf_counter() - t0, 0.0)
+                return FitnessResult(math.inf, n_windows, "non-finite scores", time.perf_counter() - t0, 0.0, ran)
             if bool((scores.amax(1) == scores.amin(1)).all()):
                 return FitnessResult(math.inf, n_windows, "constant scores in every row",
-                                     time.perf_counter() - t0, 0.0)
+                                     time.perf_counter() - t0, 0.0, ran)
             mask = self._mask(scores)
             kept += int(mask.sum())
             total += mask.numel()
@@ -106,7 +126,7 @@ class SyntheticEvaluator:
             err = x @ (w * ~mask).T
             errors.append(float(err.norm() / dense.norm()))
         return FitnessResult(sum(errors) / len(errors), n_windows, None, time.perf_counter() - t0,
-                             1.0 - kept / total)
+                             1.0 - kept / total, ran)
 
 
 def build_synthetic(spec: SyntheticSpec) -> SyntheticEvaluator:
