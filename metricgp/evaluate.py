@@ -231,7 +231,10 @@ def cached_reference(setup: PruningSetup, valid: torch.Tensor,
     each running the dense model over the windows again."""
     if build is None:
         return None
-    key = hashlib.sha256(json.dumps({"v": REFERENCE_VERSION, "model": setup.fingerprint, "k": KL_TOPK,
+    fingerprint = getattr(setup, "fingerprint", None)
+    if fingerprint is None:  # a setup that cannot name its weights: nothing to key a cache by
+        return build(setup.model, valid)
+    key = hashlib.sha256(json.dumps({"v": REFERENCE_VERSION, "model": fingerprint, "k": KL_TOPK,
                                      "windows": hashlib.sha256(valid.numpy().tobytes()).hexdigest(),
                                      "shape": list(valid.shape)}).encode()).hexdigest()[:20]
     path = cache_root() / "references" / f"{key}.safetensors"
