@@ -127,7 +127,7 @@ def gradients_of(model: nn.Module, linears: dict[str, nn.Linear], grads: bool = 
         yield
 
 
-def _layers_by_block(blocks: nn.ModuleList, layers: dict[str, nn.Linear]) -> list[dict[str, nn.Linear]]:
+def layers_by_block(blocks: nn.ModuleList, layers: dict[str, nn.Linear]) -> list[dict[str, nn.Linear]]:
     """The requested layers of each block, found by identity (callers name layers as they like)."""
     block_of = {id(m): i for i, block in enumerate(blocks) for m in block.modules()}
     per_block: list[dict[str, nn.Linear]] = [{} for _ in blocks]
@@ -169,7 +169,7 @@ def compute_stats(
     folded into its leaf as it arrives and freed. The device holds the model plus one block's working
     set: no whole-model float32 copy, no live gradient for every weight, no whole-batch logits."""
     decoder_blocks = find_blocks(model)[1]
-    per_block = _layers_by_block(decoder_blocks, layers)
+    per_block = layers_by_block(decoder_blocks, layers)
     grad_leaves = leaves_from("gradients", leaves) if grads else {}
     input_leaves = list(leaves_from("inputs", leaves))
     inputs = BlockInputs.capture(model, calib)
