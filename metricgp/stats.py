@@ -157,10 +157,12 @@ def _head_gradient(head: OutputHead, hidden: torch.Tensor, ids: torch.Tensor) ->
 
 def compute_stats(
     model: nn.Module, layers: dict[str, nn.Linear], calib: torch.Tensor, grads: bool = True, desc: str = "stats",
-    leaves: Iterable[str] | None = None,
+    leaves: Iterable[str] | None = None, sink: Callable[[str, str, torch.Tensor], None] | None = None,
 ) -> dict[str, dict[str, torch.Tensor]]:
     """Every registered input leaf (or those in `leaves`) of `layers`, and the gradient leaves too when
-    `grads`, computed one decoder block at a time. Model left as it was.
+    `grads`, computed one decoder block at a time. Model left as it was. With `sink`, each finished
+    statistic goes to `sink(layer, leaf, tensor)` the moment it is made, on the host, and is not kept
+    (the result is then empty): a caller can stream a model's worth of G to disk instead of holding it.
 
     Forward: each block, in float32, runs over every calibration window's hidden states while hooks
     fold its linears' inputs into the input leaves; its outputs are the next block's inputs. Backward
@@ -177,7 +179,14 @@ def compute_stats(
     if grad_leaves and head is None:
         raise MetricGPError(f"gradient statistics need an output head of final norm -> LM head; "
                             f"{type(model).__name__}'s could not be found")
-    out: dict[str, dict[str, torch.Tensor]] = {name: {} for name in layers}
+    out: dict[str, dict[str, torch.Tensor]] = {name: {} for name in layers} if sink is None else {}
+
+    def keep(name: str, leaf: str, t: torch.Tensor) -> None:
+        if sink is None:
+            out[name][leaf] = t
+        else:
+            sink(name, leaf, t)
+
     # each block's float32 inputs, kept for its backward pass on disk (a depth's worth of activations in
     # memory would outgrow a small model), read back memory-mapped
     scratch = tempfile.TemporaryDirectory(prefix="metricgp-stats-") if grad_leaves else contextlib.nullcontext()
@@ -197,7 +206,8 @@ def compute_stats(
                         yield None
 
                 for name, per in collect_input_stats(per_block[i], forward(), input_leaves).items():
-                    out[name].update(per)
+                    for leaf, t in per.items():
+                        keep(name, leaf, t)
             hidden = outputs
         if not grad_leaves:
             return out
@@ -219,7 +229,7 @@ def compute_stats(
             (Path(scratch_dir) / f"block-{i}.pt").unlink()
             for name, per in states.items():
                 for leaf, state in per.items():
-                    out[name][leaf] = grad_leaves[leaf].statistic.finish(state, len(calib)).cpu()
+                    keep(name, leaf, grad_leaves[leaf].statistic.finish(state, len(calib)).cpu())
     return out
 
 

@@ -31,7 +31,7 @@ from metricgp.structured.importance import (
     Unit,
     by_module,
     element_scores,
-    score_units,
+    score_units_by_module,
 )
 from metricgp.structured.refit import OutputRefit
 from metricgp.structured.saap import saap_units
@@ -157,9 +157,9 @@ class StructuredPruner:
     def score(self, tree, spec: StructuredSpec) -> list[Unit]:
         if spec.importance in UNIT_IMPORTANCES:
             return UNIT_IMPORTANCES[spec.importance](self, tree, spec)
-        names = {s.linear for m in self.modules for s in m.slices + m.kv_slices}
-        scores = IMPORTANCES[spec.importance](self, tree, names)
-        return score_units(self.modules, self.linears, scores, spec.reduction, spec.normalisation, spec.head_mode)
+        importance = IMPORTANCES[spec.importance]
+        return score_units_by_module(self.modules, self.linears, lambda names: importance(self, tree, names),
+                                     spec.reduction, spec.normalisation, spec.head_mode)
 
     def budget(self, spec: StructuredSpec) -> int:
         return self.dense_decoder_params - round(spec.keep * self.dense_decoder_params)
