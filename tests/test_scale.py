@@ -248,16 +248,17 @@ def test_block_by_block_statistics_equal_the_whole_model_pass(family):
 def test_bench_scale_measures_a_phase_in_a_fresh_process_and_reads_per_block_costs(tmp_path):
     from metricgp.experiments import scale
 
-    row = scale.measure("model", "small", 1)
+    row = scale.measure("model", "tiny", 1, dtype="float32")
     assert set(row) >= {"phase", "layers", "hidden", "intermediate", "model_bytes", "peak_bytes", "seconds"}
-    assert row["peak_bytes"] > row["model_bytes"] > row["block_bytes"] > 0
-    rows = [{"phase": "statistics", "shape": "8b", "layers": n, "block_bytes": 100, "peak_bytes": 1000 + 150 * n}
-            for n in (1, 2, 4)]
+    assert row["peak_bytes"] > row["base_bytes"] + row["model_bytes"] > row["model_bytes"] > row["block_bytes"] > 0
+    rows = [{"phase": "statistics", "shape": "8b", "layers": n, "block_bytes": 100, "peak_bytes": 1000 + 150 * n,
+             "base_bytes": 10, "held_bytes": 50 * n} for n in (1, 2, 4)]
     costs = scale.per_block_costs(rows)
-    assert [(c["from"], c["to"], c["ratio"]) for c in costs] == [(1, 2, 1.5), (2, 4, 1.5)]
-    assert scale.main(["--shapes", "70b", "--out", str(tmp_path)]) == 2
+    assert [(c["from"], c["to"], c["ratio"], c["device_ratio"]) for c in costs] == [(1, 2, 1.5, 1.0), (2, 4, 1.5, 1.0)]
+    assert scale.main(["--shapes", "1b", "--out", str(tmp_path)]) == 2
     assert scale.main(["--layers", "1,x", "--out", str(tmp_path)]) == 2
     assert not list(tmp_path.iterdir())  # nothing written for bad input
+
 
 
 @pytest.mark.parametrize("family", ["llama", "gemma3"])
