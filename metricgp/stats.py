@@ -299,14 +299,15 @@ def cached_stats(
             extra = compute_stats(model, layers, calib, grads=False, desc="stats (new leaves)", leaves=missing)
             for n, per in extra.items():
                 stats[n].update(per)
-            _save(stats, path, 0.0)
+            save_stats(stats, path)
             return stats, True
     t0 = time.time()
     stats = compute_stats(model, layers, calib, grads=grads)
-    _save(stats, path, time.time() - t0)
+    save_stats(stats, path, time.time() - t0)
     return stats, False
 
 
-def _save(stats: dict[str, dict[str, torch.Tensor]], path: Path, seconds: float) -> None:
+def save_stats(stats: dict[str, dict[str, torch.Tensor]], path: Path, seconds: float = 0.0) -> None:
+    """Write `stats` where `cached_stats` reads them (`stats_cache_path`), atomically."""
     with atomic_path(path) as tmp:
         save_file(_flatten(stats), str(tmp), metadata={"seconds": f"{seconds:.1f}"})

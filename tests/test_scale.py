@@ -248,7 +248,7 @@ def test_block_by_block_statistics_equal_the_whole_model_pass(family):
 def test_bench_scale_measures_a_phase_in_a_fresh_process_and_reads_per_block_costs(tmp_path):
     from metricgp.experiments import scale
 
-    row = scale.measure("model", "tiny", 1, dtype="float32")
+    [row] = scale.measure("model", "tiny", 1, dtype="float32")
     assert set(row) >= {"phase", "layers", "hidden", "intermediate", "model_bytes", "peak_bytes", "seconds"}
     assert row["peak_bytes"] > row["base_bytes"] + row["model_bytes"] > row["model_bytes"] > row["block_bytes"] > 0
     rows = [{"phase": "statistics", "shape": "8b", "layers": n, "block_bytes": 100, "peak_bytes": 1000 + 150 * n,

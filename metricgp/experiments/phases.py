@@ -12,13 +12,17 @@ the statistics phase and its own.
 
 from __future__ import annotations
 
+import shutil
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
 import transformers
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 from metricgp.darwin.config import DarwinConfig, prepare
@@ -31,7 +35,7 @@ from metricgp.measure import perplexity, window_losses
 from metricgp.models import prunable_layers
 from metricgp.prune.engine import DenseWeights, prune_oneshot
 from metricgp.prune.patterns import parse_pattern
-from metricgp.stats import cached_stats, compute_stats, stats_cache_path, stats_key
+from metricgp.stats import cached_stats, compute_stats, save_stats, stats_cache_path, stats_key
 from metricgp.structured.evaluator import StructuredSpec
 from metricgp.structured.evaluator import prune as prune_structured
 from metricgp.structured.recover import recover
@@ -60,7 +64,8 @@ SHAPES: dict[str, BlockShape] = {
     "14b": BlockShape(5120, 13824, 40, 8, 32768),
     "70b": BlockShape(8192, 28672, 64, 8, 32768),
     "small": BlockShape(576, 1536, 9, 3, 32768),  # SmolLM2-135M's block
-    "mini": BlockShape(512, 2048, 8, 2, 2048),  # big enough that a block's bytes beat RSS noise: memory tests
+    "mini": BlockShape(512, 2048, 8, 2, 2048),
+    "test": BlockShape(384, 1536, 8, 2, 1024),  # memory tests: a block (8.6 MB in float32) well above RSS noise
     "tiny": BlockShape(64, 128, 4, 2, 256),  # smoke tests
 }
 
@@ -144,11 +149,28 @@ def _wanda():
 
 def _statistics(s: Session, _: Any) -> int:
     """The statistics pass with every finished statistic handed off as it is made, as on a GPU, where each
-    block's leave the device for the host: the peak is the pass's own, the result's bytes are returned."""
-    made: list[int] = []
-    compute_stats(s.model, prunable_layers(s.model), s.calib, grads=True,
-                  sink=lambda _layer, _leaf, t: made.append(t.numel() * t.element_size()))
-    return sum(made)
+    block's leave the device for the host: here they go to disk, so the peak is the pass's own. Returns
+    the bytes the host holds afterwards."""
+    made = s.held["made"] = Path(tempfile.mkdtemp(prefix="metricgp-stats-"))
+    written: list[int] = []
+
+    def sink(layer: str, leaf: str, t: torch.Tensor) -> None:
+        save_file({"t": t.contiguous()}, str(made / f"{len(written)}|{layer}|{leaf}.safetensors"))
+        written.append(t.numel() * t.element_size())
+
+    compute_stats(s.model, prunable_layers(s.model), s.calib, grads=True, sink=sink)
+    return sum(written)
+
+
+def _cache_statistics(s: Session, _: Any) -> None:
+    """After the measurement: what the pass made, into the statistics cache the later phases read."""
+    made: Path = s.held.pop("made")
+    stats: dict[str, dict[str, torch.Tensor]] = {}
+    for path in made.iterdir():
+        _, layer, leaf = path.name.removesuffix(".safetensors").split("|")
+        stats.setdefault(layer, {})[leaf] = load_file(str(path))["t"]
+    save_stats(stats, stats_cache_path(s._key(True)))
+    shutil.rmtree(made)
 
 
 SEARCH_METRICS = ("wanda", "magnitude", "gblm", "ria", "pruner-zero")
@@ -215,12 +237,14 @@ def _recovery(s: Session, pruned: nn.Module) -> None:
 class Phase:
     run: Callable[[Session, Any], int | None]  # the bytes it leaves on the host, when not the session's
     prepare: Callable[[Session], Any] = lambda s: None
+    after: Callable[[Session, Any], None] = lambda s, state: None  # once measured (not measured)
     doc: str = ""
 
 
 PHASES: dict[str, Phase] = {
     "model": Phase(lambda s, _: None, doc="the model alone"),
-    "statistics": Phase(_statistics, doc="W/X/Hinv/G statistics (each block's handed to the host as made)"),
+    "statistics": Phase(_statistics, after=_cache_statistics,
+                        doc="W/X/Hinv/G statistics (each block's handed to the host as made)"),
     "search-evaluation": Phase(_search_evaluations, lambda s: s.setup(grads=True),
                                doc="five metric-search candidates (session with G)"),
     "apply-oneshot": Phase(_apply("oneshot"), lambda s: s.setup(), doc="apply --mode oneshot + perplexity"),
@@ -281,6 +305,7 @@ def measure_phase(name: str, session: Session, meter: PeakMeter) -> dict[str, An
     made = phase.run(session, state)
     seconds = time.perf_counter() - t0
     peak = meter.peak()
+    phase.after(session, state)
     blocks = session.model.model.layers
     return {"phase": name, "seconds": round(seconds, 2), "peak_bytes": peak, "held_bytes": held,
             "host_bytes": held if made is None else made,

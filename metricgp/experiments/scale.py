@@ -39,30 +39,37 @@ ROW_FIELDS = ("phase", "shape", "layers", "hidden", "intermediate", "heads", "kv
 ALLOCATOR_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0"}
 
 
-def worker(phase: str, shape: str, layers: int, dtype: str, windows: int, seqlen: int, vocab: int | None) -> dict:
+def worker(phases: list[str], shape: str, layers: int, dtype: str, windows: int, seqlen: int,
+           vocab: int | None) -> list[dict]:
+    """One row per phase, in this process, one after the other on one model (what a phase made is freed
+    before the next is prepared; the bench gives each phase a process of its own)."""
     torch.set_num_threads(max(1, os.cpu_count() or 1))
     meter = PeakMeter("cpu")
     base = meter.resident()  # the interpreter and libraries, before any tensor of the model
     session = Session(shape, layers, dtype, "cpu", windows, seqlen, vocab)
-    row = measure_phase(phase, session, meter)
     s = SHAPES[shape]
-    row.update(shape=shape, layers=layers, hidden=s.hidden, intermediate=s.intermediate, heads=s.heads,
-               kv_heads=s.kv_heads, vocab=session.model.config.vocab_size, dtype=dtype, windows=windows,
-               seqlen=seqlen, base_bytes=base)
-    return {k: row[k] for k in ROW_FIELDS}
+    rows = []
+    for phase in phases:
+        row = measure_phase(phase, session, meter)
+        row.update(shape=shape, layers=layers, hidden=s.hidden, intermediate=s.intermediate, heads=s.heads,
+                   kv_heads=s.kv_heads, vocab=session.model.config.vocab_size, dtype=dtype, windows=windows,
+                   seqlen=seqlen, base_bytes=base)
+        rows.append({k: row[k] for k in ROW_FIELDS})
+    return rows
 
 
-def measure(phase: str, shape: str, layers: int, dtype: str = "bfloat16", windows: int = 2, seqlen: int = 128,
-            vocab: int | None = None, cache: Path | None = None) -> dict:
-    """`worker` in a fresh process: its peak is this phase's alone. `cache`: the statistics cache the
-    processes of one run share ($METRICGP_CACHE)."""
+def measure(phases: str | list[str], shape: str, layers: int, dtype: str = "bfloat16", windows: int = 2,
+            seqlen: int = 128, vocab: int | None = None, cache: Path | None = None) -> list[dict]:
+    """`worker` in a fresh process (one phase: its peak is this phase's alone). `cache`: the statistics
+    cache the processes of one run share ($METRICGP_CACHE)."""
+    names = [phases] if isinstance(phases, str) else list(phases)
     env = {**ALLOCATOR_ENV, **os.environ, **({"METRICGP_CACHE": str(cache)} if cache else {})}
-    out = subprocess.run([sys.executable, "-m", "metricgp.experiments.scale", "--worker", phase, shape, str(layers),
-                          "--dtype", dtype, "--windows", str(windows), "--seqlen", str(seqlen),
+    out = subprocess.run([sys.executable, "-m", "metricgp.experiments.scale", "--worker", ",".join(names), shape,
+                          str(layers), "--dtype", dtype, "--windows", str(windows), "--seqlen", str(seqlen),
                           *(["--vocab", str(vocab)] if vocab else [])],
                          capture_output=True, text=True, check=False, env=env)
     if out.returncode != 0:
-        raise RuntimeError(f"{phase} {shape} x{layers} failed: {out.stderr[-3000:]}")
+        raise RuntimeError(f"{','.join(names)} {shape} x{layers} failed: {out.stderr[-3000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -156,11 +163,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, default=Path("results/scale"))
     p.add_argument("--package-rows", type=Path, default=None,
                    help=f"also write the rows for `python -m metricgp.memory` here (make bench-scale: {PACKAGED_ROWS})")
-    p.add_argument("--worker", nargs=3, metavar=("PHASE", "SHAPE", "LAYERS"), help=argparse.SUPPRESS)
+    p.add_argument("--cache", type=Path, default=None, help="statistics cache shared by the rows (default: a "
+                   "temporary directory; a fixed one lets a resumed run reuse what an earlier one computed)")
+    p.add_argument("--worker", nargs=3, metavar=("PHASES", "SHAPE", "LAYERS"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.worker:
-        print(json.dumps(worker(args.worker[0], args.worker[1], int(args.worker[2]), args.dtype, args.windows,
-                                args.seqlen, args.vocab)))
+        print(json.dumps(worker(args.worker[0].split(","), args.worker[1], int(args.worker[2]), args.dtype,
+                                args.windows, args.seqlen, args.vocab)))
         return 0
     shapes, phases = args.shapes.split(","), args.phases.split(",")
     bad = [s for s in shapes if s not in SHAPES] + [f for f in phases if f not in PHASES]
@@ -177,14 +186,15 @@ def main(argv: list[str] | None = None) -> int:
     rows = [json.loads(line) for line in done.read_text().splitlines()] if done.is_file() else []
     have = {(r["phase"], r["shape"], r["layers"], r["dtype"], r["windows"], r["seqlen"], r["vocab"]) for r in rows}
     command = "python -m metricgp.experiments.scale " + " ".join(sys.argv[1:] if argv is None else argv)
-    with tempfile.TemporaryDirectory(prefix="metricgp-scale-") as cache:  # statistics, shared by this run's rows
+    with tempfile.TemporaryDirectory(prefix="metricgp-scale-") as temporary:  # statistics, shared by the rows
+        cache = args.cache or Path(temporary)
         for shape in shapes:
             for layers in depths:
                 for phase in [p for p in PHASES if p in phases]:
                     vocab = args.vocab or SHAPES[shape].vocab
                     if (phase, shape, layers, args.dtype, args.windows, args.seqlen, vocab) in have:
                         continue
-                    row = measure(phase, shape, layers, args.dtype, args.windows, args.seqlen, vocab, Path(cache))
+                    [row] = measure(phase, shape, layers, args.dtype, args.windows, args.seqlen, vocab, Path(cache))
                     print(f"{phase:18s} {shape:5s} x{layers} v{vocab}: peak {row['peak_bytes'] / 2**30:.2f} GiB, "
                           f"device {device_bytes(row) / 2**30:.2f} GiB, {row['seconds']:.1f} s", flush=True)
                     row["command"] = command
