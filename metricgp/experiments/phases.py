@@ -65,7 +65,7 @@ SHAPES: dict[str, BlockShape] = {
     "70b": BlockShape(8192, 28672, 64, 8, 32768),
     "small": BlockShape(576, 1536, 9, 3, 32768),  # SmolLM2-135M's block
     "mini": BlockShape(512, 2048, 8, 2, 2048),
-    "test": BlockShape(384, 1536, 8, 2, 1024),  # memory tests: a block (8.6 MB in float32) well above RSS noise
+    "test": BlockShape(256, 1024, 4, 2, 512),  # memory tests: a block (3.9 MB in float32) above RSS noise
     "tiny": BlockShape(64, 128, 4, 2, 256),  # smoke tests
 }
 
@@ -120,11 +120,13 @@ class Session:
         """The cached statistics (computed and cached when missing); without grads, a cached gradient
         pass is read and its gradient leaves dropped, so a phase holds only what it asked for."""
         layers = prunable_layers(self.model)
-        if not grads and stats_cache_path(self._key(True)).is_file():
+        full = self.held.get("statistics")  # what the statistics phase of this process made
+        if full is None and not grads and stats_cache_path(self._key(True)).is_file():
             full, _ = cached_stats(self.model, layers, self.calib, self._key(True), grads=True)
-            gradient = set(leaves_from("gradients"))
-            return {n: {k: t for k, t in per.items() if k not in gradient} for n, per in full.items()}
-        return cached_stats(self.model, layers, self.calib, self._key(grads), grads=grads)[0]
+        if full is None:
+            return cached_stats(self.model, layers, self.calib, self._key(grads), grads=grads)[0]
+        gradient = set() if grads else set(leaves_from("gradients"))
+        return {n: {k: t for k, t in per.items() if k not in gradient} for n, per in full.items()}
 
     def setup(self, grads: bool = False) -> PruningSetup:
         """The session every command builds: model, statistics, dense copy, calibration windows."""
@@ -148,23 +150,31 @@ def _wanda():
 # ------------------------------------------------------------------ the phases: (prepare, run)
 
 def _statistics(s: Session, _: Any) -> int:
-    """The statistics pass with every finished statistic handed off as it is made, as on a GPU, where each
-    block's leave the device for the host: here they go to disk, so the peak is the pass's own. Returns
-    the bytes the host holds afterwards."""
-    made = s.held["made"] = Path(tempfile.mkdtemp(prefix="metricgp-stats-"))
+    """The statistics pass with every finished statistic handed off as it is made, as each block's leave
+    the device for the host: beside a GPU they stay in host memory (not the device peak); on the host
+    itself they go to disk, so the resident peak is the pass's own. Returns their bytes."""
+    on_disk = torch.device(s.device).type == "cpu"
+    made = s.held["made"] = Path(tempfile.mkdtemp(prefix="metricgp-stats-")) if on_disk else {}
     written: list[int] = []
 
     def sink(layer: str, leaf: str, t: torch.Tensor) -> None:
-        save_file({"t": t.contiguous()}, str(made / f"{len(written)}|{layer}|{leaf}.safetensors"))
+        if on_disk:
+            save_file({"t": t.contiguous()}, str(made / f"{len(written)}|{layer}|{leaf}.safetensors"))
+        else:
+            made.setdefault(layer, {})[leaf] = t
         written.append(t.numel() * t.element_size())
 
     compute_stats(s.model, prunable_layers(s.model), s.calib, grads=True, sink=sink)
     return sum(written)
 
 
-def _cache_statistics(s: Session, _: Any) -> None:
-    """After the measurement: what the pass made, into the statistics cache the later phases read."""
-    made: Path = s.held.pop("made")
+def _keep_statistics(s: Session, _: Any) -> None:
+    """After the measurement: what the pass made, for the later phases (the statistics cache on disk, or
+    kept in memory beside a GPU)."""
+    made = s.held.pop("made")
+    if isinstance(made, dict):
+        s.held["statistics"] = made
+        return
     stats: dict[str, dict[str, torch.Tensor]] = {}
     for path in made.iterdir():
         _, layer, leaf = path.name.removesuffix(".safetensors").split("|")
@@ -243,7 +253,7 @@ class Phase:
 
 PHASES: dict[str, Phase] = {
     "model": Phase(lambda s, _: None, doc="the model alone"),
-    "statistics": Phase(_statistics, after=_cache_statistics,
+    "statistics": Phase(_statistics, after=_keep_statistics,
                         doc="W/X/Hinv/G statistics (each block's handed to the host as made)"),
     "search-evaluation": Phase(_search_evaluations, lambda s: s.setup(grads=True),
                                doc="five metric-search candidates (session with G)"),
