@@ -74,20 +74,20 @@ def measure(phases: str | list[str], shape: str, layers: int, dtype: str = "bflo
 
 
 def per_block_costs(rows: list[dict]) -> list[dict]:
-    """For each phase and shape: what one more block adds to the peak (and to its device share), in
-    units of the block's own bytes."""
+    """For each phase, shape and vocabulary: what one more block adds to the peak (and to its device
+    share), in units of the block's own bytes."""
     out = []
-    keyed = {(r["phase"], r["shape"], r["layers"]): r for r in rows}
-    for (phase, shape, layers), row in sorted(keyed.items()):
-        deeper = sorted(n for p, s, n in keyed if p == phase and s == shape and n > layers)
+    keyed = {(r["phase"], r["shape"], r.get("vocab", 0), r["layers"]): r for r in rows}
+    for (phase, shape, vocab, layers), row in sorted(keyed.items()):
+        deeper = sorted(n for p, s, v, n in keyed if (p, s, v) == (phase, shape, vocab) and n > layers)
         if not deeper:
             continue
-        nxt = keyed[(phase, shape, deeper[0])]
+        nxt = keyed[(phase, shape, vocab, deeper[0])]
         steps = deeper[0] - layers
         total = (nxt["peak_bytes"] - row["peak_bytes"]) / steps
         device = (device_bytes(nxt) - device_bytes(row)) / steps
-        out.append({"phase": phase, "shape": shape, "from": layers, "to": deeper[0], "peak_per_block_bytes": total,
-                    "device_per_block_bytes": device, "block_bytes": row["block_bytes"],
+        out.append({"phase": phase, "shape": shape, "vocab": vocab, "from": layers, "to": deeper[0],
+                    "peak_per_block_bytes": total, "device_per_block_bytes": device, "block_bytes": row["block_bytes"],
                     "ratio": total / row["block_bytes"], "device_ratio": device / row["block_bytes"]})
     return out
 
@@ -104,23 +104,25 @@ def write_report(rows: list[dict], out: Path, commands: list[str], package_rows:
             "Llama blocks (metricgp/experiments/scale.py)", "rows": rows})
     gib = 2**30
     lines = ["# Peak memory per phase against depth (random-weight Llama blocks, CPU)", "",
-             "Made by " + "; ".join(f"`{c}`" for c in commands) + ".",
+             "Made by " + "; ".join(f"`{c}`" for c in commands) + ".", "",
              "Settings (dtype, calibration windows, tokens): " + ", ".join(map(str, settings)) + ". Each row is a "
              "fresh process: the phase's session is prepared (statistics, dense copy; a pruned copy for recovery), "
-             "the peak resident set is reset, the phase runs. *device* = peak - interpreter (base) - what the "
-             "library keeps on the host beside a GPU (statistics): what a GPU would hold.", "",
-             "| phase | shape | layers | model GiB | peak GiB | device GiB | host stats GiB | seconds |",
-             "|---|---|---:|---:|---:|---:|---:|---:|"]
-    lines += [f"| {r['phase']} | {r['shape']} | {r['layers']} | {r['model_bytes'] / gib:.2f} | "
+             "the peak resident set is reset, the phase runs. *device* = peak - interpreter (base) - the statistics "
+             "the library keeps on the host beside a GPU, resident during the phase (the statistics phase hands "
+             "each block's to the host, here to disk, as they are made): what a GPU would hold. *host* = the "
+             "statistics the host holds afterwards.", "",
+             "| phase | shape | vocabulary | layers | model GiB | peak GiB | device GiB | host GiB | seconds |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+    lines += [f"| {r['phase']} | {r['shape']} | {r['vocab']} | {r['layers']} | {r['model_bytes'] / gib:.2f} | "
               f"{r['peak_bytes'] / gib:.2f} | {device_bytes(r) / gib:.2f} | {r['host_bytes'] / gib:.2f} | "
               f"{r['seconds']:.1f} |" for r in rows]
     lines += ["", "What one more block adds to each phase's peak and to its device share, in units of the block's own",
-              "bytes (goal: <= 1.5). A peak resident set moves by tens of MB from run to run (allocator, threads), so",
-              "ratios of blocks smaller than that (the small shape's 7-14 MB) are noise.", "",
-              "| phase | shape | layers | GiB per block | block GiB | ratio | device ratio |",
-              "|---|---|---|---:|---:|---:|---:|"]
-    lines += [f"| {c['phase']} | {c['shape']} | {c['from']}->{c['to']} | {c['peak_per_block_bytes'] / gib:.2f} | "
-              f"{c['block_bytes'] / gib:.2f} | {c['ratio']:.2f} | {c['device_ratio']:.2f} |" for c in costs]
+              "bytes (goal: <= 1.5).", "",
+              "| phase | shape | vocabulary | layers | GiB per block | block GiB | ratio | device ratio |",
+              "|---|---|---:|---|---:|---:|---:|---:|"]
+    lines += [f"| {c['phase']} | {c['shape']} | {c['vocab']} | {c['from']}->{c['to']} | "
+              f"{c['peak_per_block_bytes'] / gib:.2f} | {c['block_bytes'] / gib:.2f} | {c['ratio']:.2f} | "
+              f"{c['device_ratio']:.2f} |" for c in costs]
     lines += ["", "The memory model's check (`python -m metricgp.memory`'s fit, peak = a + b x blocks): fitted on the "
               "two shallowest depths, predicting the deepest, which the fit did not use (goal: within 20%).", "",
               "| phase | shape | fitted on | predicted | predicted GiB | measured GiB | error |",
@@ -138,7 +140,8 @@ def plot(rows: list[dict], path: Path) -> None:
     shapes = sorted({r["shape"] for r in rows})
     fig, axes = plt.subplots(1, len(shapes), figsize=(5 * len(shapes), 3.8), squeeze=False)
     for ax, shape in zip(axes[0], shapes, strict=True):
-        mine = [r for r in rows if r["shape"] == shape]
+        vocab = min(r["vocab"] for r in rows if r["shape"] == shape)  # a second vocabulary is not a depth
+        mine = [r for r in rows if r["shape"] == shape and r["vocab"] == vocab]
         for phase in [p for p in PHASES if any(r["phase"] == p for r in mine)]:
             pts = sorted((r["layers"], r["peak_bytes"] / 2**30) for r in mine if r["phase"] == phase)
             ax.plot(*zip(*pts, strict=True), marker="o", label=phase)
