@@ -22,7 +22,7 @@ SEARCH_BUDGET_MIN ?= 23
 SEARCH_OUT ?= runs/search-metric
 SEARCH_ARGS ?=
 
-.PHONY: venv test test-latest test-lowest lock lint search-metric search-scratch search-hessian search-long fidelity-final baselines-full refit-fidelity baselines noise-floor bench bench-fidelity bench-scale bench-distributed bench-structured structured saap-ablation darwin recovery clean-venv
+.PHONY: venv test test-latest test-lowest lock lint search-metric search-scratch search-hessian search-long fidelity-final baselines-full refit-fidelity baselines noise-floor bench bench-fidelity bench-scale bench-distributed gpu-check bench-structured structured saap-ablation darwin recovery clean-venv
 
 venv: $(STAMP)
 
@@ -160,11 +160,26 @@ structured: venv
 saap-ablation: venv
 	$(PY) -m metricgp.structured.experiments saap --out results/structured
 
-# Peak resident memory of each phase against depth, random-weight Llama models at Llama-3.1-8B's block
-# shape and a small one (results/scale/memory.{json,md}; resumable; about an hour here).
+# Peak memory of every phase against depth, random-weight Llama models at Llama-3.1-8B's, Qwen2.5-14B's and
+# SmolLM2's block shapes in bfloat16 (results/scale/memory.{json,md,png}, and the rows `python -m
+# metricgp.memory` fits, metricgp/configs/memory_rows.json); one process per row, resumable; the 8B and 14B
+# rows take hours on 2 busy cores (reconstruct's conjugate gradients most), so reconstruct is measured at
+# 1-2 blocks there and 14B at 1-2 blocks; a second vocabulary on the small shape measures the embedding term.
+SCALE = $(PY) -m metricgp.experiments.scale --out results/scale --cache $(SCALE_CACHE) \
+  --package-rows metricgp/configs/memory_rows.json
+SCALE_CACHE ?= $(HOME)/.cache/metricgp/scale-bench
+SCALE_PHASES = model,statistics,search-evaluation,apply-oneshot,sequential,structured-refit,darwin-generation,recovery
 bench-scale: venv
-	$(PY) -m metricgp.experiments.scale --shapes small,8b --layers 1,2,4 \
-	  --phases model,statistics,search-evaluation,sequential --out results/scale
+	$(SCALE) --shapes small --layers 1,2,4 --phases $(SCALE_PHASES),reconstruct
+	$(SCALE) --shapes small --layers 1,2 --vocab 65536 --phases $(SCALE_PHASES),reconstruct
+	$(SCALE) --shapes 8b --layers 1,2,4 --phases $(SCALE_PHASES)
+	$(SCALE) --shapes 8b --layers 1,2 --phases reconstruct
+	$(SCALE) --shapes 14b --layers 1,2 --phases $(SCALE_PHASES)
+
+# Every phase on one GPU: a random-weight Llama-3.1-8B-shaped model in bfloat16, each phase's seconds and peak
+# device memory (results/scale/gpu-<device>.json); `--device cpu --tiny` is its smoke test (tests/test_memory.py).
+gpu-check: venv
+	$(PY) -m metricgp.experiments.gpu_check --device cuda --out results/scale
 
 # The metric search on a local `ray start --head` cluster joined with --ray-address: serial, 1 and 2
 # workers, sync and async dispatch; evaluations per hour, worker idle share, and the throughput model.

@@ -127,7 +127,7 @@ def gradients_of(model: nn.Module, linears: dict[str, nn.Linear], grads: bool = 
         yield
 
 
-def _layers_by_block(blocks: nn.ModuleList, layers: dict[str, nn.Linear]) -> list[dict[str, nn.Linear]]:
+def layers_by_block(blocks: nn.ModuleList, layers: dict[str, nn.Linear]) -> list[dict[str, nn.Linear]]:
     """The requested layers of each block, found by identity (callers name layers as they like)."""
     block_of = {id(m): i for i, block in enumerate(blocks) for m in block.modules()}
     per_block: list[dict[str, nn.Linear]] = [{} for _ in blocks]
@@ -157,10 +157,12 @@ def _head_gradient(head: OutputHead, hidden: torch.Tensor, ids: torch.Tensor) ->
 
 def compute_stats(
     model: nn.Module, layers: dict[str, nn.Linear], calib: torch.Tensor, grads: bool = True, desc: str = "stats",
-    leaves: Iterable[str] | None = None,
+    leaves: Iterable[str] | None = None, sink: Callable[[str, str, torch.Tensor], None] | None = None,
 ) -> dict[str, dict[str, torch.Tensor]]:
     """Every registered input leaf (or those in `leaves`) of `layers`, and the gradient leaves too when
-    `grads`, computed one decoder block at a time. Model left as it was.
+    `grads`, computed one decoder block at a time. Model left as it was. With `sink`, each finished
+    statistic goes to `sink(layer, leaf, tensor)` the moment it is made, on the host, and is not kept
+    (the result is then empty): a caller can stream a model's worth of G to disk instead of holding it.
 
     Forward: each block, in float32, runs over every calibration window's hidden states while hooks
     fold its linears' inputs into the input leaves; its outputs are the next block's inputs. Backward
@@ -169,7 +171,7 @@ def compute_stats(
     folded into its leaf as it arrives and freed. The device holds the model plus one block's working
     set: no whole-model float32 copy, no live gradient for every weight, no whole-batch logits."""
     decoder_blocks = find_blocks(model)[1]
-    per_block = _layers_by_block(decoder_blocks, layers)
+    per_block = layers_by_block(decoder_blocks, layers)
     grad_leaves = leaves_from("gradients", leaves) if grads else {}
     input_leaves = list(leaves_from("inputs", leaves))
     inputs = BlockInputs.capture(model, calib)
@@ -177,7 +179,14 @@ def compute_stats(
     if grad_leaves and head is None:
         raise MetricGPError(f"gradient statistics need an output head of final norm -> LM head; "
                             f"{type(model).__name__}'s could not be found")
-    out: dict[str, dict[str, torch.Tensor]] = {name: {} for name in layers}
+    out: dict[str, dict[str, torch.Tensor]] = {name: {} for name in layers} if sink is None else {}
+
+    def keep(name: str, leaf: str, t: torch.Tensor) -> None:
+        if sink is None:
+            out[name][leaf] = t
+        else:
+            sink(name, leaf, t)
+
     # each block's float32 inputs, kept for its backward pass on disk (a depth's worth of activations in
     # memory would outgrow a small model), read back memory-mapped
     scratch = tempfile.TemporaryDirectory(prefix="metricgp-stats-") if grad_leaves else contextlib.nullcontext()
@@ -197,7 +206,8 @@ def compute_stats(
                         yield None
 
                 for name, per in collect_input_stats(per_block[i], forward(), input_leaves).items():
-                    out[name].update(per)
+                    for leaf, t in per.items():
+                        keep(name, leaf, t)
             hidden = outputs
         if not grad_leaves:
             return out
@@ -219,7 +229,7 @@ def compute_stats(
             (Path(scratch_dir) / f"block-{i}.pt").unlink()
             for name, per in states.items():
                 for leaf, state in per.items():
-                    out[name][leaf] = grad_leaves[leaf].statistic.finish(state, len(calib)).cpu()
+                    keep(name, leaf, grad_leaves[leaf].statistic.finish(state, len(calib)).cpu())
     return out
 
 
@@ -289,14 +299,15 @@ def cached_stats(
             extra = compute_stats(model, layers, calib, grads=False, desc="stats (new leaves)", leaves=missing)
             for n, per in extra.items():
                 stats[n].update(per)
-            _save(stats, path, 0.0)
+            save_stats(stats, path)
             return stats, True
     t0 = time.time()
     stats = compute_stats(model, layers, calib, grads=grads)
-    _save(stats, path, time.time() - t0)
+    save_stats(stats, path, time.time() - t0)
     return stats, False
 
 
-def _save(stats: dict[str, dict[str, torch.Tensor]], path: Path, seconds: float) -> None:
+def save_stats(stats: dict[str, dict[str, torch.Tensor]], path: Path, seconds: float = 0.0) -> None:
+    """Write `stats` where `cached_stats` reads them (`stats_cache_path`), atomically."""
     with atomic_path(path) as tmp:
         save_file(_flatten(stats), str(tmp), metadata={"seconds": f"{seconds:.1f}"})

@@ -31,7 +31,7 @@ LAYERS = [
 ]
 # `python -m` paths that README.md, results/README.md and the Makefile use; each only runs a command
 # that lives in metricgp.cli or metricgp.experiments
-ENTRY_SHIMS = {"metricgp.apply", "metricgp.compare", "metricgp.bench", "metricgp.search.__main__",
+ENTRY_SHIMS = {"metricgp.apply", "metricgp.memory", "metricgp.compare", "metricgp.bench", "metricgp.search.__main__",
                "metricgp.darwin.__main__", "metricgp.darwin.compare", "metricgp.structured.experiments"}
 
 

@@ -248,13 +248,60 @@ def test_block_by_block_statistics_equal_the_whole_model_pass(family):
 def test_bench_scale_measures_a_phase_in_a_fresh_process_and_reads_per_block_costs(tmp_path):
     from metricgp.experiments import scale
 
-    row = scale.measure("model", "small", 1)
+    [row] = scale.measure("model", "tiny", 1, dtype="float32")
     assert set(row) >= {"phase", "layers", "hidden", "intermediate", "model_bytes", "peak_bytes", "seconds"}
-    assert row["peak_bytes"] > row["model_bytes"] > row["block_bytes"] > 0
-    rows = [{"phase": "statistics", "shape": "8b", "layers": n, "block_bytes": 100, "peak_bytes": 1000 + 150 * n}
-            for n in (1, 2, 4)]
+    assert row["peak_bytes"] > row["base_bytes"] + row["model_bytes"] > row["model_bytes"] > row["block_bytes"] > 0
+    rows = [{"phase": "statistics", "shape": "8b", "layers": n, "block_bytes": 100, "peak_bytes": 1000 + 150 * n,
+             "base_bytes": 10, "held_bytes": 50 * n} for n in (1, 2, 4)]
     costs = scale.per_block_costs(rows)
-    assert [(c["from"], c["to"], c["ratio"]) for c in costs] == [(1, 2, 1.5), (2, 4, 1.5)]
-    assert scale.main(["--shapes", "70b", "--out", str(tmp_path)]) == 2
+    assert [(c["from"], c["to"], c["ratio"], c["device_ratio"]) for c in costs] == [(1, 2, 1.5, 1.0), (2, 4, 1.5, 1.0)]
+    assert scale.main(["--shapes", "1b", "--out", str(tmp_path)]) == 2
     assert scale.main(["--layers", "1,x", "--out", str(tmp_path)]) == 2
     assert not list(tmp_path.iterdir())  # nothing written for bad input
+
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3"])
+def test_block_by_block_output_hessians_equal_the_whole_model_pass(family, tmp_path):
+    from metricgp.prune.reconstruct import hessian_hooks
+    from metricgp.structured.refit import HessianStore, output_hessians
+
+    model = family_model(family)
+    modules, linears = discover(model), linears_by_name(model)
+    outs = {m.slices[-1].linear: linears[m.slices[-1].linear] for m in modules}
+    calib = torch.randint(0, 300, (3, 12), generator=torch.Generator().manual_seed(2))
+    whole: dict[str, torch.Tensor] = {}
+    with torch.no_grad(), hessian_hooks(outs, whole):
+        for window in calib:
+            model(input_ids=window[None], use_cache=False)
+    store = HessianStore(tmp_path / "h")
+    blocks = []
+    for block, hessians in output_hessians(model, outs, calib):
+        blocks.append(block)
+        assert all(f".{block}." in name for name in hessians) and len(hessians) == 2  # attention's, MLP's
+        store.add(block, hessians)
+    assert blocks == [0, 1, 2] and set(store) == set(outs)
+    again = HessianStore(tmp_path / "h")  # read back from disk, one matrix at a time
+    for name, h in whole.items():
+        torch.testing.assert_close(again[name], h / calib.numel(), rtol=1e-4, atol=1e-6)
+
+
+def test_a_structured_copy_arrives_block_by_block_and_frees_what_shrinking_replaces():
+    import gc
+    import weakref
+
+    from metricgp.structured.shrink import copy_block_by_block, slice_linear
+
+    model = family_model("llama", layers=4)
+    twin, blocks = copy_block_by_block(model)
+    replaced = []
+    for i in blocks:
+        assert len(twin.model.layers) == i + 1  # blocks arrive one at a time
+        mlp = twin.model.layers[i].mlp
+        replaced.append(weakref.ref(mlp.down_proj))
+        mlp.down_proj = slice_linear(mlp.down_proj, cols=torch.arange(24))  # what shrinking does
+        gc.collect()
+        assert replaced[-1]() is None  # freed while the copy is still arriving: nothing else holds it
+    assert len(replaced) == 4
+    assert twin.model.layers[0].self_attn.config is twin.config is not model.config  # sharing kept
+    assert all(p.data_ptr() != q.data_ptr() for p in twin.parameters() for q in model.parameters())

@@ -99,7 +99,10 @@ def calibration_windows(setup: PruningSetup, data: str, n: int, seed: int) -> to
 
 
 class LevelEvaluator:
-    def __init__(self, recipe: Recipe, setup: PruningSetup):
+    """`fitness_windows`: the scoring windows themselves, instead of drawing the recipe's from its fitness
+    data (a random-weight model without a tokenizer, as the memory benchmarks use)."""
+
+    def __init__(self, recipe: Recipe, setup: PruningSetup, fitness_windows: torch.Tensor | None = None):
         if recipe.fitness not in FITNESSES:
             raise MetricGPError(f"unknown fitness '{recipe.fitness}' (choose from {', '.join(FITNESSES)})")
         self.recipe = recipe
@@ -108,7 +111,8 @@ class LevelEvaluator:
         self.masks = MASKS[recipe.kind](setup, recipe.database, recipe.update)
         self.masks.reset()
         self.objective = FITNESSES[recipe.fitness]
-        self.windows = calibration_windows(setup, recipe.fitness_data, recipe.fitness_windows, recipe.fitness_seed)
+        self.windows = fitness_windows if fitness_windows is not None else calibration_windows(
+            setup, recipe.fitness_data, recipe.fitness_windows, recipe.fitness_seed)
         self.fidelities = (len(self.windows),)
         self.reference = cached_reference(setup, self.windows, self.objective.reference)
         self.train_windows, self.teacher = None, None

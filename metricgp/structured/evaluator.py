@@ -31,12 +31,12 @@ from metricgp.structured.importance import (
     Unit,
     by_module,
     element_scores,
-    score_units,
+    score_units_by_module,
 )
 from metricgp.structured.refit import OutputRefit
 from metricgp.structured.saap import saap_units
 from metricgp.structured.saap.allocation import stability_keep_map
-from metricgp.structured.shrink import apply_plan, remove_blocks
+from metricgp.structured.shrink import apply_plan, copy_block_by_block, remove_blocks
 from metricgp.structured.speed import compare_speed
 
 STRUCTURES = ("width", "depth")  # width: heads + channels; depth: whole decoder blocks
@@ -157,9 +157,9 @@ class StructuredPruner:
     def score(self, tree, spec: StructuredSpec) -> list[Unit]:
         if spec.importance in UNIT_IMPORTANCES:
             return UNIT_IMPORTANCES[spec.importance](self, tree, spec)
-        names = {s.linear for m in self.modules for s in m.slices + m.kv_slices}
-        scores = IMPORTANCES[spec.importance](self, tree, names)
-        return score_units(self.modules, self.linears, scores, spec.reduction, spec.normalisation, spec.head_mode)
+        importance = IMPORTANCES[spec.importance]
+        return score_units_by_module(self.modules, self.linears, lambda names: importance(self, tree, names),
+                                     spec.reduction, spec.normalisation, spec.head_mode)
 
     def budget(self, spec: StructuredSpec) -> int:
         return self.dense_decoder_params - round(spec.keep * self.dense_decoder_params)
@@ -172,13 +172,19 @@ class StructuredPruner:
         return allocate(units, self.budget(spec), spec.allocation)
 
     def build(self, removed: list[Unit], spec: StructuredSpec) -> nn.Module:
-        """A physically smaller deep copy of the dense model without the `removed` units."""
-        model = copy.deepcopy(self.setup.model)
-        if spec.bias_compensation:
-            self._compensate(model, removed)
-        if spec.refit:
-            self._refit(model, removed)
-        apply_plan(model, self.modules, removed)
+        """A physically smaller deep copy of the dense model without the `removed` units, copied a
+        decoder block at a time and each block shrunk before the next is copied: memory holds the
+        dense model, the smaller copy and one dense-sized block, never a second dense model."""
+        gone = {u.module for u in removed}
+        model, blocks = copy_block_by_block(self.setup.model)
+        for block in blocks:
+            mine = [m for m in self.modules if m.block == block and m.name in gone]
+            units = [u for u in removed if u.module in {m.name for m in mine}]
+            if spec.bias_compensation:
+                self._compensate(model, units)
+            if spec.refit:
+                self._refit(model, units)
+            apply_plan(model, mine, units)
         return model
 
     def output_refit(self):

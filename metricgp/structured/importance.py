@@ -178,8 +178,20 @@ def element_scores(metric, linears: dict[str, nn.Linear], stats: Mapping[str, Ma
 def score_units(modules: list[Module], linears: dict[str, nn.Linear], scores: Mapping[str, torch.Tensor],
                 reduction: str = "sum", normalisation: str = "per-param", head_mode: str = "per-group") -> list[Unit]:
     """Units of every module, reduced and normalised."""
+    return score_units_by_module(modules, linears, lambda names: scores, reduction, normalisation, head_mode)
+
+
+def score_units_by_module(modules: list[Module], linears: dict[str, nn.Linear],
+                          scores_of: Callable[[set[str]], Mapping[str, torch.Tensor]], reduction: str = "sum",
+                          normalisation: str = "per-param", head_mode: str = "per-group") -> list[Unit]:
+    """`score_units` with the element scores asked for one module's linears at a time (`scores_of(names)`)
+    and reduced before the next module's are made: float32 scores of every weight of the model (twice a
+    bfloat16 model's bytes) never exist at once."""
     if reduction not in REDUCTIONS:
         raise MetricGPError(f"unknown reduction '{reduction}' (choose from {', '.join(REDUCTIONS)})")
     red = REDUCTIONS[reduction]
-    units = [u for m in modules for u in module_units(m, module_partial(m, scores, red), linears, red, head_mode)]
+    units = []
+    for m in modules:
+        scores = scores_of({s.linear for s in m.slices + m.kv_slices})
+        units += module_units(m, module_partial(m, scores, red), linears, red, head_mode)
     return normalise(units, normalisation)

@@ -9,33 +9,41 @@ the kept columns K are re-fitted so the module's output moves as little as possi
     W'_K = argmin E || W x - W'_K x_K ||^2 = W H_{:,K} (H_KK + lambda I)^{-1},   W'_K' = 0
 
 (lambda: RIDGE x mean diag H_KK, as the unstructured reconstruction). Nothing per level is stored:
-H of every output projection is computed once (one forward pass over the calibration windows of
-the dense model) and cached on disk beside the statistics, and a module's update is one Cholesky
-solve when a plan or a genome needs it. H is the dense model's, so blocks are refitted
-independently (not sequentially on the pruned model's own inputs).
+H of every output projection is computed once on the dense model's calibration windows, a decoder
+block at a time (`metricgp.blocks.BlockInputs`: only one block's Hessians exist at once, on the
+model's device), and cached on disk beside the statistics, one file per block. They are read back
+one matrix at a time when a module's update is needed (one Cholesky solve when a plan or a genome
+needs it), so memory holds one (in x in) matrix, not one per output projection of the model (a
+14336-wide down_proj's is 0.8 GB in float32: at 32 blocks, more than an 8B model in bfloat16).
+H is the dense model's, so blocks are refitted independently (not sequentially on the pruned
+model's own inputs).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import contextlib
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors import safe_open
+from safetensors.torch import save_file
 from torch import nn
 from tqdm.auto import tqdm
 
+from metricgp.blocks import BlockInputs
 from metricgp.data import parse_data_ref
 from metricgp.errors import MetricGPError
 from metricgp.fileio import atomic_path
-from metricgp.models import cache_root
+from metricgp.models import cache_root, find_blocks
 from metricgp.prune.reconstruct import hessian_hooks
-from metricgp.stats import stats_key
+from metricgp.stats import layers_by_block, stats_key
 from metricgp.structured.groups import Module
 from metricgp.structured.importance import Unit
 
 RIDGE = 0.01
 HESSIAN_DTYPE = torch.float32
-HESSIANS_VERSION = 1
+HESSIANS_VERSION = 2  # 2: one file per decoder block
 
 
 def removed_columns(module: Module, units: Sequence[Unit]) -> list[int]:
@@ -65,34 +73,69 @@ def refit_columns(weight: torch.Tensor, hessian: torch.Tensor, removed: Sequence
     return out.to(weight.dtype)
 
 
-def output_hessians(model: nn.Module, linears: dict[str, nn.Linear], calib: torch.Tensor) -> dict[str, torch.Tensor]:
-    """H = X^T X / tokens of each named linear's input, on the dense model (float32)."""
+def output_hessians(model: nn.Module, linears: dict[str, nn.Linear],
+                    calib: torch.Tensor) -> Iterator[tuple[int, dict[str, torch.Tensor]]]:
+    """(block index, {name: H = X^T X / tokens}) for every decoder block holding some of the named
+    linears, block by block on the dense model (float32, on the host); a block's Hessians are
+    accumulated on the model's device while it runs and leave it before the next block does."""
+    blocks = find_blocks(model)[1]
+    per_block = layers_by_block(blocks, linears)
+    wanted = [i for i, mine in enumerate(per_block) if mine]
+    if not wanted:
+        return
+    inputs = BlockInputs.capture(model, calib)
+    hidden = inputs.first_hidden
+    with torch.no_grad():
+        for i in tqdm(range(wanted[-1] + 1), desc="output-projection Hessians", unit="block", leave=False):
+            sums: dict[str, torch.Tensor] = {}
+            with hessian_hooks(per_block[i], sums) if per_block[i] else contextlib.nullcontext():
+                hidden = [inputs.call(i, h) for h in hidden]
+            if sums:
+                yield i, {n: (h / calib.numel()).to("cpu", HESSIAN_DTYPE) for n, h in sums.items()}
 
-    sums: dict[str, torch.Tensor] = {}
-    device = next(model.parameters()).device
-    with torch.no_grad(), hessian_hooks(linears, sums):
-        for window in tqdm(calib, desc="output-projection Hessians", unit="win", leave=False):
-            model(input_ids=window.unsqueeze(0).to(device), use_cache=False)
-    return {n: (h / calib.numel()).to("cpu", HESSIAN_DTYPE) for n, h in sums.items()}
+
+class HessianStore(Mapping):
+    """Output-projection Hessians cached on disk, one safetensors file per decoder block, read one
+    matrix at a time (`store[name]`): memory never holds more than the matrix being used."""
+
+    def __init__(self, directory: Path):
+        self.directory = directory
+        self.files: dict[str, Path] = {}
+        for path in sorted(directory.glob("block-*.safetensors")) if directory.is_dir() else ():
+            with safe_open(str(path), framework="pt") as f:
+                self.files.update(dict.fromkeys(f.keys(), path))
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        with safe_open(str(self.files[name]), framework="pt") as f:
+            return f.get_tensor(name)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.files)
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def add(self, block: int, hessians: dict[str, torch.Tensor]) -> None:
+        path = self.directory / f"block-{block}.safetensors"
+        with atomic_path(path) as tmp:
+            save_file({n: t.contiguous() for n, t in hessians.items()}, str(tmp))
+        self.files.update(dict.fromkeys(hessians, path))
 
 
-def cached_output_hessians(setup, modules: list[Module]) -> dict[str, torch.Tensor]:
-    """`output_hessians` of every module's output projection, from the disk cache or computed once."""
+def cached_output_hessians(setup, modules: list[Module]) -> HessianStore:
+    """`output_hessians` of every module's output projection, from the disk cache or computed once
+    (only the blocks whose file is missing)."""
 
     spec = setup.spec
     key = stats_key(setup.fingerprint, str(parse_data_ref(spec.calib, "calibration")), spec.n_calib,
                     spec.seqlen, spec.seed, False)
-    path = cache_root() / "hessians" / f"{key}-out-v{HESSIANS_VERSION}.safetensors"
-    names = [m.slices[-1].linear for m in modules]
-    if path.is_file():
-        cached = load_file(str(path))
-        if set(names) <= set(cached):
-            return {n: cached[n] for n in names}
-    setup.dense.restore()
-    found = output_hessians(setup.model, {n: setup.layers[n] for n in names}, setup.calib)
-    with atomic_path(path) as tmp:
-        save_file({n: t.contiguous() for n, t in found.items()}, str(tmp))
-    return found
+    store = HessianStore(cache_root() / "hessians" / f"{key}-out-v{HESSIANS_VERSION}")
+    missing = [m.slices[-1].linear for m in modules if m.slices[-1].linear not in store]
+    if missing:
+        setup.dense.restore()
+        for block, hessians in output_hessians(setup.model, {n: setup.layers[n] for n in missing}, setup.calib):
+            store.add(block, hessians)
+    return store
 
 
 class OutputRefit:

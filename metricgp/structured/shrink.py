@@ -6,7 +6,8 @@ linear belong to which element, so shrinking is "keep these elements" applied to
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import copy
+from collections.abc import Iterable, Iterator
 
 import torch
 from torch import nn
@@ -120,3 +121,22 @@ def mask_plan(model: nn.Module, modules: list[Module], removed: list[Unit]) -> N
             first = torch.tensor(elements, device=weight.device).unsqueeze(1) * out.size
             columns = (first + torch.arange(out.size, device=weight.device)).flatten()
             weight.index_fill_(1, columns, 0.0)
+
+
+def copy_block_by_block(model: nn.Module) -> tuple[nn.Module, Iterator[int]]:
+    """A deep copy of `model` whose decoder blocks arrive one at a time: the copy starts without
+    them, and each step of the iterator appends a deep copy of the next block, then yields its index,
+    so a caller that shrinks block i before asking for block i+1 never holds a second dense model.
+    Objects the blocks share with the rest of the model (the config) stay shared in the copy. The copy
+    is complete once the iterator is exhausted."""
+    _, blocks = find_blocks(model)
+    copied_blocks = nn.ModuleList()
+    memo: dict = {id(blocks): copied_blocks}
+    twin = copy.deepcopy(model, memo)
+
+    def arrive() -> Iterator[int]:
+        for i, block in enumerate(blocks):
+            copied_blocks.append(copy.deepcopy(block, dict(memo)))  # this block's copies freed with its memo
+            yield i
+
+    return twin, arrive()
