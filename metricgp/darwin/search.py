@@ -145,7 +145,6 @@ class LevelSearch:
                 return {"genome": list(genome), "stage": k, "windows": self.config.stages[k].windows}
         while not self._batch:
             children, sent, rejected = self._breed()
-            self._gen_children.extend(children)
             self._gen_rejected += rejected
             self._batch.extend(g for g in sent if (g, 0) not in self.cache)
             self._sent = max(len(sent), 1)
@@ -178,7 +177,7 @@ class LevelSearch:
         t0 = time.perf_counter()
         engine = self._async_engine()
         self._first, self._evaluations, self._accepted = [], [0] * len(self.config.stages), False
-        self._gen_children, self._gen_rejected = [], 0
+        self._gen_rejected = 0
         busy0, clock = engine.busy_seconds, IdleClock(getattr(self.backend, "workers", 1))
         if not engine.advance(lambda: len(self._first) >= self._sent_per_generation()):
             raise MetricGPError("no new child could be bred from the parent")

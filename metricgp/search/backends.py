@@ -234,9 +234,9 @@ class RayBackend:
         idle actors."""
         if not self._running:
             raise RuntimeError("collect() with no job running")
-        ready, _ = self._ray.wait(list(self._running), num_returns=1)
-        ready += self._ray.wait([r for r in self._running if r not in ready], num_returns=len(self._running) - 1,
-                                timeout=0)[0] if len(self._running) > 1 else []
+        ready, rest = self._ray.wait(list(self._running), num_returns=1)
+        if rest:  # and whatever else has finished meanwhile, without waiting
+            ready += self._ray.wait(rest, num_returns=len(rest), timeout=0)[0]
         out = [(self._running.pop(ref)[0], self._ray.get(ref)) for ref in ready]
         self._dispatch()
         return out

@@ -54,7 +54,14 @@ from metricgp.search.backends import Backend
 from metricgp.search.breeding import ALGORITHMS, MUTATIONS, rank_key
 from metricgp.search.oos import apply_oos
 from metricgp.search.space import SearchSpace
-from metricgp.search.staged import NO_LEAVES, CohortReport, FitnessCache, assign_fitness, evaluate_cohort, record_result
+from metricgp.search.staged import (
+    CohortReport,
+    FitnessCache,
+    assign_fitness,
+    evaluate_cohort,
+    record_constant,
+    record_result,
+)
 from metricgp.search.steady import DISPATCHES, BoundedStaleness, IdleClock, Payload, Rungs, default_lag
 from metricgp.search.trees import Grammar, Individual, build_grammar, node_to_tree
 
@@ -337,8 +344,7 @@ class GPSearch:
                 self._join(child)
                 continue
             if not child.node.leaves_used():
-                record_result(self.cache, child.key, first, FitnessResult(math.inf, first, NO_LEAVES, 0.0, 0.0),
-                              self._report)
+                record_constant(self.cache, child.key, first, self._report)
                 self._join(child)
                 continue
             self._waiting[child.key] = child

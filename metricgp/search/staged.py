@@ -99,6 +99,11 @@ def record_result(cache: FitnessCache, key: str, n: int, res: FitnessResult, rep
     report.windows_run += res.windows_run or 0
 
 
+def record_constant(cache: FitnessCache, key: str, n: int, report: CohortReport) -> None:
+    """A metric that reads no leaf scores every weight alike: degenerate, without asking the evaluator."""
+    record_result(cache, key, n, FitnessResult(math.inf, n, NO_LEAVES, 0.0, 0.0), report)
+
+
 def evaluate_cohort(cohort: Sequence[Individual], fidelities: Sequence[int], eta: int,
                     backend: Backend, cache: FitnessCache) -> CohortReport:
     """Race the cohort through the fidelities (see the module doc); set every member's fitness."""
@@ -121,7 +126,7 @@ def evaluate_cohort(cohort: Sequence[Individual], fidelities: Sequence[int], eta
         jobs = []
         for k in todo:
             if not first[k].node.leaves_used():  # no need to ask the evaluator
-                record_result(cache, k, n, FitnessResult(math.inf, n, NO_LEAVES, 0.0, 0.0), report)
+                record_constant(cache, k, n, report)
             else:
                 jobs.append(k)
         for k, res in zip(jobs, backend.evaluate([(first[k].node, n) for k in jobs]), strict=True):
