@@ -245,9 +245,9 @@ def report(name: str, config: dict, estimates: list[Estimate], gpu_gib: float, h
              f"{config['intermediate_size']}, {config['num_attention_heads']}/{config['num_key_value_heads']} heads, "
              f"vocabulary {config['vocab_size']}; bfloat16 weights {weights:.1f}"
              f" GiB; GPU {gpu_gib:g} GiB" + (f", host {host_gib:g} GiB" if host_gib else ""),
-             "method: each phase's peak measured on random-weight models of a block shape at 1, 2 and 4 blocks "
-             "(make bench-scale), fitted as a + b x blocks + c x embedding bytes and evaluated here; "
-             "activations at 2 windows of 128 tokens",
+             "method: each phase's peak measured on random-weight models of a block shape at 1, 2 (and 4) blocks "
+             "(make bench-scale), fitted as a + b x blocks + c x embedding bytes and evaluated here ('how' says "
+             "on which rows); activations at 2 windows of 128 tokens",
              ("offload: NOT IMPLEMENTED; what the device would hold with one block (and the head) resident, the "
               "rest on the host" if offload else "offload: off (every block on the device)"), "",
              f"{'phase':20s} {'device GiB':>10s} {'host GiB':>9s}  fits  how"]
