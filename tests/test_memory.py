@@ -26,8 +26,9 @@ PER_BLOCK_BOUND = {
     "sequential": 2.5,
     "reconstruct": 2.5,
     "darwin-generation": 2.5,  # + the dense copy (element scores one module at a time, not 2 x the model)
-    "structured-refit": 3.2,  # + the dense copy + the 70%-kept copy (never a second full copy, Hessians on disk)
-    "recovery": 4.0,  # + the dense copy + the kept copy in float32 with LoRA (recover.py; not changed here)
+    # shrunk in place block by block, the dense copy released first (was 3.2: + the dense copy + a 70%-kept copy)
+    "structured-refit": 2.0,
+    "recovery": 2.0,  # the 70%-kept model alone (was 4.0: + the dense session)
 }
 
 

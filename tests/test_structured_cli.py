@@ -166,3 +166,61 @@ def test_a_bad_recovery_loss_is_one_line_and_writes_nothing(tmp_path, base_args,
     err = capsys.readouterr().err.strip()
     assert err.startswith("error:") and "\n" not in err and "--recover-loss 'kl'" in err
     assert not out.exists() and not (tmp_path / ".bad.tmp").exists()
+
+
+@pytest.mark.parametrize("options", [
+    {"refit": True},
+    {"importance": "flap", "bias_compensation": True, "keep": 0.8},
+    {"allocation": "uniform", "head_mode": "kv-group"},
+    {"structures": "depth", "importance": "shortgpt", "keep": 0.5},
+])
+def test_shrinking_in_place_gives_the_copy_and_frees_the_dense_linears(tiny_llama_dir, text_files, isolated_cache,
+                                                                       options):
+    """`prune(..., in_place=True)` (what `apply --structured` does): the same model and report as the copy,
+    the setup's model itself shrunk, its replaced linears freed and its dense copy released."""
+    import gc
+    import weakref
+
+    from metricgp.errors import MetricGPError
+    from metricgp.evaluate import EvaluatorSpec, PruningSetup
+    from metricgp.models import prunable_layers
+    from metricgp.structured.evaluator import StructuredSpec, prune
+
+    spec = StructuredSpec(**{"keep": 0.6, **options})
+    tree = metricgp.expr.resolve_metric("wanda")
+    setups = [PruningSetup.from_spec(EvaluatorSpec(model=str(tiny_llama_dir), calib=str(text_files["calib"]),
+                                                   n_calib=4, seqlen=32)) for _ in range(2)]
+    dense_params = setups[0].model.num_parameters()
+    copy, copy_report = prune(setups[0], tree, spec)
+    dense_linears = [weakref.ref(m) for m in setups[1].layers.values()]
+    shrunk, report = prune(setups[1], tree, spec, in_place=True)
+    assert report == copy_report and setups[0].model.num_parameters() == dense_params  # the copy left it dense
+    assert shrunk is setups[1].model and shrunk.num_parameters() == copy.num_parameters() < dense_params
+    assert copy.state_dict().keys() == shrunk.state_dict().keys()
+    assert all(torch.equal(v, shrunk.state_dict()[k]) for k, v in copy.state_dict().items())
+    with torch.no_grad():
+        assert torch.equal(copy(input_ids=setups[1].calib[:2]).logits, shrunk(input_ids=setups[1].calib[:2]).logits)
+    layers = prunable_layers(shrunk)
+    assert setups[1].layers.keys() == layers.keys() and all(setups[1].layers[n] is m for n, m in layers.items())
+    gc.collect()
+    assert sum(ref() is None for ref in dense_linears) >= 2  # the replaced dense linears were freed
+    assert all(ref() is None or ref() in layers.values() for ref in dense_linears)
+    with pytest.raises(MetricGPError, match="shrunk in place"):
+        setups[1].dense.restore()
+
+
+def test_apply_structured_shrinks_in_place_unless_speed_needs_the_dense_model(tmp_path, base_args, monkeypatch):
+    from metricgp.cli import structured
+
+    calls = []
+
+    def recording(setup, tree, spec, in_place=False):
+        calls.append(in_place)
+        return prune(setup, tree, spec, in_place=in_place)
+
+    prune = structured.prune
+    monkeypatch.setattr(structured, "prune", recording)
+    for extra in ([], ["--speed"]):
+        assert main([*base_args, "--metric", "wanda", "--keep", "0.7", "--no-save-model", "--out",
+                     str(tmp_path / f"s{len(calls)}"), *extra]) == 0
+    assert calls == [True, False]

@@ -209,9 +209,20 @@ def _apply(mode: str) -> Callable[[Session, Any], None]:
 
 
 def _structured_refit(s: Session, _: Any) -> None:
-    """`apply --structured --keep 0.7 --refit`: scores, plan, output-projection Hessians, the shrunk copy."""
-    model, _report = prune_structured(s.setup(), _wanda(), StructuredSpec(keep=KEEP, refit=True))
+    """`apply --structured --keep 0.7 --refit`: scores, plan, output-projection Hessians, and the session's
+    model shrunk in place block by block, its dense copy released (as the command does; `_dense_again`
+    builds the dense model again after the measurement)."""
+    model, _report = prune_structured(s.setup(), _wanda(), StructuredSpec(keep=KEEP, refit=True), in_place=True)
     perplexity(model, s.calib, batch_size=s.windows)
+
+
+def _dense_again(s: Session, _: Any) -> None:
+    """After a phase that shrank the session's model in place (not measured): the dense model again, from
+    the same seed (the same weights), and a session on it for the phases after it in this process."""
+    for key in ("setup", "stats"):
+        s.held.pop(key, None)
+    s.model = None
+    s.__post_init__()
 
 
 def _darwin_generation(s: Session, _: Any) -> None:
@@ -235,11 +246,14 @@ def _darwin_generation(s: Session, _: Any) -> None:
 
 
 def _pruned_copy(s: Session) -> nn.Module:
-    return prune_structured(s.setup(), _wanda(), StructuredSpec(keep=KEEP))[0]
+    """`apply --structured --keep 0.7`: the session's model shrunk in place, its dense copy released."""
+    return prune_structured(s.setup(), _wanda(), StructuredSpec(keep=KEEP), in_place=True)[0]
 
 
 def _recovery(s: Session, pruned: nn.Module) -> None:
-    """`--recover-tokens`: two LoRA steps on the shrunk copy (the dense session stays, as in the command)."""
+    """`--recover-tokens`: two LoRA steps on the 70%-kept model. As in the command, the dense model is gone
+    by then: it was shrunk in place (what recovery needs of it, the KD teacher's top-k, is taken before
+    pruning)."""
     recover(pruned, s.calib, method="lora", tokens=2 * s.seqlen, batch_size=1, progress=False)
 
 
@@ -260,10 +274,11 @@ PHASES: dict[str, Phase] = {
     "apply-oneshot": Phase(_apply("oneshot"), lambda s: s.setup(), doc="apply --mode oneshot + perplexity"),
     "sequential": Phase(_apply("sequential"), lambda s: s.setup(), doc="apply --mode sequential + perplexity"),
     "reconstruct": Phase(_apply("reconstruct"), lambda s: s.setup(), doc="apply --mode reconstruct + perplexity"),
-    "structured-refit": Phase(_structured_refit, lambda s: s.setup(),
-                              doc="apply --structured --keep 0.7 --refit + perplexity"),
+    "structured-refit": Phase(_structured_refit, lambda s: s.setup(), after=_dense_again,
+                              doc="apply --structured --keep 0.7 --refit + perplexity (shrunk in place)"),
     "darwin-generation": Phase(_darwin_generation, lambda s: s.setup(), doc="darwin: database, generation 0 and 1"),
-    "recovery": Phase(_recovery, _pruned_copy, doc="two LoRA steps on the 70%-kept copy"),
+    "recovery": Phase(_recovery, _pruned_copy, after=_dense_again,
+                      doc="two LoRA steps on the 70%-kept model (shrunk in place; no dense model)"),
 }
 
 

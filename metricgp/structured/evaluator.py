@@ -5,9 +5,16 @@
     removed = pruner.plan(units, spec)            # by allocation: uniform, global, or a keep map
     model, report = pruner.build(removed, spec)   # a physically smaller copy; the dense model stays
 
-`prune(setup, tree, spec)` does all three. SAAP and the DarwinLM search call the same three
-steps with their own importances (`IMPORTANCES`, or `UNIT_IMPORTANCES` for importances scored per
-unit, as SAAP's fusion) and keep maps (given, or made by a `PLANNERS` allocation).
+`prune(setup, tree, spec)` does all three. With `in_place=True` (`apply --structured`, which needs
+the dense model no more once its perplexity is measured) the setup's own model is shrunk block by
+block instead, each dense linear replaced by its shrunk one and freed as it goes, and the setup's
+dense copy (`setup.dense`) is released: memory holds the model and one block's working set, never the
+dense model beside the pruned one. The setup then describes the pruned model (`setup.model`,
+`setup.layers`; its statistics stay the dense model's) and cannot restore the dense weights.
+
+SAAP and the DarwinLM search call the same three steps with their own importances (`IMPORTANCES`,
+or `UNIT_IMPORTANCES` for importances scored per unit, as SAAP's fusion) and keep maps (given, or
+made by a `PLANNERS` allocation); they keep the dense model (copies).
 """
 
 from __future__ import annotations
@@ -21,7 +28,7 @@ from torch import nn
 
 from metricgp.errors import MetricGPError
 from metricgp.expr import compile_metric
-from metricgp.models import find_blocks
+from metricgp.models import find_blocks, prunable_layers
 from metricgp.structured import baselines
 from metricgp.structured.allocate import ALLOCATIONS, allocate, from_keep_map
 from metricgp.structured.groups import HEAD_MODES, Module, decoder_params, discover, linears_by_name, model_dims
@@ -75,6 +82,14 @@ class StructuredSpec:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+class DenseReleased:
+    """What `setup.dense` becomes once its model was shrunk in place: there are no dense weights to restore."""
+
+    def restore(self) -> None:
+        raise MetricGPError("the dense weights were released: this setup's model was shrunk in place "
+                            "(structured prune with in_place=True)")
 
 
 def _metric_scores(pruner: StructuredPruner, tree, names: set[str]) -> dict[str, torch.Tensor]:
@@ -171,21 +186,56 @@ class StructuredPruner:
             return from_keep_map(units, PLANNERS[spec.allocation](self, units, spec))
         return allocate(units, self.budget(spec), spec.allocation)
 
-    def build(self, removed: list[Unit], spec: StructuredSpec) -> nn.Module:
+    def build(self, removed: list[Unit], spec: StructuredSpec, in_place: bool = False) -> nn.Module:
         """A physically smaller deep copy of the dense model without the `removed` units, copied a
         decoder block at a time and each block shrunk before the next is copied: memory holds the
-        dense model, the smaller copy and one dense-sized block, never a second dense model."""
+        dense model, the smaller copy and one dense-sized block, never a second dense model.
+        `in_place`: shrink the setup's own model instead, block by block (each replaced linear freed as
+        it goes), and release the setup's dense copy (see the module doc): memory holds the model and
+        one block's working set."""
         gone = {u.module for u in removed}
-        model, blocks = copy_block_by_block(self.setup.model)
+        if in_place:
+            model, blocks = self._release_dense(spec), range(len(find_blocks(self.setup.model)[1]))
+        else:
+            model, blocks = copy_block_by_block(self.setup.model)
         for block in blocks:
             mine = [m for m in self.modules if m.block == block and m.name in gone]
             units = [u for u in removed if u.module in {m.name for m in mine}]
             if spec.bias_compensation:
                 self._compensate(model, units)
             if spec.refit:
-                self._refit(model, units)
+                self._refit(model, units, own=in_place)
             apply_plan(model, mine, units)
+            if in_place:
+                self._adopt(model, mine)
+        if in_place:
+            self._adopt(model)
         return model
+
+    def _release_dense(self, spec: StructuredSpec) -> nn.Module:
+        """Before the setup's model is shrunk in place: what needs the dense model is made first (the
+        refit's Hessians), the model holds the dense weights, and the setup's dense copy is dropped."""
+        if spec.refit:
+            self.output_refit()  # the dense model's Hessians, computed (or read) before any block shrinks
+        if spec.bias_compensation:
+            self.output_means()  # the dense model's, likewise
+        self.setup.dense.restore()
+        self.setup.dense = DenseReleased()
+        return self.setup.model
+
+    def _adopt(self, model: nn.Module, modules: list[Module] | None = None) -> None:
+        """Point the setup's and the pruner's linears at `model`'s own (those of `modules`; None: all),
+        so the replaced dense linears have no reference left and are freed."""
+        if modules is None:
+            self.setup.layers.clear()
+            self.setup.layers.update(prunable_layers(model))
+            self.linears = linears_by_name(model)
+            return
+        for name in {s.linear for m in modules for s in m.slices + m.kv_slices}:
+            new = model.get_submodule(name)
+            self.linears[name] = new
+            if name in self.setup.layers:
+                self.setup.layers[name] = new
 
     def output_refit(self):
         """The least-squares refit of output projections (`refit.OutputRefit`), its Hessians loaded once."""
@@ -193,15 +243,17 @@ class StructuredPruner:
             self.memo["refit"] = OutputRefit(self.setup, self.modules)
         return self.memo["refit"]
 
-    def _refit(self, model: nn.Module, removed: list[Unit]) -> None:
+    def _refit(self, model: nn.Module, removed: list[Unit], own: bool = False) -> None:
         """Each pruned module's output projection re-fitted to the dense output (its removed columns
-        zero, so shrinking then drops them)."""
+        zero, so shrinking then drops them). `own`: the dense weight is the model's own (shrinking in
+        place, before this block shrinks), else the setup's dense copy."""
         refit = self.output_refit()
         gone = by_module(removed)
         with torch.no_grad():
             for m in self.modules:
                 if m.name in gone:
-                    model.get_submodule(m.slices[-1].linear).weight.copy_(refit.weight(m, gone[m.name]))
+                    weight = model.get_submodule(m.slices[-1].linear).weight
+                    weight.copy_(refit.weight(m, gone[m.name], dense=weight if own else None))
 
     def _compensate(self, model: nn.Module, removed: list[Unit]) -> None:
         means = self.output_means()
@@ -214,8 +266,10 @@ class StructuredPruner:
             new = baselines.compensate_bias(model.get_submodule(out.linear), cols, means[out.linear])
             setattr(model.get_submodule(parent), attr, new)
 
-    def remove_depth(self, tree, spec: StructuredSpec) -> tuple[nn.Module, list[int], list[float]]:
-        """Depth pruning: drop the least important blocks while the kept count stays >= target."""
+    def remove_depth(self, tree, spec: StructuredSpec,
+                     in_place: bool = False) -> tuple[nn.Module, list[int], list[float]]:
+        """Depth pruning: drop the least important blocks while the kept count stays >= target
+        (`in_place`: from the setup's own model, as `build`)."""
         scores = BLOCK_IMPORTANCES[spec.importance](self, tree)
         _, blocks = find_blocks(self.setup.model)
         budget, dropped = self.budget(spec), []
@@ -224,23 +278,28 @@ class StructuredPruner:
             if size <= budget and len(dropped) < len(blocks) - 1:
                 dropped.append(i)
                 budget -= size
-        model = copy.deepcopy(self.setup.model)
+        del blocks
+        model = self._release_dense(spec) if in_place else copy.deepcopy(self.setup.model)
         remove_blocks(model, dropped)
+        if in_place:
+            self._adopt(model)
         return model, sorted(dropped), scores
 
 
-def prune(setup, tree, spec: StructuredSpec) -> tuple[nn.Module, dict]:
-    """Prune a copy of `setup.model` by `spec`; returns the smaller model and what was done."""
+def prune(setup, tree, spec: StructuredSpec, in_place: bool = False) -> tuple[nn.Module, dict]:
+    """Prune a copy of `setup.model` by `spec` (`in_place`: the setup's model itself, its dense copy
+    released; see the module doc); returns the smaller model and what was done."""
     spec.validate()
     pruner = StructuredPruner(setup)
+    dense = model_sizes(setup.model)
     if spec.structures == "depth":
-        model, dropped, scores = pruner.remove_depth(tree, spec)
+        model, dropped, scores = pruner.remove_depth(tree, spec, in_place)
         detail = {"removed_blocks": dropped, "block_scores": scores}
     else:
         removed = pruner.plan(pruner.score(tree, spec), spec)
-        model = pruner.build(removed, spec)
+        model = pruner.build(removed, spec, in_place)
         detail = {"removed_units": _removed_summary(removed), **pruner.notes}
-    return model, {**size_report(setup.model, model, spec.keep), **detail}
+    return model, {**size_report(dense, model, spec.keep), **detail}
 
 
 def _removed_summary(removed: list[Unit]) -> dict[str, dict]:
@@ -265,9 +324,15 @@ def param_bytes(model: nn.Module) -> tuple[int, int]:
     return n, b
 
 
-def size_report(dense: nn.Module, pruned: nn.Module, target: float) -> dict:
-    d_dec, p_dec = decoder_params(dense), decoder_params(pruned)
-    (d_all, d_bytes), (p_all, p_bytes) = param_bytes(dense), param_bytes(pruned)
+def model_sizes(model: nn.Module) -> tuple[int, int, int]:
+    """(decoder parameters, parameters, bytes) of `model`, tied tensors counted once."""
+    return decoder_params(model), *param_bytes(model)
+
+
+def size_report(dense: nn.Module | tuple[int, int, int], pruned: nn.Module, target: float) -> dict:
+    """`dense`: the dense model, or its `model_sizes` (taken before it was shrunk in place)."""
+    d_dec, d_all, d_bytes = model_sizes(dense) if isinstance(dense, nn.Module) else dense
+    p_dec, p_all, p_bytes = model_sizes(pruned)
     return {
         "target_keep": target,
         "achieved_keep": p_dec / d_dec,

@@ -143,11 +143,14 @@ class OutputRefit:
 
     def __init__(self, setup, modules: list[Module]):
         self.hessians = cached_output_hessians(setup, modules)
-        self.dense = setup.dense
+        self.setup = setup  # its dense copy read when asked (not held: a setup shrunk in place drops it)
 
-    def weight(self, module: Module, units: Sequence[Unit]) -> torch.Tensor:
+    def weight(self, module: Module, units: Sequence[Unit], dense: torch.Tensor | None = None) -> torch.Tensor:
+        """`dense`: the output projection's dense weight (None: the setup's dense copy of it)."""
         name = module.slices[-1].linear
-        return refit_columns(self.dense.weights[name], self.hessians[name], removed_columns(module, units))
+        if dense is None:
+            dense = self.setup.dense.weights[name]
+        return refit_columns(dense, self.hessians[name], removed_columns(module, units))
 
 
 def hessian_bytes(modules: list[Module], linears: dict[str, nn.Linear]) -> int:
