@@ -28,7 +28,7 @@ PER_BLOCK_BOUND = {
     "darwin-generation": 2.5,  # + the dense copy (element scores one module at a time, not 2 x the model)
     # shrunk in place block by block, the dense copy released first (was 3.2: + the dense copy + a 70%-kept copy)
     "structured-refit": 2.0,
-    "recovery": 2.0,  # the 70%-kept model alone (was 4.0: + the dense session)
+    "recovery": 2.0,  # the 70%-kept model alone, LoRA in its own dtype (was 4.0: + the dense session + float32)
 }
 
 

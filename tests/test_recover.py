@@ -118,6 +118,28 @@ def test_target_and_low_precision_are_preserved():
     assert all(p.dtype == torch.bfloat16 for p in model.parameters())
 
 
+@pytest.mark.parametrize(("method", "adapter", "frozen"), [
+    ("lora", ("lora_",), torch.bfloat16),  # float32 adapters beside the bfloat16 weights: no float32 copy of the model
+    ("group-lora", (".A.", ".B."), torch.bfloat16),
+    ("full", (), torch.float32),  # trained weights need float32
+])
+def test_what_trains_in_float32_and_what_stays_in_its_own_dtype(method, adapter, frozen):
+    model = shrunk_llama().to(torch.bfloat16)
+    seen: dict[str, torch.dtype] = {}
+
+    def dtypes(block, _):  # the last forward's: a training step's (training calls the blocks, not the model)
+        seen.clear()
+        seen.update({n: p.dtype for n, p in block.named_parameters()})
+
+    handle = model.model.layers[0].register_forward_pre_hook(dtypes)
+    recover(model, random_windows(), method=method, tokens=SEQLEN, progress=False)
+    handle.remove()
+    trained = {n: d for n, d in seen.items() if any(a in n for a in adapter)}
+    assert seen and set(trained.values()) == ({torch.float32} if adapter else set())
+    assert {d for n, d in seen.items() if n not in trained} == {frozen}
+    assert all(p.dtype == torch.bfloat16 for p in model.parameters())
+
+
 @pytest.mark.parametrize("kwargs", [
     {"method": "qlora", "tokens": 16},
     {"tokens": 0},

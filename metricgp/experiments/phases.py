@@ -251,9 +251,9 @@ def _pruned_copy(s: Session) -> nn.Module:
 
 
 def _recovery(s: Session, pruned: nn.Module) -> None:
-    """`--recover-tokens`: two LoRA steps on the 70%-kept model. As in the command, the dense model is gone
-    by then: it was shrunk in place (what recovery needs of it, the KD teacher's top-k, is taken before
-    pruning)."""
+    """`--recover-tokens`: two LoRA steps on the 70%-kept model, frozen weights in their own dtype and
+    float32 adapters. As in the command, the dense model is gone by then: it was shrunk in place (what
+    recovery needs of it, the KD teacher's top-k, is taken before pruning)."""
     recover(pruned, s.calib, method="lora", tokens=2 * s.seqlen, batch_size=1, progress=False)
 
 

@@ -4,8 +4,10 @@
 `RecoveryReport`. Steps = N // (batch_size * seqlen), at least 1; windows are visited in seeded random
 order and cycled when the budget exceeds them. AdamW without weight decay, gradients clipped to
 MAX_GRAD_NORM, lr from `SCHEDULES` (constant or cosine, after a linear warmup over `warmup` of the
-steps). Training runs in float32 (parameters of another dtype are cast for the run and back after);
-afterwards the model has exactly its original modules, dtypes and `requires_grad` flags, in eval mode.
+steps). Adapter methods (lora without masks, group-lora: `Method.own_dtype`) leave the frozen weights
+in their own dtype (bfloat16 on a GPU) and train float32 adapters; the others (full, masked lora)
+train in float32 (parameters of another dtype are cast for the run and back after). Afterwards the
+model has exactly its original modules, dtypes and `requires_grad` flags, in eval mode.
 
 Curves and resume: at each token count of `checkpoints` the loop measures validation perplexity
 (`val_windows`: validation or calibration text, never a test split), appends a point to the report's
@@ -172,7 +174,8 @@ def recover(
     before = state["val_ppl_before"] if state else _val_ppl(model, val_windows)
     report = RecoveryReport(method, steps * per_step, steps, 0.0, 0, config.lr, loss=loss, schedule=schedule,
                             warmup_steps=round(warmup * steps), masked_layers=len(masks or {}), val_ppl_before=before)
-    with torch.random.fork_rng(), _training_state(model):
+    upcast = not (methods[method].own_dtype and masks is None)  # masked adapters add W + dW in W's dtype
+    with torch.random.fork_rng(), _training_state(model, upcast):
         torch.manual_seed(seed)
         head = output_head(model)
         layers = _select(model, config.target)
@@ -265,12 +268,13 @@ def _select(model: nn.Module, target: tuple[str, ...] | None) -> dict[str, nn.Li
 
 
 @contextmanager
-def _training_state(model: nn.Module):
-    """Freeze everything in float32; afterwards restore dtypes and flags, and leave eval mode on."""
+def _training_state(model: nn.Module, upcast: bool = True):
+    """Freeze everything (in float32 if `upcast`, else in its own dtype); afterwards restore dtypes and
+    flags, and leave eval mode on."""
     saved = {n: (p.dtype, p.requires_grad) for n, p in model.named_parameters()}
     for p in model.parameters():
         p.requires_grad_(False)
-        if p.is_floating_point():
+        if upcast and p.is_floating_point():
             p.data = p.data.float()
     try:
         yield

@@ -62,6 +62,9 @@ class Method:
     default_lr: float
     attach: Attach
     keeps_masks: bool = True  # whether `attach` honours masks (else recovery with masks is refused)
+    # whether its adapters train in float32 beside frozen weights of their own dtype (no float32 copy of a
+    # bfloat16 model; without masks), else every parameter is cast to float32 for the run
+    own_dtype: bool = False
 
 
 def sparse_masks(model: nn.Module) -> Masks:
@@ -85,8 +88,12 @@ def _peft_lora(model: nn.Module, layers: dict[str, nn.Linear], shape: AdapterSha
     # The tuner itself, not `get_peft_model`'s PeftModel wrapper: we need only inject, train, merge, and the
     # wrapper reads transformers' deprecated `is_gradient_checkpointing` (peft 0.21).
     peft_model = LoraModel(model, lora, "default")
+    params = [p for p in peft_model.parameters() if p.requires_grad]
+    for p in params:  # adapters in float32 beside bfloat16/float16 weights (the tuner alone makes them in W's dtype)
+        if p.dtype in (torch.float16, torch.bfloat16):
+            p.data = p.data.float()
     try:
-        yield Trainable([p for p in peft_model.parameters() if p.requires_grad])
+        yield Trainable(params)
     except BaseException:
         peft_model.unload()
         raise
@@ -197,4 +204,4 @@ def _full(model: nn.Module, layers: dict[str, nn.Linear], shape: AdapterShape,
             h.remove()
 
 
-RECOVERY_METHODS: dict[str, Method] = {"lora": Method(1e-4, _lora), "full": Method(1e-5, _full)}
+RECOVERY_METHODS: dict[str, Method] = {"lora": Method(1e-4, _lora, own_dtype=True), "full": Method(1e-5, _full)}

@@ -34,7 +34,8 @@ def _group_lora(model: nn.Module, layers: dict[str, nn.Linear], shape: AdapterSh
 
 # every method a structured model can use: the library's, and group LoRA (it does not keep masks)
 RECOVERY_METHODS: dict[str, Method] = {**LIBRARY_METHODS,
-                                       "group-lora": Method(1e-4, _group_lora, keeps_masks=False)}
+                                       "group-lora": Method(1e-4, _group_lora, keeps_masks=False,
+                                                                     own_dtype=True)}
 
 
 def recover(model: nn.Module, train_windows: torch.Tensor, *, tokens: int, **options) -> RecoveryReport:

@@ -35,9 +35,10 @@ class GroupLoRALinear(nn.Module):
         w = base.weight
         self.bounds = [(int(c[0]), int(c[-1]) + 1) for c in torch.arange(w.shape[1]).tensor_split(groups) if len(c)]
         self.scale = alpha / rank
-        self.A = nn.ParameterList(nn.Parameter(torch.empty(rank, hi - lo, dtype=w.dtype, device=w.device))
+        dtype = torch.float32 if w.dtype in (torch.float16, torch.bfloat16) else w.dtype  # adapters in float32
+        self.A = nn.ParameterList(nn.Parameter(torch.empty(rank, hi - lo, dtype=dtype, device=w.device))
                                   for lo, hi in self.bounds)
-        self.B = nn.ParameterList(nn.Parameter(torch.zeros(w.shape[0], rank, dtype=w.dtype, device=w.device))
+        self.B = nn.ParameterList(nn.Parameter(torch.zeros(w.shape[0], rank, dtype=dtype, device=w.device))
                                   for _ in self.bounds)
         for a in self.A:
             nn.init.kaiming_uniform_(a, a=math.sqrt(5))
@@ -45,7 +46,7 @@ class GroupLoRALinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base(x)
         for (lo, hi), a, b in zip(self.bounds, self.A, self.B, strict=True):
-            y = y + self.scale * ((x[..., lo:hi] @ a.T) @ b.T)
+            y = y + (self.scale * ((x[..., lo:hi].to(a.dtype) @ a.T) @ b.T)).to(y.dtype)
         return y
 
     def delta(self) -> torch.Tensor:
