@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import pytest
@@ -116,6 +117,39 @@ def test_target_and_low_precision_are_preserved():
     mlp = [m for n, m in prunable_layers(model).items() if ".mlp." in n]
     assert report.trainable_params == sum(8 * (m.in_features + m.out_features) for m in mlp)
     assert all(p.dtype == torch.bfloat16 for p in model.parameters())
+
+
+@pytest.mark.parametrize("method", ["lora", "group-lora", "full"])
+def test_gradient_checkpointing_trains_the_same_model_and_puts_the_blocks_back(method):
+    runs = []
+    for checkpointing in (False, True):
+        model = shrunk_llama()
+        report = recover(model, random_windows(), method=method, tokens=3 * SEQLEN, lr=1e-3, seed=7, progress=False,
+                         checkpointing=checkpointing)
+        assert report.checkpointing is checkpointing
+        assert all("forward" not in block.__dict__ for block in model.model.layers)  # the class's forward again
+        runs.append((report.losses, model.state_dict()))
+    assert runs[0][0] == runs[1][0]
+    assert all(torch.equal(v, runs[1][1][k]) for k, v in runs[0][1].items())
+
+
+def test_gradient_checkpointing_keeps_only_the_blocks_inputs():
+    """What autograd saves for the backward pass: with checkpointing, far less (each block's input only)."""
+    from metricgp.recover.loop import checkpointed_blocks
+
+    model = shrunk_llama()
+    ids = random_windows()[:1]
+    saved = {False: 0, True: 0}
+    model.model.embed_tokens.weight.requires_grad_(True)
+    for checkpointing in (False, True):
+        def pack(t, key=checkpointing):
+            saved[key] += t.numel() * t.element_size()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            with checkpointed_blocks(model) if checkpointing else contextlib.nullcontext():
+                model(input_ids=ids).logits.sum()
+    assert saved[True] < 0.5 * saved[False]
 
 
 @pytest.mark.parametrize(("method", "adapter", "frozen"), [

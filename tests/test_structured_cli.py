@@ -146,9 +146,10 @@ def test_structured_kd_recovery_reloads_with_identical_logits(tmp_path, base_arg
 
     out = tmp_path / "s70kd"
     assert main([*base_args, "--metric", "wanda", "--keep", "0.7", "--recover-tokens", "64", "--recover-loss", "kd",
-                 "--recover-method", "full", "--recover-lr", "1e-3", "--out", str(out)]) == 0
+                 "--recover-method", "full", "--recover-lr", "1e-3", "--recover-checkpointing", "--out", str(out)]) == 0
     report = json.loads((out / "report.json").read_text())
     assert report["recovery"]["loss"] == "kd" and report["recovery"]["method"] == "full"
+    assert report["recovery"]["checkpointing"] is True
     assert report["recovery"]["split"] == "file"  # a user file is what they said it is for; never a test split
     dataset = str(text_files["test"])
     assert report["perplexity"]["recovered"][dataset] != report["perplexity"]["pruned"][dataset]

@@ -73,6 +73,7 @@ class DarwinConfig:
     recover_loss: str = "ce"
     recover_schedule: str = "constant"
     recover_warmup: float = 0.0
+    recover_checkpointing: bool = False  # gradient checkpointing in the final recovery (same training)
     dataset: str = "wikitext2"
     eval_windows: int = 32
     save_model: bool = True

@@ -65,7 +65,8 @@ def structured_model(config: DarwinConfig, prep: Prepared, genome: Genome, out: 
     if config.recover_tokens:
         rec = recover(model, train, method=config.recover_method, tokens=config.recover_tokens, lr=config.recover_lr,
                       seed=config.seed, progress=False, loss=config.recover_loss, teacher=teacher,
-                      schedule=config.recover_schedule, warmup=config.recover_warmup)
+                      schedule=config.recover_schedule, warmup=config.recover_warmup,
+                      checkpointing=config.recover_checkpointing)
         report["recovery"] = rec.to_dict()
         report["perplexity"]["recovered"] = {d: perplexity(model, w) for d, w in evals.items()}
         if zero_shot is not None:
