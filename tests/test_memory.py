@@ -21,11 +21,11 @@ from metricgp.experiments.phases import PHASES, Session
 PER_BLOCK_BOUND = {
     "model": 1.5,
     "statistics": 1.5,  # each block's statistics leave for the host as they are made
-    "search-evaluation": 2.5,  # + the dense copy the candidates are restored from (DenseWeights)
-    "apply-oneshot": 2.5,  # + the session's dense copy
-    "sequential": 2.5,
-    "reconstruct": 2.5,
-    "darwin-generation": 2.5,  # + the dense copy (element scores one module at a time, not 2 x the model)
+    "search-evaluation": 1.5,  # dense weights read back from the checkpoint, not copied (DenseWeights)
+    "apply-oneshot": 1.5,
+    "sequential": 1.5,
+    "reconstruct": 1.5,  # Hessians a block at a time
+    "darwin-generation": 1.5,  # element scores one module at a time, not 2 x the model
     "structured-refit": 3.2,  # + the dense copy + the 70%-kept copy (never a second full copy, Hessians on disk)
     "recovery": 4.0,  # + the dense copy + the kept copy in float32 with LoRA (recover.py; not changed here)
 }
