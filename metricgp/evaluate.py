@@ -27,7 +27,7 @@ from metricgp.errors import MetricGPError
 from metricgp.expr import compile_metric, to_functional
 from metricgp.fileio import atomic_path
 from metricgp.measure import KL_TOPK, DenseReference, WindowLosses, perplexity, window_losses
-from metricgp.models import cache_root, load_model, prunable_layers
+from metricgp.models import cache_root, checkpoint_tensors, load_model, prunable_layers
 from metricgp.provenance import json_safe
 from metricgp.prune.engine import PRUNE_MODES, DegenerateMetric, DenseWeights, prune_oneshot
 from metricgp.prune.patterns import parse_pattern
@@ -201,7 +201,8 @@ class PruningSetup:
         grads = grads or stats_cache_path(key(True)).is_file()
         stats, was_cached = cached_stats(loaded.model, layers, calib, key(grads), grads=grads)
         t2 = time.perf_counter()
-        return cls(loaded.model, loaded.tokenizer, layers, DenseWeights(layers), stats, spec,
+        dense = DenseWeights(layers, checkpoint_tensors(loaded.path))
+        return cls(loaded.model, loaded.tokenizer, layers, dense, stats, spec,
                    loaded.fingerprint, was_cached, {"load_model": t1 - t0, "stats": t2 - t1}, calib, loaded.path)
 
     def fitness_windows(self, n: int | None) -> torch.Tensor:

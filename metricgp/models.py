@@ -150,6 +150,80 @@ def load_model(name: str = DEFAULT_MODEL, dtype: str = "auto", device: str = "au
     return LoadedModel(model, tokenizer, name, path, weights_fingerprint(model))
 
 
+_SAFETENSORS_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16, "F64": torch.float64}
+
+
+class CheckpointTensors:
+    """The tensors of a safetensors checkpoint (one file or an index of shards), read by name on demand:
+    what restores a model's dense weights without keeping a second copy of them. A tensor comes back
+    memory-mapped (nothing read until used; its pages belong to the file, not the process, once it is
+    freed); `read_into` copies one straight from the file into a CPU tensor of the same dtype (no
+    mapping, no page faults: as fast as copying a kept copy)."""
+
+    def __init__(self, directory: str | Path):
+        directory = Path(directory)
+        index = directory / "model.safetensors.index.json"
+        if index.is_file():
+            weight_map = json.loads(index.read_text())["weight_map"]
+            shards = {directory / shard for shard in weight_map.values()}
+        elif (directory / "model.safetensors").is_file():
+            shards = {directory / "model.safetensors"}
+        else:
+            raise MetricGPError(f"{directory} holds no safetensors checkpoint")
+        self.where: dict[str, tuple[Path, int, int, torch.dtype | None]] = {}  # name -> file, start, end, dtype
+        for shard in sorted(shards):
+            with open(shard, "rb") as fh:
+                size = int.from_bytes(fh.read(8), "little")
+                header = json.loads(fh.read(size))
+            for name, info in header.items():
+                if name != "__metadata__":
+                    begin, end = info["data_offsets"]
+                    self.where[name] = (shard, 8 + size + begin, 8 + size + end, _SAFETENSORS_DTYPES.get(info["dtype"]))
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.where
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        from safetensors import safe_open
+
+        with safe_open(str(self.where[name][0]), "pt") as fh:
+            return fh.get_tensor(name)
+
+    def read_into(self, name: str, out: torch.Tensor) -> None:
+        """`out` = the stored tensor `name` (converted to out's dtype and device where they differ)."""
+        path, begin, end, dtype = self.where[name]
+        if out.device.type == "cpu" and out.is_contiguous() and dtype == out.dtype \
+                and end - begin == out.numel() * out.element_size():
+            with open(path, "rb", buffering=0) as fh:
+                fh.seek(begin)
+                view = memoryview(out.detach().view(torch.uint8).reshape(-1).numpy())
+                while view.nbytes:
+                    got = fh.readinto(view)
+                    if not got:
+                        raise MetricGPError(f"{path} ends inside tensor {name}")
+                    view = view[got:]
+            return
+        with torch.no_grad():
+            out.copy_(self[name])
+
+
+def checkpoint_tensors(path: str) -> CheckpointTensors | None:
+    """The safetensors checkpoint a model was loaded from (a local directory, or a hub id's files
+    already in the local cache), or None where there is none to read."""
+    directory = Path(path)
+    if not directory.is_dir():
+        try:
+            from huggingface_hub import snapshot_download
+
+            directory = Path(snapshot_download(path, local_files_only=True))
+        except Exception:  # not in the local cache, or not a hub id at all: nothing to read back
+            return None
+    try:
+        return CheckpointTensors(directory)
+    except (MetricGPError, OSError, ValueError, KeyError):
+        return None
+
+
 def find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
     """The decoder blocks: the longest ModuleList of same-typed modules that hold linear layers."""
     best: tuple[str, nn.ModuleList] | None = None

@@ -21,14 +21,14 @@ from metricgp.experiments.phases import PHASES, Session
 PER_BLOCK_BOUND = {
     "model": 1.5,
     "statistics": 1.5,  # each block's statistics leave for the host as they are made
-    "search-evaluation": 2.5,  # + the dense copy the candidates are restored from (DenseWeights)
-    "apply-oneshot": 2.5,  # + the session's dense copy
-    "sequential": 2.5,
-    "reconstruct": 2.5,
-    "darwin-generation": 2.5,  # + the dense copy (element scores one module at a time, not 2 x the model)
-    # shrunk in place block by block, the dense copy released first (was 3.2: + the dense copy + a 70%-kept copy)
-    "structured-refit": 2.0,
-    "recovery": 2.0,  # the 70%-kept model alone, LoRA in its own dtype (was 4.0: + the dense session + float32)
+    "search-evaluation": 1.5,  # dense weights read back from the checkpoint, not copied (DenseWeights)
+    "apply-oneshot": 1.5,
+    "sequential": 1.5,
+    "reconstruct": 1.5,  # Hessians a block at a time
+    "darwin-generation": 1.5,  # element scores one module at a time, not 2 x the model
+    # shrunk in place block by block, the dense weights released first (was 3.2: + the dense copy + a 70%-kept copy)
+    "structured-refit": 1.5,
+    "recovery": 1.5,  # the 70%-kept model alone, LoRA in its own dtype (was 4.0: + the dense session + float32)
 }
 
 

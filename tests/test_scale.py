@@ -5,6 +5,7 @@ writers at once cannot corrupt."""
 
 from __future__ import annotations
 
+import json
 import math
 import subprocess
 import sys
@@ -305,3 +306,24 @@ def test_a_structured_copy_arrives_block_by_block_and_frees_what_shrinking_repla
     assert len(replaced) == 4
     assert twin.model.layers[0].self_attn.config is twin.config is not model.config  # sharing kept
     assert all(p.data_ptr() != q.data_ptr() for p in twin.parameters() for q in model.parameters())
+
+
+def test_the_whole_model_writer_builds_a_loadable_checkpoint_one_block_per_shard(tmp_path, tiny_llama_dir):
+    """`whole_model write` never holds the model: a shard per block (and one for the rest), every parameter
+    of the architecture stored once, norms at one, and the checkpoint loads in stock transformers."""
+    from transformers import AutoModelForCausalLM
+
+    from metricgp.experiments.whole_model import write_checkpoint
+
+    total = write_checkpoint(tmp_path, shape="tiny", layers=3, tokenizer_from=str(tiny_llama_dir),
+                             dtype=torch.float32)
+    index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
+    assert sorted(set(index["weight_map"].values())) == [f"model-block-{i:03d}.safetensors" for i in range(3)] + [
+        "model-outer.safetensors"]
+    model = AutoModelForCausalLM.from_pretrained(tmp_path)
+    params = dict(model.named_parameters())
+    assert set(params) <= set(index["weight_map"]) and total == sum(p.numel() * 4 for p in params.values())
+    assert model.config.num_hidden_layers == 3 and model.config.hidden_size == 64
+    assert torch.equal(params["model.layers.1.input_layernorm.weight"], torch.ones(64))
+    q = params["model.layers.2.self_attn.q_proj.weight"]
+    assert 0.015 < float(q.std()) < 0.025

@@ -117,3 +117,70 @@ def test_dense_weights_restore():
         layers["o"].weight.zero_()
     dense.restore()
     assert torch.equal(layers["o"].weight, before)
+
+
+def test_a_loaded_setup_restores_from_its_checkpoint_and_keeps_no_copy(setup):
+    """The session reads its dense weights back from the safetensors it was loaded from: no second copy in
+    memory, and only the layers that changed are rewritten."""
+    assert setup.dense.source == "checkpoint" and setup.dense._copy is None
+    dense = {n: m.weight.detach().clone() for n, m in setup.layers.items()}
+    first, second = list(setup.layers)[:2]
+    assert setup.dense.weights[first] is not None and setup.dense.unchanged(first)
+    with torch.no_grad():
+        setup.layers[first].weight.mul_(0)
+    assert not setup.dense.unchanged(first) and setup.dense.unchanged(second)
+    assert torch.equal(setup.dense.weights[first], dense[first])  # read back, not the zeroed tensor
+    untouched = setup.layers[second].weight._version
+    setup.dense.restore()
+    assert setup.layers[second].weight._version == untouched  # an unchanged layer is not rewritten
+    assert all(torch.equal(m.weight, dense[n]) for n, m in setup.layers.items())
+    # pruning twice without a restore prunes the dense weights both times (read back from the file)
+    setup.prune(resolve_metric("wanda"), Unstructured(0.5))
+    once = {n: m.weight.detach().clone() for n, m in setup.layers.items()}
+    prune_oneshot(setup.dense, setup.stats, compile_metric(resolve_metric("wanda")), Unstructured(0.5))
+    assert all(torch.equal(m.weight, once[n]) for n, m in setup.layers.items())
+    setup.dense.restore()
+    assert all(torch.equal(m.weight, dense[n]) for n, m in setup.layers.items())
+
+
+def test_a_checkpoint_that_does_not_match_the_model_is_not_used(tiny_llama_dir):
+    """Weights changed after loading (or a loader that transforms them) make the checkpoint a wrong source
+    of dense weights: a copy is kept instead, and restores what the model held."""
+    from transformers import AutoModelForCausalLM
+
+    from metricgp.models import checkpoint_tensors, prunable_layers
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir)
+    layers = prunable_layers(model)
+    assert DenseWeights(layers, checkpoint_tensors(str(tiny_llama_dir))).source == "checkpoint"
+    with torch.no_grad():
+        next(iter(layers.values())).weight.add_(1.0)
+    held = {n: m.weight.detach().clone() for n, m in layers.items()}
+    dense = DenseWeights(layers, checkpoint_tensors(str(tiny_llama_dir)))
+    assert dense.source == "copy"
+    with torch.no_grad():
+        for m in layers.values():
+            m.weight.zero_()
+    dense.restore()
+    assert all(torch.equal(m.weight, held[n]) for n, m in layers.items())
+
+
+def test_checkpoint_tensors_read_a_sharded_checkpoint_in_any_dtype(tmp_path):
+    """A sharded checkpoint (index + shards) is read by name; `read_into` fills a tensor of the stored dtype
+    straight from the file and converts into any other."""
+    from transformers import AutoModelForCausalLM
+
+    from metricgp.models import CheckpointTensors
+
+    model = tiny_model("llama", vocab=64)
+    model.save_pretrained(tmp_path, max_shard_size="20KB")
+    assert (tmp_path / "model.safetensors.index.json").is_file()
+    tensors = CheckpointTensors(tmp_path)
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path)
+    for name, p in reloaded.named_parameters():
+        if name in tensors:
+            assert torch.equal(tensors[name], p.detach())
+            same, half = torch.empty_like(p), torch.empty_like(p, dtype=torch.bfloat16)
+            tensors.read_into(name, same)
+            tensors.read_into(name, half)
+            assert torch.equal(same, p.detach()) and torch.equal(half, p.detach().bfloat16())

@@ -21,10 +21,8 @@ from metricgp.structured.shrink import mask_plan
 
 
 def restore_linears(dense, names: Sequence[str]) -> None:
-    """Copy the dense weights back into the named linears only (`DenseWeights` keeps one per linear)."""
-    with torch.no_grad():
-        for n in names:
-            dense.layers[n].weight.copy_(dense.weights[n])
+    """Copy the dense weights back into the named linears only."""
+    dense.restore(names)
 
 
 class StructuredMasks:

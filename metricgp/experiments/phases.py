@@ -31,8 +31,9 @@ from metricgp.darwin.search import LevelSearch
 from metricgp.evaluate import EvaluatorSpec, PruningSetup
 from metricgp.expr import compile_metric, resolve_metric, to_functional
 from metricgp.expr.ops import leaves_from
+from metricgp.fileio import atomic_path
 from metricgp.measure import perplexity, window_losses
-from metricgp.models import prunable_layers
+from metricgp.models import CheckpointTensors, cache_root, prunable_layers
 from metricgp.prune.engine import DenseWeights, prune_oneshot
 from metricgp.prune.patterns import parse_pattern
 from metricgp.stats import cached_stats, compute_stats, save_stats, stats_cache_path, stats_key
@@ -128,13 +129,24 @@ class Session:
         gradient = set() if grads else set(leaves_from("gradients"))
         return {n: {k: t for k, t in per.items() if k not in gradient} for n, per in full.items()}
 
+    def checkpoint(self) -> CheckpointTensors:
+        """The model saved as a Hugging Face checkpoint (once, under the cache), as a command's model is
+        loaded from one: the session restores its dense weights from it, as a command's does."""
+        path = cache_root() / "random-models" / self.fingerprint
+        if not (path / "config.json").is_file():
+            with atomic_path(path) as tmp:
+                self.model.save_pretrained(tmp)
+        return CheckpointTensors(path)
+
     def setup(self, grads: bool = False) -> PruningSetup:
-        """The session every command builds: model, statistics, dense copy, calibration windows."""
+        """The session every command builds: model, statistics, dense weights (read back from the
+        checkpoint), calibration windows."""
         if "setup" not in self.held:
             layers = prunable_layers(self.model)
             stats = self.statistics(grads)
             self.held["stats"] = stats
-            self.held["setup"] = PruningSetup(self.model, None, layers, DenseWeights(layers), stats, self.spec,
+            dense = DenseWeights(layers, self.checkpoint())
+            self.held["setup"] = PruningSetup(self.model, None, layers, dense, stats, self.spec,
                                               self.fingerprint, True, calib=self.calib)
         return self.held["setup"]
 

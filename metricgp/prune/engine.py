@@ -1,14 +1,15 @@
 """Applying a metric to a model: one mechanism for every linear layer of every architecture.
 
-`DenseWeights` keeps the dense weights in memory so a candidate metric is applied and undone
-without reloading the model. `prune_oneshot` scores every layer from cached statistics of the
+`DenseWeights` restores the dense weights so a candidate metric is applied and undone without
+reloading the model (read back from the checkpoint where it can be, else from a kept copy).
+`prune_oneshot` scores every layer from cached statistics of the
 dense model (what the search uses); `prune_sequential` prunes block by block and recomputes each
 block's calibration inputs after the earlier blocks were pruned (Wanda / Pruner-Zero style).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 
@@ -48,16 +49,98 @@ class PruneReport:
 
 
 class DenseWeights:
-    """A copy of the dense weights of the prunable layers, to restore between candidates."""
+    """The dense weights of the prunable layers, to restore between candidates, without a second copy
+    of the model where its checkpoint can be read back.
 
-    def __init__(self, layers: dict[str, nn.Linear]):
+    With `checkpoint` (the safetensors the model was loaded from; `models.checkpoint_tensors`), a dense
+    weight is read back from it, memory-mapped, only when needed; else a copy is kept, on the host when
+    the layers live on an accelerator. Either way a layer whose tensor has not been written since the
+    last restore (same tensor, same in-place version counter) is its own dense weight: pruning a freshly
+    restored model reads nothing back, restoring copies only the layers that changed, and a command that
+    prunes once (apply) never reads the checkpoint at all.
+
+    The checkpoint is checked when this is made: every layer's name and shape, and the values of the
+    first layer in the model's dtype (a checkpoint the loader transformed, by renaming, fusing or
+    quantising, fails there); one that does not match is not used and a copy is kept instead."""
+
+    def __init__(self, layers: dict[str, nn.Linear], checkpoint: Mapping[str, torch.Tensor] | None = None):
         self.layers = layers
-        self.weights = {n: m.weight.detach().clone() for n, m in layers.items()}
+        self._checkpoint = checkpoint if checkpoint is not None and self._matches(layers, checkpoint) else None
+        self._copy = None
+        if self._checkpoint is None:
+            self._copy = {n: m.weight.detach().to("cpu" if m.weight.device.type != "cpu" else m.weight.device,
+                                                   copy=True) for n, m in layers.items()}
+        self._marks = {n: self._mark(m) for n, m in layers.items()}
+        self.weights = _DenseView(self)
 
-    def restore(self) -> None:
+    @property
+    def source(self) -> str:
+        """'checkpoint' (read back on demand) or 'copy' (kept in memory)."""
+        return "copy" if self._checkpoint is None else "checkpoint"
+
+    @staticmethod
+    def _matches(layers: dict[str, nn.Linear], checkpoint: Mapping[str, torch.Tensor]) -> bool:
+        try:
+            if any(f"{n}.weight" not in checkpoint for n in layers):
+                return False
+            for i, (n, m) in enumerate(layers.items()):
+                stored = checkpoint[f"{n}.weight"]
+                if tuple(stored.shape) != tuple(m.weight.shape):
+                    return False
+                if i == 0 and not torch.equal(stored.to(device=m.weight.device, dtype=m.weight.dtype),
+                                              m.weight.detach()):
+                    return False
+        except (OSError, RuntimeError, KeyError, ValueError):
+            return False
+        return True
+
+    @staticmethod
+    def _mark(module: nn.Linear) -> tuple[int, int, int]:
+        w = module.weight
+        return id(w), w.data_ptr(), w._version
+
+    def unchanged(self, name: str) -> bool:
+        """Whether layer `name` still holds its dense weight (not written since the last restore)."""
+        return self._marks[name] == self._mark(self.layers[name])
+
+    def _stored(self, name: str) -> torch.Tensor:
+        return self._checkpoint[f"{name}.weight"] if self._checkpoint is not None else self._copy[name]
+
+    def dense(self, name: str) -> torch.Tensor:
+        """Layer `name`'s dense weight on the layer's device, in its dtype (read-only: it may be the layer's
+        own tensor, the kept copy or a memory-mapped one)."""
+        w = self.layers[name].weight
+        if self.unchanged(name):
+            return w.detach()
+        return self._stored(name).to(device=w.device, dtype=w.dtype)
+
+    def restore(self, names: Iterable[str] | None = None) -> None:
+        """Copy the dense weights back into every changed layer (or the changed ones among `names`)."""
         with torch.no_grad():
-            for n, m in self.layers.items():
-                m.weight.copy_(self.weights[n])
+            for n in self.layers if names is None else names:
+                if not self.unchanged(n):
+                    module = self.layers[n]
+                    if self._checkpoint is not None and hasattr(self._checkpoint, "read_into"):
+                        self._checkpoint.read_into(f"{n}.weight", module.weight)
+                    else:
+                        module.weight.copy_(self._stored(n))
+                    self._marks[n] = self._mark(module)
+
+
+class _DenseView(Mapping):
+    """`dense.weights[name]`: the dense weight of one layer (`DenseWeights.dense`)."""
+
+    def __init__(self, owner: DenseWeights):
+        self._owner = owner
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        return self._owner.dense(name)
+
+    def __iter__(self):
+        return iter(self._owner.layers)
+
+    def __len__(self) -> int:
+        return len(self._owner.layers)
 
 
 def metric_inputs(metric: MetricFn, weight: torch.Tensor, stats: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
