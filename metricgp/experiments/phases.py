@@ -12,6 +12,7 @@ the statistics phase and its own.
 
 from __future__ import annotations
 
+import gc
 import shutil
 import tempfile
 import time
@@ -234,6 +235,7 @@ def _dense_again(s: Session, _: Any) -> None:
     for key in ("setup", "stats"):
         s.held.pop(key, None)
     s.model = None
+    gc.collect()  # the shrunk model and its session sit in reference cycles: gone before the next phase
     s.__post_init__()
 
 
@@ -258,8 +260,10 @@ def _darwin_generation(s: Session, _: Any) -> None:
 
 
 def _pruned_copy(s: Session) -> nn.Module:
-    """`apply --structured --keep 0.7`: the session's model shrunk in place, its dense copy released."""
-    return prune_structured(s.setup(), _wanda(), StructuredSpec(keep=KEEP), in_place=True)[0]
+    """`apply --structured --keep 0.7`: the session's model shrunk in place, its dense weights released."""
+    model = prune_structured(s.setup(), _wanda(), StructuredSpec(keep=KEEP), in_place=True)[0]
+    gc.collect()  # what the prune left in reference cycles (its dense linears), as a command's run would free
+    return model
 
 
 def _recovery(s: Session, pruned: nn.Module) -> None:
