@@ -14,7 +14,7 @@ import json
 import math
 import time
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -183,9 +183,10 @@ class PruningSetup:
     model_path: str = ""  # what was loaded (the converted directory for GGUF and the default)
 
     @classmethod
-    def from_spec(cls, spec: EvaluatorSpec, grads: bool = True) -> PruningSetup:
+    def from_spec(cls, spec: EvaluatorSpec, grads: bool = True, inputs: Iterable[str] | None = None) -> PruningSetup:
         """Load the model and its statistics. With grads=False, G is
-        still used when a cached gradient pass exists (it holds X too, so it costs nothing)."""
+        still used when a cached gradient pass exists (it holds X too, so it costs nothing). `inputs`: the
+        input leaves needed (None: every registered one; `stats.cached_stats`)."""
 
         t0 = time.perf_counter()
         calib_ref = parse_data_ref(spec.calib, "calibration")
@@ -199,7 +200,7 @@ class PruningSetup:
             return stats_key(loaded.fingerprint, str(calib_ref), spec.n_calib, spec.seqlen, spec.seed, with_grads)
 
         grads = grads or stats_cache_path(key(True)).is_file()
-        stats, was_cached = cached_stats(loaded.model, layers, calib, key(grads), grads=grads)
+        stats, was_cached = cached_stats(loaded.model, layers, calib, key(grads), grads=grads, inputs=inputs)
         t2 = time.perf_counter()
         dense = DenseWeights(layers, checkpoint_tensors(loaded.path))
         return cls(loaded.model, loaded.tokenizer, layers, dense, stats, spec,

@@ -283,13 +283,16 @@ def cached_stats(
     key: str,
     grads: bool = True,
     cache_dir: Path | None = None,
+    inputs: Iterable[str] | None = None,
 ) -> tuple[dict[str, dict[str, torch.Tensor]], bool]:
     """Load statistics from the disk cache, or compute and store them. Returns (stats, was_cached).
 
-    A cache written before a leaf was added to the registry is completed in place: only the
-    missing input leaves are computed (a forward-only pass) and the file is rewritten."""
+    `inputs`: the input leaves the caller reads (None: every registered one). Only those are computed
+    (Hinv's Cholesky inverse of a 14336-wide down_proj Gram costs minutes a block on a CPU, and a metric
+    without it has no use for it); a cache that lacks some of them is completed in place (a forward-only
+    pass for the missing leaves) and rewritten, so one file per model and data serves every metric."""
     path = stats_cache_path(key, cache_dir)
-    wanted_inputs = set(input_leaf_names())
+    wanted_inputs = set(input_leaf_names(inputs))
     if path.is_file():
         stats = _unflatten(load_file(str(path)))
         if set(stats) == set(layers):
@@ -302,7 +305,8 @@ def cached_stats(
             save_stats(stats, path)
             return stats, True
     t0 = time.time()
-    stats = compute_stats(model, layers, calib, grads=grads)
+    leaves = None if inputs is None else wanted_inputs | (set(leaves_from("gradients")) if grads else set())
+    stats = compute_stats(model, layers, calib, grads=grads, leaves=leaves)
     save_stats(stats, path, time.time() - t0)
     return stats, False
 

@@ -184,3 +184,17 @@ def test_checkpoint_tensors_read_a_sharded_checkpoint_in_any_dtype(tmp_path):
             tensors.read_into(name, same)
             tensors.read_into(name, half)
             assert torch.equal(same, p.detach()) and torch.equal(half, p.detach().bfloat16())
+
+
+def test_only_the_input_leaves_asked_for_are_computed_and_a_cache_is_completed_later(tmp_path):
+    """A metric that reads X alone never pays for Hinv (a Cholesky inverse per layer); a later metric that
+    reads Hinv completes the same cache file with it, and the values equal a pass that made both at once."""
+    model = tiny_model("llama", vocab=40)
+    layers = {"up": model.model.layers[0].mlp.up_proj, "down": model.model.layers[1].mlp.down_proj}
+    calib = torch.randint(0, 40, (3, 16), generator=torch.Generator().manual_seed(0))
+    x_only, cached = cached_stats(model, layers, calib, "k", grads=False, cache_dir=tmp_path, inputs={"W", "X"})
+    assert not cached and all(set(per) == {"X"} for per in x_only.values())
+    both, cached = cached_stats(model, layers, calib, "k", grads=False, cache_dir=tmp_path, inputs={"X", "Hinv"})
+    assert cached and all(set(per) == {"X", "Hinv"} for per in both.values())
+    reference = compute_stats(model, layers, calib, grads=False)
+    assert all(torch.equal(both[n][k], reference[n][k]) for n in layers for k in ("X", "Hinv"))

@@ -105,7 +105,7 @@ def measure(args: argparse.Namespace):
     """Validate, load, prune and measure (`prune_and_measure`); returns (Measured, (tree, source, pattern))."""
     tree, source, pattern, zero_shot = validate(args)
     m = prune_and_measure(args, "G" in tree.leaves_used(), lambda s: (s.model, s.prune(tree, pattern, args.mode)),
-                          zero_shot, pattern=pattern.name, sparsity=pattern.sparsity)
+                          zero_shot, inputs=tree.leaves_used(), pattern=pattern.name, sparsity=pattern.sparsity)
     return m, (tree, source, pattern)
 
 

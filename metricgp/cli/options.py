@@ -21,7 +21,7 @@ import argparse
 import shutil
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -214,13 +214,15 @@ def recovery_data(args: argparse.Namespace, setup: PruningSetup) -> RecoveryData
 
 
 def prune_and_measure(args: argparse.Namespace, grads: bool, prune: Callable[[PruningSetup], tuple[nn.Module, Any]],
-                      zero_shot: ZeroShot | None = None, **spec_fields: Any) -> Measured:
+                      zero_shot: ZeroShot | None = None, inputs: Iterable[str] | None = None,
+                      **spec_fields: Any) -> Measured:
     """Load the model and its statistics, evaluate the dense model (perplexity cached; zero-shot accuracy
     on the same model object, before it is pruned), take what recovery needs of it (`recovery_data`),
-    `prune(setup)`, evaluate the pruned model; each step timed."""
+    `prune(setup)`, evaluate the pruned model; each step timed. `inputs`: the input statistics `prune`
+    reads (None: all)."""
     started = provenance()
     t0 = time.perf_counter()
-    setup = PruningSetup.from_spec(evaluator_spec(args, **spec_fields), grads=grads)
+    setup = PruningSetup.from_spec(evaluator_spec(args, **spec_fields), grads=grads, inputs=inputs)
     evals = {d: setup.report_windows(d, args.eval_windows or None) for d in parse_report_data(args.dataset)}
     timings = dict(setup.timings)
     t1 = time.perf_counter()

@@ -178,8 +178,10 @@ def measure(args: argparse.Namespace):
     """Validate, load, prune and measure (`prune_and_measure`); returns (Measured, (spec, tree, source))."""
     spec, tree, source, zero_shot = validate(args)
     # the dense model is not needed once its perplexity is measured, except by --speed: shrunk in place
+    # the formula's input statistics and X (FLAP and SAAP read it); a method without a formula: all
     m = prune_and_measure(args, tree is not None and "G" in tree.leaves_used(),
-                          lambda s: prune(s, tree, spec, in_place=not args.speed), zero_shot)
+                          lambda s: prune(s, tree, spec, in_place=not args.speed), zero_shot,
+                          inputs=None if tree is None else {*tree.leaves_used(), "X"})
     return m, (spec, tree, source)
 
 

@@ -4,10 +4,10 @@ peak resident memory of one phase per fresh process, against depth) and `make gp
 (experiments/gpu_check.py: every phase on one GPU, its peak device memory and seconds) measure.
 
 A phase has a `prepare` step that is not measured (the session it runs in: the model, statistics,
-the dense copy; or a pruned model for recovery) and a `run` step that is. A phase's peak is the
-process's peak while `run` runs, so it includes what `prepare` left resident, as it would in the
-command the phase stands for; a command that computes its statistics first peaks at the larger of
-the statistics phase and its own.
+the dense weights read back from a saved checkpoint; or a pruned model for recovery) and a `run`
+step that is. A phase's peak is the process's peak while `run` runs, so it includes what `prepare`
+left resident, as it would in the command the phase stands for; a command that computes its
+statistics first peaks at the larger of the statistics phase and its own.
 """
 
 from __future__ import annotations

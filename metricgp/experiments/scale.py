@@ -106,7 +106,8 @@ def write_report(rows: list[dict], out: Path, commands: list[str], package_rows:
     lines = ["# Peak memory per phase against depth (random-weight Llama blocks, CPU)", "",
              "Made by " + "; ".join(f"`{c}`" for c in commands) + ".", "",
              "Settings (dtype, calibration windows, tokens): " + ", ".join(map(str, settings)) + ". Each row is a "
-             "fresh process: the phase's session is prepared (statistics, dense copy; a pruned copy for recovery), "
+             "fresh process: the phase's session is prepared (statistics, dense weights read back from a saved "
+             "checkpoint; a pruned copy for recovery), "
              "the peak resident set is reset, the phase runs. *device* = peak - interpreter (base) - the statistics "
              "the library keeps on the host beside a GPU, resident during the phase (the statistics phase hands "
              "each block's to the host, here to disk, as they are made): what a GPU would hold. *host* = the "
