@@ -21,6 +21,7 @@ import json
 import os
 import re
 import shlex
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -128,6 +129,8 @@ def run(model_dir: Path, out: Path, only: list[str] | None, windows: int, seqlen
                    "achieved_keep": report.get("achieved_keep") or (report.get("size") or {}).get("achieved_keep"),
                    "error_tail": proc.stderr.strip().splitlines()[-30:] if proc.returncode else None}
             result["rows"][label] = row
+            if not keep_outputs:  # a pruned 8B model is 10-14 GB of disk: gone once its report is read
+                shutil.rmtree(report_path.parent, ignore_errors=True)
             print(f"  exit {proc.returncode}, peak {(measured['peak_bytes'] or 0) / GIB:.2f} GiB, "
                   f"{measured['seconds']} s", flush=True)
             write_json_atomic(path, result)
