@@ -65,7 +65,9 @@ PIPELINES: dict[str, Pipeline] = {
                               ("--metric", "sparsegpt", "--mode", "reconstruct", "--pattern", "2:4")),
     "ria-sqrt-2:4": Pipeline("2:4: RIA with sqrt(X), one-shot", ("--metric", RIA_SQRT, "--pattern", "2:4")),
 }
-LR_GRIDS = {"full": "1e-5,3e-5,1e-4", "lora": "1e-4,3e-4,1e-3"}
+# full: 1e-4 won the first grid (1e-5..1e-4) at its edge, then 3e-4 won over 1e-4 (ria-sqrt, KD, 2,048 tokens;
+# results/recovery/results.json `lr_choice`): the grid reaches past the last winner
+LR_GRIDS = {"full": "3e-5,1e-4,3e-4,1e-3", "lora": "1e-4,3e-4,1e-3"}
 CHECKPOINTS = "16384,32768,65536,131072,262144"
 
 
