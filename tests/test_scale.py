@@ -326,4 +326,4 @@ def test_the_whole_model_writer_builds_a_loadable_checkpoint_one_block_per_shard
     assert model.config.num_hidden_layers == 3 and model.config.hidden_size == 64
     assert torch.equal(params["model.layers.1.input_layernorm.weight"], torch.ones(64))
     q = params["model.layers.2.self_attn.q_proj.weight"]
-    assert 0.015 < float(q.std()) < 0.025
+    assert 0.015 < float(q.detach().std()) < 0.025
