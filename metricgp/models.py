@@ -171,6 +171,7 @@ class CheckpointTensors:
         else:
             raise MetricGPError(f"{directory} holds no safetensors checkpoint")
         self.where: dict[str, tuple[Path, int, int, torch.dtype | None]] = {}  # name -> file, start, end, dtype
+        self.shapes: dict[str, tuple[int, ...]] = {}  # from the headers: no tensor read to know a shape
         for shard in sorted(shards):
             with open(shard, "rb") as fh:
                 size = int.from_bytes(fh.read(8), "little")
@@ -179,6 +180,7 @@ class CheckpointTensors:
                 if name != "__metadata__":
                     begin, end = info["data_offsets"]
                     self.where[name] = (shard, 8 + size + begin, 8 + size + end, _SAFETENSORS_DTYPES.get(info["dtype"]))
+                    self.shapes[name] = tuple(info["shape"])
 
     def __contains__(self, name: str) -> bool:
         return name in self.where

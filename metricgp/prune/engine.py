@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 
 from metricgp.blocks import BlockInputs
 from metricgp.errors import MetricGPError
-from metricgp.models import block_linears, find_blocks
+from metricgp.models import CheckpointTensors, block_linears, find_blocks
 from metricgp.prune.patterns import Pattern
 from metricgp.prune.reconstruct import hessian_hooks, least_squares_update
 from metricgp.stats import collect_input_stats, input_leaf_names
@@ -63,13 +63,12 @@ class DenseWeights:
     first layer in the model's dtype (a checkpoint the loader transformed, by renaming, fusing or
     quantising, fails there); one that does not match is not used and a copy is kept instead."""
 
-    def __init__(self, layers: dict[str, nn.Linear], checkpoint: Mapping[str, torch.Tensor] | None = None):
+    def __init__(self, layers: dict[str, nn.Linear], checkpoint: CheckpointTensors | None = None):
         self.layers = layers
         self._checkpoint = checkpoint if checkpoint is not None and self._matches(layers, checkpoint) else None
         self._copy = None
         if self._checkpoint is None:
-            self._copy = {n: m.weight.detach().to("cpu" if m.weight.device.type != "cpu" else m.weight.device,
-                                                   copy=True) for n, m in layers.items()}
+            self._copy = {n: m.weight.detach().to("cpu", copy=True) for n, m in layers.items()}
         self._marks = {n: self._mark(m) for n, m in layers.items()}
         self.weights = _DenseView(self)
 
@@ -79,20 +78,15 @@ class DenseWeights:
         return "copy" if self._checkpoint is None else "checkpoint"
 
     @staticmethod
-    def _matches(layers: dict[str, nn.Linear], checkpoint: Mapping[str, torch.Tensor]) -> bool:
-        try:
-            if any(f"{n}.weight" not in checkpoint for n in layers):
-                return False
-            for i, (n, m) in enumerate(layers.items()):
-                stored = checkpoint[f"{n}.weight"]
-                if tuple(stored.shape) != tuple(m.weight.shape):
-                    return False
-                if i == 0 and not torch.equal(stored.to(device=m.weight.device, dtype=m.weight.dtype),
-                                              m.weight.detach()):
-                    return False
-        except (OSError, RuntimeError, KeyError, ValueError):
+    def _matches(layers: dict[str, nn.Linear], checkpoint: CheckpointTensors) -> bool:
+        if any(checkpoint.shapes.get(f"{n}.weight") != tuple(m.weight.shape) for n, m in layers.items()):
             return False
-        return True
+        first, module = next(iter(layers.items()))
+        try:
+            stored = checkpoint[f"{first}.weight"].to(device=module.weight.device, dtype=module.weight.dtype)
+        except (OSError, RuntimeError, ValueError):
+            return False
+        return torch.equal(stored, module.weight.detach())
 
     @staticmethod
     def _mark(module: nn.Linear) -> tuple[int, int, int]:
@@ -120,7 +114,7 @@ class DenseWeights:
             for n in self.layers if names is None else names:
                 if not self.unchanged(n):
                     module = self.layers[n]
-                    if self._checkpoint is not None and hasattr(self._checkpoint, "read_into"):
+                    if self._checkpoint is not None:
                         self._checkpoint.read_into(f"{n}.weight", module.weight)
                     else:
                         module.weight.copy_(self._stored(n))

@@ -87,7 +87,7 @@ class StructuredSpec:
 class DenseReleased:
     """What `setup.dense` becomes once its model was shrunk in place: there are no dense weights to restore."""
 
-    def restore(self) -> None:
+    def restore(self, names=None) -> None:
         raise MetricGPError("the dense weights were released: this setup's model was shrunk in place "
                             "(structured prune with in_place=True)")
 
