@@ -28,6 +28,7 @@ from metricgp.expr import compile_metric, to_functional
 from metricgp.fileio import atomic_path
 from metricgp.measure import KL_TOPK, DenseReference, WindowLosses, perplexity, window_losses
 from metricgp.models import cache_root, checkpoint_tensors, load_model, prunable_layers
+from metricgp.offload import compute_device
 from metricgp.provenance import json_safe
 from metricgp.prune.engine import PRUNE_MODES, DegenerateMetric, DenseWeights, prune_oneshot
 from metricgp.prune.patterns import parse_pattern
@@ -61,6 +62,7 @@ class EvaluatorSpec:
     fitness: str = "ppl"  # a key of FITNESSES
     fidelities: tuple[int, ...] = (2, 8, 32)
     batch_size: int = 4
+    offload: bool = False  # decoder blocks in host memory, one at a time on the device (metricgp.offload)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -127,7 +129,8 @@ class MetricEvaluator:
 
     def prune_with(self, tree) -> float:
         """Prune the model in place with `tree`; returns the fraction removed. Raises DegenerateMetric."""
-        return prune_oneshot(self.setup.dense, self.setup.stats, compile_metric(tree), self.pattern).sparsity
+        return prune_oneshot(self.setup.dense, self.setup.stats, compile_metric(tree), self.pattern,
+                             compute_device(self.setup.model)).sparsity
 
     def evaluate(self, tree, n_windows: int) -> FitnessResult:
         """Fitness on the first `n_windows` validation windows. A candidate seen before at a lower
@@ -191,7 +194,7 @@ class PruningSetup:
         t0 = time.perf_counter()
         calib_ref = parse_data_ref(spec.calib, "calibration")
         parse_data_ref(spec.valid, "fitness")  # fail early, before the model loads
-        loaded = load_model(spec.model, spec.dtype, spec.device)
+        loaded = load_model(spec.model, spec.dtype, spec.device, spec.offload)
         t1 = time.perf_counter()
         layers = prunable_layers(loaded.model)
         calib = windows(calib_ref, loaded.tokenizer, "calibration", spec.seqlen, spec.n_calib, spec.seed)

@@ -25,6 +25,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from metricgp.errors import MetricGPError
 from metricgp.fileio import atomic_path
+from metricgp.offload import BlockOffload
 
 DEFAULT_MODEL = "default"
 _DEFAULT_ALIASES = {"default", "smollm2-135m", "smollm2-135m-instruct"}
@@ -131,8 +132,11 @@ def weights_fingerprint(model: nn.Module) -> str:
     return h.hexdigest()[:16]
 
 
-def load_model(name: str = DEFAULT_MODEL, dtype: str = "auto", device: str = "auto") -> LoadedModel:
-    """Load a causal LM and its tokenizer in eval mode."""
+def load_model(name: str = DEFAULT_MODEL, dtype: str = "auto", device: str = "auto",
+               offload: bool = False) -> LoadedModel:
+    """Load a causal LM and its tokenizer in eval mode. With `offload`, only what lies outside the decoder
+    blocks goes to the device; the blocks stay in host memory and visit the device one at a time while
+    they run (`metricgp.offload`)."""
     target = resolve_device(device)
     torch_dtype = parse_dtype(dtype, target)
     path = resolve_model_path(name)
@@ -143,7 +147,11 @@ def load_model(name: str = DEFAULT_MODEL, dtype: str = "auto", device: str = "au
     except (OSError, ValueError) as err:
         first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise MetricGPError(f"could not load model '{name}': {first_line}") from err
-    model.to(target).eval()
+    model.eval()
+    if offload:
+        BlockOffload.install(model, find_blocks(model)[1], target)
+    else:
+        model.to(target)
     model.config.use_cache = False
     if os.environ.get("METRICGP_VERBOSE"):
         print(f"loaded {name} in {time.time() - t0:.1f}s")

@@ -79,7 +79,7 @@ class RefitResidualEvaluator:
             for window in self.setup.calib:
                 self.setup.model(input_ids=window.unsqueeze(0).to(device), use_cache=False)
         tokens = self.setup.calib.numel()
-        return {n: h / tokens for n, h in sums.items()}
+        return {n: (h / tokens).to(layers[n].weight.device) for n, h in sums.items()}
 
     def layer_residual(self, metric, name: str, rows: torch.Tensor) -> float:
         """e_layer of one layer for a compiled metric (raises DegenerateMetric like pruning does)."""

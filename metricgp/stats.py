@@ -31,6 +31,7 @@ from metricgp.errors import MetricGPError
 from metricgp.expr.ops import leaves_from
 from metricgp.fileio import atomic_path
 from metricgp.models import cache_root, find_blocks
+from metricgp.offload import resident
 
 STATS_VERSION = 1  # bump when the definition of X or G changes, to invalidate old caches
 
@@ -73,20 +74,26 @@ def collect_input_stats(
     """{layer: {leaf: tensor}} for every input leaf of the registry (or those in `leaves`), from
     whatever forward passes `run_forward` performs when iterated."""
     stat_of = leaves_from("inputs", leaves)
-    states = {n: {leaf: st.statistic.start((m.in_features,), m.weight.device) for leaf, st in stat_of.items()}
-              for n, m in layers.items()}
+    states: dict[str, dict[str, torch.Tensor]] = {}
     counts = dict.fromkeys(layers, 0)
 
+    def start(name: str, device: torch.device) -> dict[str, torch.Tensor]:
+        width = layers[name].in_features
+        return {leaf: st.statistic.start((width,), device) for leaf, st in stat_of.items()}
+
     def consume(name: str, x: torch.Tensor) -> None:
-        for leaf, state in states[name].items():
+        # the states live where the inputs arrive (an offloaded model's weights are on the host, its
+        # activations on the device)
+        for leaf, state in states.setdefault(name, start(name, x.device)).items():
             stat_of[leaf].statistic.add(state, x)
         counts[name] += x.shape[0]
 
     with layer_input_hooks(layers, consume):
         for _ in run_forward:
             pass
-    return {n: {leaf: stat_of[leaf].statistic.finish(state, counts[n]).cpu() for leaf, state in per.items()}
-            for n, per in states.items()}
+    return {n: {leaf: stat_of[leaf].statistic.finish(state, counts[n]).cpu()
+                for leaf, state in states.get(n, start(n, torch.device("cpu"))).items()}
+            for n in layers}
 
 
 @contextmanager
@@ -194,7 +201,7 @@ def compute_stats(
     blocks = range(len(decoder_blocks))
     with _frozen(model), scratch as scratch_dir:
         for i in tqdm(blocks, desc=f"{desc} (forward)", unit="block", leave=False):
-            with _float32(decoder_blocks[i]), torch.no_grad():
+            with resident(model, decoder_blocks[i]), _float32(decoder_blocks[i]), torch.no_grad():
                 hidden = [h.float() for h in hidden]
                 if grad_leaves:
                     torch.save(torch.cat(hidden).cpu(), Path(scratch_dir) / f"block-{i}.pt")
@@ -215,22 +222,32 @@ def compute_stats(
             upstream = [_head_gradient(head, h, window) for h, window in zip(hidden, calib, strict=True)]
         del hidden
         for i in tqdm(reversed(blocks), total=len(blocks), desc=f"{desc} (backward)", unit="block", leave=False):
-            states = {name: {leaf: lf.statistic.start(tuple(m.weight.shape), m.weight.device)
-                             for leaf, lf in grad_leaves.items()} for name, m in per_block[i].items()}
-            with _float32(decoder_blocks[i]), _folding_gradients(per_block[i], grad_leaves, states):
-                saved = torch.load(Path(scratch_dir) / f"block-{i}.pt", mmap=True, weights_only=True)
-                below = []
-                for h, grad in zip(saved, upstream, strict=True):
-                    h = h.unsqueeze(0).to(grad.device).requires_grad_(True)
-                    inputs.call(i, h).backward(grad)
-                    below.append(h.grad)
-                upstream = below
-                del saved
-            (Path(scratch_dir) / f"block-{i}.pt").unlink()
+            with resident(model, decoder_blocks[i]):
+                states, upstream = _backward_block(inputs, i, per_block[i], grad_leaves, upstream,
+                                                   Path(scratch_dir) / f"block-{i}.pt")
             for name, per in states.items():
                 for leaf, state in per.items():
                     keep(name, leaf, grad_leaves[leaf].statistic.finish(state, len(calib)).cpu())
     return out
+
+
+def _backward_block(inputs: BlockInputs, i: int, layers: dict[str, nn.Linear], grad_leaves: dict,
+                    upstream: list[torch.Tensor], saved_inputs: Path) -> tuple[dict, list[torch.Tensor]]:
+    """Block i run again on its saved float32 inputs (deleted after) and back-propagated window by window,
+    each weight gradient folded into the layers' gradient leaves as it arrives. Returns ({layer: {leaf:
+    state}}, the gradients with respect to the block's inputs: the upstream of the block below)."""
+    states = {name: {leaf: lf.statistic.start(tuple(m.weight.shape), m.weight.device)
+                     for leaf, lf in grad_leaves.items()} for name, m in layers.items()}
+    below = []
+    with _float32(inputs.blocks[i]), _folding_gradients(layers, grad_leaves, states):
+        saved = torch.load(saved_inputs, mmap=True, weights_only=True)
+        for h, grad in zip(saved, upstream, strict=True):
+            h = h.unsqueeze(0).to(grad.device).requires_grad_(True)
+            inputs.call(i, h).backward(grad)
+            below.append(h.grad)
+        del saved
+    saved_inputs.unlink()
+    return states, below
 
 
 @contextmanager

@@ -117,6 +117,9 @@ def config_from_args(args: argparse.Namespace) -> DarwinConfig:
         raise MetricGPError("--out is required (or --resume DIR)")
     metric, source = importance_metric(args)
     stages = make_schedule(args.survivors, args.fitness_windows, args.train_tokens)
+    if getattr(args, "offload", False) and any(stage.train_tokens for stage in stages):
+        raise MetricGPError("--train-tokens trains with every block on the device; with --offload the search runs "
+                            "without in-loop training")
     screen = None if args.no_prior or not args.screen else args.screen
     levels = args.levels if args.levels is not None else (UNSTRUCTURED_LEVELS if args.unstructured else DEFAULT_LEVELS)
     return DarwinConfig(

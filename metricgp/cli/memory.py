@@ -16,8 +16,11 @@ KV heads) takes the nearest measured shape's a (less the embeddings) and b scale
 block bytes, and says so. Activations were measured at the benchmark's 2 calibration windows of 128
 tokens; longer windows add activations (hidden states of every window, logits chunks) not counted here.
 
-`--offload` answers for block-by-block offloading, which is NOT implemented: the device would hold
-what one block's phase needs (the fit at 1 block) and the host everything else.
+`--offload` answers for the commands' `--offload` (metricgp/offload.py: the decoder blocks in host
+memory, one at a time on the device) from rows measured that way (`make bench-scale` with
+`--offload`): on the CPU the "device" and the host are one memory, so the device's share is the peak
+less the blocks' host bytes. Recovery does not run offloaded and is answered with every block
+resident.
 """
 
 from __future__ import annotations
@@ -85,9 +88,14 @@ def _shape(row: dict) -> tuple[int, int, int, int]:
 
 
 def device_bytes(row: dict) -> int:
-    """What a GPU would hold at the phase's peak: the measured peak less the interpreter and the host-side
-    statistics resident during the phase."""
-    return row["peak_bytes"] - row["base_bytes"] - row["held_bytes"]
+    """What a GPU would hold at the phase's peak: the measured peak less the interpreter, the host-side
+    statistics resident during the phase and, offloaded, the decoder blocks kept on the host."""
+    return row["peak_bytes"] - row["base_bytes"] - row["held_bytes"] - row.get("offloaded_bytes", 0)
+
+
+def row_phase(row: dict) -> str:
+    """A row's phase, marked when it ran offloaded."""
+    return row["phase"] + (" (offload)" if row.get("offload") else "")
 
 
 def outside_bytes(row: dict) -> int:
@@ -158,9 +166,9 @@ def fit_phase(rows: list[dict], c: float | None) -> PhaseFit:
                     tuple(sorted({r["layers"] for r in main})), c is not None)
 
 
-def phase_fits(rows: list[dict], dtype: str = DTYPE) -> dict[str, dict[tuple, PhaseFit]]:
-    """{phase: {block shape: fit}} over the rows of `dtype` with at least two depths."""
-    mine = [r for r in rows if r["dtype"] == dtype]
+def phase_fits(rows: list[dict], dtype: str = DTYPE, offload: bool = False) -> dict[str, dict[tuple, PhaseFit]]:
+    """{phase: {block shape: fit}} over the rows of `dtype` (run offloaded or not) with at least two depths."""
+    mine = [r for r in rows if r["dtype"] == dtype and bool(r.get("offload")) == offload]
     by_phase: dict[str, list[dict]] = defaultdict(list)
     for r in mine:
         by_phase[r["phase"]].append(r)
@@ -180,7 +188,7 @@ def fit_check(rows: list[dict]) -> list[dict]:
     peak = a + b x blocks) against the deepest measured peak, which the fit did not use."""
     groups = defaultdict(list)
     for r in rows:
-        groups[(r["phase"], r["shape"], r["dtype"], r["vocab"], r["windows"], r["seqlen"])].append(r)
+        groups[(row_phase(r), r["shape"], r["dtype"], r["vocab"], r["windows"], r["seqlen"])].append(r)
     out = []
     for (phase, shape, *_), rs in sorted(groups.items()):
         by_depth = {r["layers"]: r for r in rs}
@@ -212,7 +220,13 @@ def estimate(config: dict, rows: list[dict], offload: bool = False) -> list[Esti
     shape = (config["hidden_size"], config["intermediate_size"], config["num_attention_heads"],
              config["num_key_value_heads"])
     out = []
+    offloaded = phase_fits(rows, offload=True) if offload else {}
     for phase, by_shape in phase_fits(rows).items():
+        note = ""
+        if offload and phase in offloaded:
+            by_shape = offloaded[phase]
+        elif offload:
+            note = "; not offloaded: every block on the device"
         if shape in by_shape:
             fit = by_shape[shape]
             method = f"fit on this block shape at {'/'.join(map(str, fit.depths))} blocks"
@@ -223,11 +237,7 @@ def estimate(config: dict, rows: list[dict], offload: bool = False) -> list[Esti
                       f"scaled by block bytes (x{block / near.block_bytes:.2f})")
         if not fit.measured_c:
             method += "; embeddings counted once (no second vocabulary measured)"
-        device, host = fit.device(layers, outside), fit.host(layers)
-        if offload:
-            one = fit.device(1, outside)  # one block and the output head on the device
-            host, device = host + device - one, one
-        out.append(Estimate(phase, device, host, method))
+        out.append(Estimate(phase, fit.device(layers, outside), fit.host(layers), method + note))
     return out
 
 
@@ -248,8 +258,9 @@ def report(name: str, config: dict, estimates: list[Estimate], gpu_gib: float, h
              "method: each phase's peak measured on random-weight models of a block shape at 1, 2 (and 4) blocks "
              "(make bench-scale), fitted as a + b x blocks + c x embedding bytes and evaluated here ('how' says "
              "on which rows); activations at 2 windows of 128 tokens",
-             ("offload: NOT IMPLEMENTED; what the device would hold with one block (and the head) resident, the "
-              "rest on the host" if offload else "offload: off (every block on the device)"), "",
+             ("offload: the decoder blocks on the host, one at a time on the device (--offload); fitted on rows "
+              "measured offloaded (device = peak less the blocks' host bytes)" if offload
+              else "offload: off (every block on the device)"), "",
              f"{'phase':20s} {'device GiB':>10s} {'host GiB':>9s}  fits  how"]
     for e in estimates:
         fits = e.device <= gpu_gib * GIB and (host_gib is None or e.host <= host_gib * GIB)
@@ -264,8 +275,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--config", required=True, help=f"one of {', '.join(config_names())}, or a config.json")
     p.add_argument("--gpu-gib", type=float, default=80.0, help="the GPU's memory in GiB (default 80)")
     p.add_argument("--host-gib", type=float, default=None, help="the host's memory in GiB (default: not judged)")
-    p.add_argument("--offload", action="store_true", help="the device holds one block at a time (not implemented: "
-                   "a projection)")
+    p.add_argument("--offload", action="store_true", help="the decoder blocks on the host, one at a time on the "
+                   "device (the commands' --offload)")
     p.add_argument("--rows", type=Path, default=PACKAGED_ROWS, help="measured rows (default: the shipped ones)")
     args = p.parse_args(argv)
     if args.gpu_gib <= 0 or (args.host_gib is not None and args.host_gib <= 0):

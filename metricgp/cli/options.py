@@ -55,6 +55,9 @@ def add_model_data_options(parser: argparse.ArgumentParser) -> argparse._Argumen
     g.add_argument("--model", default="default", help=MODEL_HELP)
     g.add_argument("--dtype", default="auto", help="auto (fp32 on CPU, bf16 on CUDA), fp32, bf16, fp16")
     g.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ...")
+    g.add_argument("--offload", action="store_true",
+                   help="keep the decoder blocks in host memory and run them on --device one at a time (a model "
+                   "larger than the GPU; statistics, every pruning mode and evaluation)")
     g.add_argument("--calib", default="c4", help="calibration data: wikitext2, c4, ptb or a text file "
                    "(train/validation splits only; default c4)")
     g.add_argument("--n-calib", type=int, default=32, help="calibration windows (default 32)")
@@ -70,7 +73,8 @@ def model_data_fields(args: argparse.Namespace) -> dict[str, Any]:
         if value < low:
             raise MetricGPError(f"{flag} must be at least {low}, got {value}")
     return {"model": args.model, "dtype": args.dtype, "device": args.device, "calib": args.calib,
-            "n_calib": args.n_calib, "seqlen": args.seqlen, "seed": args.calib_seed}
+            "n_calib": args.n_calib, "seqlen": args.seqlen, "seed": args.calib_seed,
+            "offload": getattr(args, "offload", False)}
 
 
 def evaluator_spec(args: argparse.Namespace, **fields: Any):
@@ -306,6 +310,9 @@ def check_recovery_options(args: argparse.Namespace) -> None:
         raise MetricGPError(f"--recover-warmup is a fraction of the steps in [0, 1), got {args.recover_warmup}")
     if args.recover_lr is not None and not args.recover_lr >= 0:
         raise MetricGPError(f"--recover-lr must be >= 0, got {args.recover_lr}")
+    if args.recover_tokens and getattr(args, "offload", False):
+        raise MetricGPError("--recover-tokens trains with every block on the device; --offload covers statistics, "
+                            "pruning and evaluation only")
     if not args.recover_tokens and (args.recover_loss != "ce" or args.recover_schedule != "constant"
                                     or args.recover_warmup):
         raise MetricGPError("--recover-loss, --recover-schedule and --recover-warmup need --recover-tokens")

@@ -34,7 +34,8 @@ from metricgp.expr import compile_metric, resolve_metric, to_functional
 from metricgp.expr.ops import leaves_from
 from metricgp.fileio import atomic_path
 from metricgp.measure import perplexity, window_losses
-from metricgp.models import CheckpointTensors, cache_root, prunable_layers
+from metricgp.models import CheckpointTensors, cache_root, find_blocks, prunable_layers
+from metricgp.offload import BlockOffload, compute_device
 from metricgp.prune.engine import DenseWeights, prune_oneshot
 from metricgp.prune.patterns import parse_pattern
 from metricgp.stats import cached_stats, compute_stats, save_stats, stats_cache_path, stats_key
@@ -96,6 +97,7 @@ class Session:
     windows: int = 2
     seqlen: int = 128
     vocab: int | None = None  # None: the shape's
+    offload: bool = False  # decoder blocks on the host, one at a time on `device` (metricgp.offload)
     model: nn.Module = field(init=False)
     calib: torch.Tensor = field(init=False)
     held: dict[str, Any] = field(default_factory=dict, init=False)  # what prepare made; host bytes are read here
@@ -106,6 +108,8 @@ class Session:
         with torch.device(self.device):
             self.model = transformers.AutoModelForCausalLM.from_config(
                 shape.config(self.layers, self.vocab), dtype=DTYPES[self.dtype]).eval()
+        if self.offload:
+            BlockOffload.install(self.model, find_blocks(self.model)[1], self.device)
         vocab = self.model.config.vocab_size
         self.calib = torch.randint(0, vocab, (self.windows, self.seqlen), generator=torch.Generator().manual_seed(0))
         self.fingerprint = f"random-{self.shape}-x{self.layers}-v{vocab}-{self.dtype}"
@@ -113,7 +117,7 @@ class Session:
     @property
     def spec(self) -> EvaluatorSpec:
         return EvaluatorSpec(model=self.fingerprint, dtype=self.dtype, device=self.device, calib="c4",
-                             n_calib=self.windows, seqlen=self.seqlen, batch_size=self.windows)
+                             n_calib=self.windows, seqlen=self.seqlen, batch_size=self.windows, offload=self.offload)
 
     def _key(self, grads: bool) -> str:
         return stats_key(self.fingerprint, "random", self.windows, self.seqlen, 0, grads)
@@ -154,6 +158,10 @@ class Session:
     def host_bytes(self) -> int:
         """Bytes held where the library keeps them on the host even beside a GPU (the statistics)."""
         return tensor_bytes(self.held.get("stats", {}))
+
+    def offloaded_bytes(self) -> int:
+        """The decoder blocks' bytes kept on the host under offloading (0 without it)."""
+        return param_bytes(find_blocks(self.model)[1]) if self.offload else 0
 
 
 def _wanda():
@@ -205,7 +213,7 @@ def _search_evaluations(s: Session, _: Any) -> None:
     setup = s.setup(grads=True)
     pattern = parse_pattern("unstructured", SPARSITY)
     for name in SEARCH_METRICS:
-        prune_oneshot(setup.dense, setup.stats, compile_metric(resolve_metric(name)), pattern)
+        prune_oneshot(setup.dense, setup.stats, compile_metric(resolve_metric(name)), pattern, compute_device(s.model))
         try:
             window_losses(setup.model, s.calib, batch_size=s.windows)
         finally:
@@ -279,6 +287,7 @@ class Phase:
     prepare: Callable[[Session], Any] = lambda s: None
     after: Callable[[Session, Any], None] = lambda s, state: None  # once measured (not measured)
     doc: str = ""
+    offloads: bool = True  # runs with the blocks offloaded (`--offload`); recovery trains with every block resident
 
 
 PHASES: dict[str, Phase] = {
@@ -293,7 +302,7 @@ PHASES: dict[str, Phase] = {
     "structured-refit": Phase(_structured_refit, lambda s: s.setup(), after=_dense_again,
                               doc="apply --structured --keep 0.7 --refit + perplexity (shrunk in place)"),
     "darwin-generation": Phase(_darwin_generation, lambda s: s.setup(), doc="darwin: database, generation 0 and 1"),
-    "recovery": Phase(_recovery, _pruned_copy, after=_dense_again,
+    "recovery": Phase(_recovery, _pruned_copy, after=_dense_again, offloads=False,
                       doc="two LoRA steps on the 70%-kept model (shrunk in place; no dense model)"),
 }
 
@@ -348,7 +357,9 @@ def measure_phase(name: str, session: Session, meter: PeakMeter) -> dict[str, An
     peak = meter.peak()
     phase.after(session, state)
     blocks = session.model.model.layers
+    offloaded = session.offloaded_bytes()
     return {"phase": name, "seconds": round(seconds, 2), "peak_bytes": peak, "held_bytes": held,
-            "host_bytes": held if made is None else made,
+            "host_bytes": (held if made is None else made) + offloaded, "offloaded_bytes": offloaded,
+            "offload": session.offload,
             "model_bytes": param_bytes(session.model), "block_bytes": param_bytes(blocks[0]),
             "threads": torch.get_num_threads()}

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from metricgp.cli.memory import PACKAGED_ROWS, device_bytes, fit_check
+from metricgp.cli.memory import PACKAGED_ROWS, device_bytes, fit_check, row_phase
 from metricgp.experiments.phases import DTYPES, PHASES, SHAPES, PeakMeter, Session, measure_phase
 from metricgp.plotting import pyplot, save_figure
 from metricgp.provenance import write_json_atomic
@@ -33,20 +33,20 @@ from metricgp.provenance import write_json_atomic
 DEFAULT_SHAPES = "small,8b,14b"
 ROW_FIELDS = ("phase", "shape", "layers", "hidden", "intermediate", "heads", "kv_heads", "vocab", "dtype",
               "windows", "seqlen", "model_bytes", "block_bytes", "base_bytes", "held_bytes", "host_bytes", "peak_bytes",
-              "seconds")
+              "seconds", "offload", "offloaded_bytes")
 # glibc's allocator otherwise keeps freed blocks of up to 32 MB in its heap (a dynamic mmap threshold): the
 # resident set would then follow the allocation history, not the bytes in use
 ALLOCATOR_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0"}
 
 
 def worker(phases: list[str], shape: str, layers: int, dtype: str, windows: int, seqlen: int,
-           vocab: int | None) -> list[dict]:
+           vocab: int | None, offload: bool = False) -> list[dict]:
     """One row per phase, in this process, one after the other on one model (what a phase made is freed
     before the next is prepared; the bench gives each phase a process of its own)."""
     torch.set_num_threads(max(1, os.cpu_count() or 1))
     meter = PeakMeter("cpu")
     base = meter.resident()  # the interpreter and libraries, before any tensor of the model
-    session = Session(shape, layers, dtype, "cpu", windows, seqlen, vocab)
+    session = Session(shape, layers, dtype, "cpu", windows, seqlen, vocab, offload)
     s = SHAPES[shape]
     rows = []
     for phase in phases:
@@ -59,14 +59,15 @@ def worker(phases: list[str], shape: str, layers: int, dtype: str, windows: int,
 
 
 def measure(phases: str | list[str], shape: str, layers: int, dtype: str = "bfloat16", windows: int = 2,
-            seqlen: int = 128, vocab: int | None = None, cache: Path | None = None) -> list[dict]:
+            seqlen: int = 128, vocab: int | None = None, cache: Path | None = None,
+            offload: bool = False) -> list[dict]:
     """`worker` in a fresh process (one phase: its peak is this phase's alone). `cache`: the statistics
     cache the processes of one run share ($METRICGP_CACHE)."""
     names = [phases] if isinstance(phases, str) else list(phases)
     env = {**ALLOCATOR_ENV, **os.environ, **({"METRICGP_CACHE": str(cache)} if cache else {})}
     out = subprocess.run([sys.executable, "-m", "metricgp.experiments.scale", "--worker", ",".join(names), shape,
                           str(layers), "--dtype", dtype, "--windows", str(windows), "--seqlen", str(seqlen),
-                          *(["--vocab", str(vocab)] if vocab else [])],
+                          *(["--vocab", str(vocab)] if vocab else []), *(["--offload"] if offload else [])],
                          capture_output=True, text=True, check=False, env=env)
     if out.returncode != 0:
         raise RuntimeError(f"{','.join(names)} {shape} x{layers} failed: {out.stderr[-3000:]}")
@@ -77,7 +78,7 @@ def per_block_costs(rows: list[dict]) -> list[dict]:
     """For each phase, shape and vocabulary: what one more block adds to the peak (and to its device
     share), in units of the block's own bytes."""
     out = []
-    keyed = {(r["phase"], r["shape"], r.get("vocab", 0), r["layers"]): r for r in rows}
+    keyed = {(row_phase(r), r["shape"], r.get("vocab", 0), r["layers"]): r for r in rows}
     for (phase, shape, vocab, layers), row in sorted(keyed.items()):
         deeper = sorted(n for p, s, v, n in keyed if (p, s, v) == (phase, shape, vocab) and n > layers)
         if not deeper:
@@ -114,7 +115,7 @@ def write_report(rows: list[dict], out: Path, commands: list[str], package_rows:
              "statistics the host holds afterwards.", "",
              "| phase | shape | vocabulary | layers | model GiB | peak GiB | device GiB | host GiB | seconds |",
              "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
-    lines += [f"| {r['phase']} | {r['shape']} | {r['vocab']} | {r['layers']} | {r['model_bytes'] / gib:.2f} | "
+    lines += [f"| {row_phase(r)} | {r['shape']} | {r['vocab']} | {r['layers']} | {r['model_bytes'] / gib:.2f} | "
               f"{r['peak_bytes'] / gib:.2f} | {device_bytes(r) / gib:.2f} | {r['host_bytes'] / gib:.2f} | "
               f"{r['seconds']:.1f} |" for r in rows]
     lines += ["", "What one more block adds to each phase's peak and to its device share, in units of the block's own",
@@ -169,11 +170,14 @@ def main(argv: list[str] | None = None) -> int:
                    help=f"also write the rows for `python -m metricgp.memory` here (make bench-scale: {PACKAGED_ROWS})")
     p.add_argument("--cache", type=Path, default=None, help="statistics cache shared by the rows (default: a "
                    "temporary directory; a fixed one lets a resumed run reuse what an earlier one computed)")
+    p.add_argument("--offload", action="store_true", help="the phases that run offloaded (every one but recovery) "
+                   "with the decoder blocks on the host, one block at a time on the device (here both are the CPU: "
+                   "device = peak - the blocks' host bytes)")
     p.add_argument("--worker", nargs=3, metavar=("PHASES", "SHAPE", "LAYERS"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.worker:
         print(json.dumps(worker(args.worker[0].split(","), args.worker[1], int(args.worker[2]), args.dtype,
-                                args.windows, args.seqlen, args.vocab)))
+                                args.windows, args.seqlen, args.vocab, args.offload)))
         return 0
     shapes, phases = args.shapes.split(","), args.phases.split(",")
     bad = [s for s in shapes if s not in SHAPES] + [f for f in phases if f not in PHASES]
@@ -188,18 +192,21 @@ def main(argv: list[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     done = args.out / "rows.jsonl"  # resumable: finished rows are kept
     rows = [json.loads(line) for line in done.read_text().splitlines()] if done.is_file() else []
-    have = {(r["phase"], r["shape"], r["layers"], r["dtype"], r["windows"], r["seqlen"], r["vocab"]) for r in rows}
+    have = {(r["phase"], r["shape"], r["layers"], r["dtype"], r["windows"], r["seqlen"], r["vocab"],
+             r.get("offload", False)) for r in rows}
     command = "python -m metricgp.experiments.scale " + " ".join(sys.argv[1:] if argv is None else argv)
     with tempfile.TemporaryDirectory(prefix="metricgp-scale-") as temporary:  # statistics, shared by the rows
         cache = args.cache or Path(temporary)
         for shape in shapes:
             for layers in depths:
-                for phase in [p for p in PHASES if p in phases]:
+                for phase in [p for p in PHASES if p in phases and (PHASES[p].offloads or not args.offload)]:
                     vocab = args.vocab or SHAPES[shape].vocab
-                    if (phase, shape, layers, args.dtype, args.windows, args.seqlen, vocab) in have:
+                    if (phase, shape, layers, args.dtype, args.windows, args.seqlen, vocab, args.offload) in have:
                         continue
-                    [row] = measure(phase, shape, layers, args.dtype, args.windows, args.seqlen, vocab, Path(cache))
-                    print(f"{phase:18s} {shape:5s} x{layers} v{vocab}: peak {row['peak_bytes'] / 2**30:.2f} GiB, "
+                    [row] = measure(phase, shape, layers, args.dtype, args.windows, args.seqlen, vocab, Path(cache),
+                                    args.offload)
+                    print(f"{row_phase(row):18s} {shape:5s} x{layers} v{vocab}: "
+                          f"peak {row['peak_bytes'] / 2**30:.2f} GiB, "
                           f"device {device_bytes(row) / 2**30:.2f} GiB, {row['seconds']:.1f} s", flush=True)
                     row["command"] = command
                     rows.append(row)

@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 from metricgp.blocks import BlockInputs
 from metricgp.errors import MetricGPError
 from metricgp.models import CheckpointTensors, block_linears, find_blocks
+from metricgp.offload import compute_device, resident
 from metricgp.prune.patterns import Pattern
 from metricgp.prune.reconstruct import hessian_hooks, least_squares_update
 from metricgp.stats import collect_input_stats, input_leaf_names
@@ -168,13 +169,17 @@ def mask_layer(module: nn.Linear, dense: torch.Tensor, keep: torch.Tensor) -> No
 
 
 def prune_oneshot(
-    dense: DenseWeights, stats: Mapping[str, Mapping[str, torch.Tensor]], metric: MetricFn, pattern: Pattern
+    dense: DenseWeights, stats: Mapping[str, Mapping[str, torch.Tensor]], metric: MetricFn, pattern: Pattern,
+    device: torch.device | None = None,
 ) -> PruneReport:
-    """Score every layer from the dense model's statistics and mask it. Raises DegenerateMetric."""
+    """Score every layer from the dense model's statistics and mask it. Raises DegenerateMetric.
+    `device`: where the scores are computed when the weights live elsewhere (an offloaded model's blocks are
+    in host memory: each weight visits the device to be scored and only its mask comes back)."""
     report = PruneReport()
     for name, module in dense.layers.items():
         w = dense.weights[name]
-        keep = pattern.mask(layer_scores(metric, w, stats[name], name))
+        scores = layer_scores(metric, w if device is None else w.to(device), stats[name], name)
+        keep = pattern.mask(scores).to(w.device)
         mask_layer(module, w, keep)
         report.add(name, keep)
     return report
@@ -194,8 +199,6 @@ def prune_sequential(
     `pattern` may be a function of the layer's name (non-uniform sparsity: OWL, EvoPress)."""
 
     pattern_of = pattern if callable(pattern) else (lambda name: pattern)
-
-    input_leaves = set(input_leaf_names())
     # the input leaves the metric reads (compile_metric records them), recomputed on the pruned prefix
     needed = input_leaf_names(getattr(metric, "leaves", None))
     prefix, blocks = find_blocks(model)
@@ -204,27 +207,38 @@ def prune_sequential(
     report = PruneReport()
     with torch.no_grad():
         for i, block in enumerate(tqdm(blocks, desc="sequential", unit="block", leave=False)):
-            linears = block_linears(block)
-            hessians: dict[str, torch.Tensor] = {}
-            with hessian_hooks(linears, hessians) if reconstruct else nullcontext():
-                fresh = collect_input_stats(linears, (inputs.call(i, h) for h in hidden), needed)
-            for rel, module in linears.items():
-                name = f"{prefix}.{i}.{rel}"
-                dense_stats = (grad_stats or {}).get(name, {})
-                stats = {**{k: v for k, v in dense_stats.items() if k not in input_leaves}, **fresh[rel]}
-                w = module.weight.detach().clone()
-                keep = pattern_of(name).mask(layer_scores(metric, w, stats, name))
-                if reconstruct:
-                    module.weight.copy_(least_squares_update(w, keep, hessians.pop(rel)))
-                else:
-                    mask_layer(module, w, keep)
-                report.add(name, keep)
-            hidden = [inputs.call(i, h) for h in hidden]
+            with resident(model, block):
+                _prune_block(i, block, prefix, inputs, hidden, grad_stats, metric, pattern_of, needed, reconstruct,
+                             report)
+                hidden = [inputs.call(i, h) for h in hidden]
     return report
 
 
+def _prune_block(i: int, block: nn.Module, prefix: str, inputs: BlockInputs, hidden: list[torch.Tensor],
+                 grad_stats: Mapping[str, Mapping[str, torch.Tensor]] | None, metric: MetricFn,
+                 pattern_of: Callable[[str], Pattern], needed: tuple[str, ...], reconstruct: bool,
+                 report: PruneReport) -> None:
+    """Prune block `i` (resident on the device) from its inputs on the already-pruned prefix."""
+    input_leaves = set(input_leaf_names())
+    linears = block_linears(block)
+    hessians: dict[str, torch.Tensor] = {}
+    with hessian_hooks(linears, hessians) if reconstruct else nullcontext():
+        fresh = collect_input_stats(linears, (inputs.call(i, h) for h in hidden), needed)
+    for rel, module in linears.items():
+        name = f"{prefix}.{i}.{rel}"
+        dense_stats = (grad_stats or {}).get(name, {})
+        stats = {**{k: v for k, v in dense_stats.items() if k not in input_leaves}, **fresh[rel]}
+        w = module.weight.detach().clone()
+        keep = pattern_of(name).mask(layer_scores(metric, w, stats, name))
+        if reconstruct:
+            module.weight.copy_(least_squares_update(w, keep, hessians.pop(rel)))
+        else:
+            mask_layer(module, w, keep)
+        report.add(name, keep)
+
+
 def _oneshot(setup, metric: MetricFn, pattern: Pattern) -> PruneReport:
-    return prune_oneshot(setup.dense, setup.stats, metric, pattern)
+    return prune_oneshot(setup.dense, setup.stats, metric, pattern, compute_device(setup.model))
 
 
 def _sequential(setup, metric: MetricFn, pattern: Pattern) -> PruneReport:

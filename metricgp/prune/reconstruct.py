@@ -25,10 +25,15 @@ CG_TOL = 1e-10  # relative squared residual at which a row counts as solved
 
 
 def hessian_hooks(layers: dict[str, nn.Linear], hessians: dict[str, torch.Tensor]):
-    """Accumulate H = sum x x^T (float32) of each layer's input while active."""
-    for n, m in layers.items():
-        hessians.setdefault(n, torch.zeros(m.in_features, m.in_features, device=m.weight.device))
-    return layer_input_hooks(layers, lambda name, x: hessians[name].addmm_(x.T, x))
+    """Accumulate H = sum x x^T (float32) of each layer's input while active, on the device the inputs
+    arrive on (an offloaded model's weights are on the host while its activations are not)."""
+
+    def add(name: str, x: torch.Tensor) -> None:
+        if name not in hessians:
+            hessians[name] = torch.zeros(x.shape[1], x.shape[1], device=x.device)
+        hessians[name].addmm_(x.T, x)
+
+    return layer_input_hooks(layers, add)
 
 
 @torch.no_grad()

@@ -20,10 +20,12 @@ from metricgp.stats import layer_input_hooks
 @torch.no_grad()
 def input_means(model: nn.Module, layers: dict[str, nn.Linear], calib: torch.Tensor) -> dict[str, torch.Tensor]:
     """Mean input activation per input feature of each layer, shape (1, in)."""
-    sums = {n: torch.zeros(m.in_features, device=m.weight.device) for n, m in layers.items()}
+    sums = {n: torch.zeros(m.in_features) for n, m in layers.items()}
     counts = dict.fromkeys(layers, 0)
 
     def consume(name: str, x: torch.Tensor) -> None:
+        if sums[name].device != x.device:  # the sums follow the activations (an offloaded model's weights
+            sums[name] = sums[name].to(x.device)  # are on the host, its activations on the device)
         sums[name] += x.sum(dim=0)
         counts[name] += x.shape[0]
 

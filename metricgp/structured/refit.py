@@ -36,6 +36,7 @@ from metricgp.data import parse_data_ref
 from metricgp.errors import MetricGPError
 from metricgp.fileio import atomic_path
 from metricgp.models import cache_root, find_blocks
+from metricgp.offload import resident
 from metricgp.prune.reconstruct import hessian_hooks
 from metricgp.stats import layers_by_block, stats_key
 from metricgp.structured.groups import Module
@@ -88,7 +89,8 @@ def output_hessians(model: nn.Module, linears: dict[str, nn.Linear],
     with torch.no_grad():
         for i in tqdm(range(wanted[-1] + 1), desc="output-projection Hessians", unit="block", leave=False):
             sums: dict[str, torch.Tensor] = {}
-            with hessian_hooks(per_block[i], sums) if per_block[i] else contextlib.nullcontext():
+            with resident(model, blocks[i]), (hessian_hooks(per_block[i], sums) if per_block[i]
+                                              else contextlib.nullcontext()):
                 hidden = [inputs.call(i, h) for h in hidden]
             if sums:
                 yield i, {n: (h / calib.numel()).to("cpu", HESSIAN_DTYPE) for n, h in sums.items()}
