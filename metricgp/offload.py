@@ -36,7 +36,8 @@ class BlockOffload:
         self.home = torch.device("cpu")
         self.blocks = blocks
         self._depth: dict[int, int] = {}  # id(block) -> how many enters are open
-        self._saved: dict[int, list] = {}  # id(block) -> [(module, kind, key, host tensor, version)]
+        self._saved: dict[int, list] = {}  # id(block) -> [(table, kind, key, host tensor, resident tensor, version)]
+        self._stay: set[int] = set()  # ids of parameters that live on the device whatever block they are in
         self.moves = 0  # blocks moved to the device so far
         self.peak_resident = 0  # most blocks resident at once
 
@@ -90,7 +91,7 @@ class BlockOffload:
                 for kind in ("_parameters", "_buffers"):
                     table = getattr(module, kind)
                     for key, t in table.items():
-                        if t is None or (t.device == self.device != self.home):
+                        if t is None or id(t) in self._stay or (t.device == self.device != self.home):
                             continue  # already there
                         # copy=True: on a CPU "device" (tests) the block still gets tensors of its own
                         on_device = t.data.to(self.device, non_blocking=True, copy=True)
@@ -127,10 +128,30 @@ class BlockOffload:
                 for kind in ("_parameters", "_buffers"):
                     table = getattr(module, kind)
                     for key, t in table.items():
-                        if t is not None and t.device != self.home:
+                        if t is not None and id(t) not in self._stay and t.device != self.home:
                             self._put(table, kind, key, t.data.to(self.home))
         if self.device.type == "cuda":
             torch.cuda.current_stream(self.device).synchronize()
+
+
+    @contextmanager
+    def on_device(self, params: list[nn.Parameter]) -> Iterator[None]:
+        """`params` (a recovery's adapters) on the device while inside, whichever block they sit in: trained
+        there, their gradients and optimizer state never cross the bus; home again afterwards (an adapter is
+        merged into its host weight on the host)."""
+        with torch.no_grad():
+            for p in params:
+                p.data = p.data.to(self.device)
+        self._stay.update(id(p) for p in params)
+        try:
+            yield
+        finally:
+            self._stay.difference_update(id(p) for p in params)
+            with torch.no_grad():
+                for p in params:
+                    p.data = p.data.to(self.home)
+                    if p.grad is not None:
+                        p.grad = p.grad.to(self.home)
 
 
 def offload_of(model: nn.Module) -> BlockOffload | None:

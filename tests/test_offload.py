@@ -112,7 +112,9 @@ def test_nested_visits_move_a_block_once():
     ["--metric", "wanda", "--pattern", "2:4", "--mode", "reconstruct"],
     ["--structured", "--metric", "wanda", "--keep", "0.7", "--refit"],
     ["--structured", "--method", "flap", "--keep", "0.7"],
-], ids=["oneshot-G", "reconstruct-2:4", "structured-refit", "flap"])
+    ["--structured", "--metric", "wanda", "--keep", "0.7", "--recover-tokens", "96", "--recover-method", "lora",
+     "--recover-loss", "kd", "--recover-checkpointing"],
+], ids=["oneshot-G", "reconstruct-2:4", "structured-refit", "flap", "structured-lora-kd"])
 def test_apply_with_offload_writes_what_apply_without_it_writes(tmp_path, tiny_llama_dir, text_files, isolated_cache,
                                                                  extra):
     base = ["--model", str(tiny_llama_dir), "--calib", str(text_files["calib"]), "--n-calib", "4", "--seqlen", "32",
@@ -128,7 +130,8 @@ def test_apply_with_offload_writes_what_apply_without_it_writes(tmp_path, tiny_l
     assert all(torch.equal(plain_weights[k], offloaded_weights[k]) for k in plain_weights)
 
 
-def test_recovery_under_offload_is_a_one_line_error(tmp_path, tiny_llama_dir, text_files, isolated_cache, capsys):
+def test_recovery_that_would_upcast_every_block_is_a_one_line_error_under_offload(tmp_path, tiny_llama_dir, text_files,
+                                                                                 isolated_cache, capsys):
     out = tmp_path / "r"
     assert main(["--model", str(tiny_llama_dir), "--calib", str(text_files["calib"]), "--metric", "wanda",
                  "--offload", "--recover-tokens", "64", "--out", str(out)]) == 2

@@ -21,7 +21,7 @@ PARSERS = {"apply": apply.build_parser, "compare": compare.build_parser, "bench"
 REQUIRED = {"apply": ["--metric", "wanda", "--out", "x"], "compare": [], "bench": ["throughput"], "search": [],
             "darwin": [], "experiments": ["table"]}
 GIVEN = ["--model", "m", "--dtype", "fp32", "--device", "cpu", "--calib", "ptb", "--n-calib", "3",
-         "--seqlen", "64", "--calib-seed", "7"]
+         "--seqlen", "64", "--calib-seed", "7", "--offload"]
 
 
 @pytest.mark.parametrize("name", PARSERS)
@@ -30,7 +30,7 @@ def test_every_entry_point_has_the_one_model_data_group(name):
     assert [g.title for g in parser._action_groups].count("model and calibration data") == 1
     args = parser.parse_args([*REQUIRED[name], *GIVEN])
     assert model_data_fields(args) == {"model": "m", "dtype": "fp32", "device": "cpu", "calib": "ptb",
-                                       "n_calib": 3, "seqlen": 64, "seed": 7}
+                                       "n_calib": 3, "seqlen": 64, "seed": 7, "offload": True}
     defaults = model_data_fields(parser.parse_args(REQUIRED[name]))
     spec = EvaluatorSpec()
     assert defaults == {k: getattr(spec, k) for k in defaults}  # one set of defaults, the spec's

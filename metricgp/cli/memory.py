@@ -19,8 +19,8 @@ tokens; longer windows add activations (hidden states of every window, logits ch
 `--offload` answers for the commands' `--offload` (metricgp/offload.py: the decoder blocks in host
 memory, one at a time on the device) from rows measured that way (`make bench-scale` with
 `--offload`): on the CPU the "device" and the host are one memory, so the device's share is the peak
-less the blocks' host bytes. Recovery does not run offloaded and is answered with every block
-resident.
+less the blocks' host bytes. Offloaded recovery is LoRA on a structured model: adapters on the
+device, each block brought back for its gradient-checkpointed recomputation.
 """
 
 from __future__ import annotations

@@ -310,9 +310,10 @@ def check_recovery_options(args: argparse.Namespace) -> None:
         raise MetricGPError(f"--recover-warmup is a fraction of the steps in [0, 1), got {args.recover_warmup}")
     if args.recover_lr is not None and not args.recover_lr >= 0:
         raise MetricGPError(f"--recover-lr must be >= 0, got {args.recover_lr}")
-    if args.recover_tokens and getattr(args, "offload", False):
-        raise MetricGPError("--recover-tokens trains with every block on the device; --offload covers statistics, "
-                            "pruning and evaluation only")
+    if args.recover_tokens and getattr(args, "offload", False) and not (
+            getattr(args, "structured", False) and args.recover_method == "lora"):
+        raise MetricGPError("with --offload, recovery is --recover-method lora on a --structured model (adapters in "
+                            "the weights' dtype; masked or full training needs a float32 copy of every block)")
     if not args.recover_tokens and (args.recover_loss != "ce" or args.recover_schedule != "constant"
                                     or args.recover_warmup):
         raise MetricGPError("--recover-loss, --recover-schedule and --recover-warmup need --recover-tokens")

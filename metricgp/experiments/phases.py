@@ -287,7 +287,6 @@ class Phase:
     prepare: Callable[[Session], Any] = lambda s: None
     after: Callable[[Session, Any], None] = lambda s, state: None  # once measured (not measured)
     doc: str = ""
-    offloads: bool = True  # runs with the blocks offloaded (`--offload`); recovery trains with every block resident
 
 
 PHASES: dict[str, Phase] = {
@@ -302,7 +301,7 @@ PHASES: dict[str, Phase] = {
     "structured-refit": Phase(_structured_refit, lambda s: s.setup(), after=_dense_again,
                               doc="apply --structured --keep 0.7 --refit + perplexity (shrunk in place)"),
     "darwin-generation": Phase(_darwin_generation, lambda s: s.setup(), doc="darwin: database, generation 0 and 1"),
-    "recovery": Phase(_recovery, _pruned_copy, after=_dense_again, offloads=False,
+    "recovery": Phase(_recovery, _pruned_copy, after=_dense_again,
                       doc="two LoRA steps on the 70%-kept model (shrunk in place; no dense model)"),
 }
 

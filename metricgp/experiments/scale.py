@@ -170,9 +170,8 @@ def main(argv: list[str] | None = None) -> int:
                    help=f"also write the rows for `python -m metricgp.memory` here (make bench-scale: {PACKAGED_ROWS})")
     p.add_argument("--cache", type=Path, default=None, help="statistics cache shared by the rows (default: a "
                    "temporary directory; a fixed one lets a resumed run reuse what an earlier one computed)")
-    p.add_argument("--offload", action="store_true", help="the phases that run offloaded (every one but recovery) "
-                   "with the decoder blocks on the host, one block at a time on the device (here both are the CPU: "
-                   "device = peak - the blocks' host bytes)")
+    p.add_argument("--offload", action="store_true", help="every phase with the decoder blocks on the host, one block "
+                   "at a time on the device (here both are the CPU: device = peak - the blocks' host bytes)")
     p.add_argument("--worker", nargs=3, metavar=("PHASES", "SHAPE", "LAYERS"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.worker:
@@ -199,7 +198,7 @@ def main(argv: list[str] | None = None) -> int:
         cache = args.cache or Path(temporary)
         for shape in shapes:
             for layers in depths:
-                for phase in [p for p in PHASES if p in phases and (PHASES[p].offloads or not args.offload)]:
+                for phase in [p for p in PHASES if p in phases]:
                     vocab = args.vocab or SHAPES[shape].vocab
                     if (phase, shape, layers, args.dtype, args.windows, args.seqlen, vocab, args.offload) in have:
                         continue

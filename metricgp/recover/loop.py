@@ -43,6 +43,7 @@ from metricgp.errors import MetricGPError
 from metricgp.fileio import atomic_path
 from metricgp.measure import perplexity
 from metricgp.models import find_blocks, prunable_layers
+from metricgp.offload import offload_of, resident
 from metricgp.recover.losses import Teacher, backward_loss, check_teacher, get_loss
 from metricgp.recover.methods import RECOVERY_METHODS, AdapterShape, Masks, Method, Trainable, check_masks
 
@@ -184,11 +185,17 @@ def recover(
                             warmup_steps=round(warmup * steps), masked_layers=len(masks or {}), val_ppl_before=before,
                             checkpointing=checkpointing)
     upcast = not (methods[method].own_dtype and masks is None)  # masked adapters add W + dW in W's dtype
+    offload = offload_of(model)
+    if offload is not None and upcast:
+        raise MetricGPError("an offloaded model recovers with adapters in the weights' own dtype: --recover-method "
+                            "lora on a structured model (a float32 copy of every block would not fit its host)")
+    checkpointing = checkpointing or offload is not None  # else every block's weights stay live for the backward
     with torch.random.fork_rng(), _training_state(model, upcast):
         torch.manual_seed(seed)
         head = output_head(model)
         layers = _select(model, config.target)
-        with methods[method].attach(model, layers, config.adapter_shape(), masks) as trainable:
+        with methods[method].attach(model, layers, config.adapter_shape(), masks) as trainable, \
+                (offload.on_device(trainable.params) if offload else contextlib.nullcontext()):
             report.trainable_params = sum(p.numel() for p in trainable.params)
             optimizer = torch.optim.AdamW(trainable.params, lr=config.lr, weight_decay=0.0)
             first = _restore(state, trainable, optimizer, report) if state else 0
@@ -305,8 +312,19 @@ def checkpointed_blocks(model: nn.Module) -> Iterator[None]:
     backward pass. The blocks' own forwards are put back afterwards."""
     _, blocks = find_blocks(model)
     own = [(block, block.__dict__.get("forward")) for block in blocks]  # a forward set on the instance (hooks)
+
+    def visiting(block: nn.Module, forward: Callable) -> Callable:
+        """The block's forward with the block on the device: the backward's recomputation calls the forward
+        itself, not the module, so an offloaded block's hooks would not bring it there."""
+
+        def run(*args, **kwargs):
+            with resident(model, block):
+                return forward(*args, **kwargs)
+
+        return run
+
     for block in blocks:
-        block.forward = functools.partial(checkpoint, block.forward, use_reentrant=False)
+        block.forward = functools.partial(checkpoint, visiting(block, block.forward), use_reentrant=False)
     try:
         yield
     finally:
