@@ -180,6 +180,7 @@ bench-scale: venv
 # device memory (results/scale/gpu-<device>.json); `--device cpu --tiny` is its smoke test (tests/test_memory.py).
 gpu-check: venv
 	$(PY) -m metricgp.experiments.gpu_check --device cuda --out results/scale
+	$(PY) -m metricgp.experiments.gpu_check --device cuda --offload --out results/scale
 
 # The metric search on a local `ray start --head` cluster joined with --ray-address: serial, 1 and 2
 # workers, sync and async dispatch; evaluations per hour, worker idle share, and the throughput model.

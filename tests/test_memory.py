@@ -156,6 +156,25 @@ def test_gpu_check_runs_every_phase_on_cpu_with_a_tiny_model(tmp_path, isolated_
     assert not isolated_cache.exists() or not any(isolated_cache.rglob("*.safetensors"))  # a temporary cache
 
 
+def test_gpu_check_runs_every_phase_offloaded_on_cpu_with_a_tiny_model(tmp_path, isolated_cache):
+    from metricgp.experiments import gpu_check
+
+    assert gpu_check.main(["--device", "cpu", "--tiny", "--offload", "--out", str(tmp_path)]) == 0
+    report = json.loads((tmp_path / "gpu-cpu-offload.json").read_text())
+    assert report["offload"] and [r["phase"] for r in report["rows"]] == list(gpu_check.GPU_PHASES)
+    assert all(r["offload"] and r["offloaded_bytes"] > 0 for r in report["rows"])
+
+
+@pytest.mark.gpu
+def test_offloaded_phases_hold_about_one_block_of_a_four_block_8b_model_on_a_gpu(tmp_path):
+    from metricgp.experiments import gpu_check
+
+    rows = gpu_check.run("cuda", "8b", 4, None, "bfloat16", 2, 128, offload=True)
+    assert all("error" not in r for r in rows)
+    for r in rows:  # the device never holds the four blocks (it holds one, its float32 copy and the head)
+        assert r["peak_bytes"] < r["model_bytes"] - r["block_bytes"], r["phase"]
+
+
 @pytest.mark.gpu
 def test_gpu_check_on_a_gpu_fits_each_phase_of_a_two_block_8b_model(tmp_path):
     from metricgp.experiments import gpu_check

@@ -57,9 +57,9 @@ def cache_dir(path: Path | None) -> Iterator[None]:
 
 
 def run(device: str, shape: str, layers: int, vocab: int | None, dtype: str, windows: int, seqlen: int,
-        phases: tuple[str, ...] = GPU_PHASES) -> list[dict]:
+        phases: tuple[str, ...] = GPU_PHASES, offload: bool = False) -> list[dict]:
     meter = PeakMeter(device)
-    session = Session(shape, layers, dtype, device, windows, seqlen, vocab)
+    session = Session(shape, layers, dtype, device, windows, seqlen, vocab, offload)
     rows = []
     for phase in phases:
         try:
@@ -84,6 +84,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--windows", type=int, default=4, help="calibration windows (default 4)")
     p.add_argument("--seqlen", type=int, default=512, help="tokens per window (default 512; --tiny: 32)")
     p.add_argument("--out", type=Path, default=Path("results/scale"))
+    p.add_argument("--offload", action="store_true", help="the decoder blocks in host memory, one at a time on the "
+                   "device (the commands' --offload); written to gpu-<device>-offload.json")
     p.add_argument("--cache", type=Path, default=None, help="where the Hessians go (default: a temporary directory)")
     args = p.parse_args(argv)
     if torch.device(args.device).type == "cuda" and not torch.cuda.is_available():
@@ -96,10 +98,11 @@ def main(argv: list[str] | None = None) -> int:
     seqlen = 32 if args.tiny and args.seqlen == 512 else args.seqlen
     started = provenance()
     with cache_dir(args.cache):
-        rows = run(args.device, shape, layers, vocab, args.dtype, args.windows, seqlen)
+        rows = run(args.device, shape, layers, vocab, args.dtype, args.windows, seqlen, offload=args.offload)
     name = device_name(args.device)
-    path = args.out / f"gpu-{name}.json"
+    path = args.out / f"gpu-{name}{'-offload' if args.offload else ''}.json"
     write_json_atomic(path, {"device": name, "shape": shape, "layers": layers, "vocab": vocab, "dtype": args.dtype,
+                             "offload": args.offload,
                              "windows": args.windows, "seqlen": seqlen, "rows": rows, **started})
     print(f"wrote {path}")
     return 0 if all("error" not in r for r in rows) else 1
