@@ -38,6 +38,7 @@ class BlockOffload:
         self._depth: dict[int, int] = {}  # id(block) -> how many enters are open
         self._saved: dict[int, list] = {}  # id(block) -> [(table, kind, key, host tensor, resident tensor, version)]
         self._stay: set[int] = set()  # ids of parameters that live on the device whatever block they are in
+        self.pin = True  # page-locked host copies, until the host refuses one
         self.moves = 0  # blocks moved to the device so far
         self.peak_resident = 0  # most blocks resident at once
 
@@ -63,8 +64,13 @@ class BlockOffload:
         return offload
 
     def _pinned(self, t: torch.Tensor) -> torch.Tensor:
-        if self.device.type == "cuda" and t.device.type == "cpu" and not t.is_pinned():
-            return t.pin_memory()
+        """`t` in page-locked memory beside a CUDA device (copies at full bus speed, asynchronously); as it is
+        where the host cannot lock more (pinning most of a host's memory can fail)."""
+        if self.pin and self.device.type == "cuda" and t.device.type == "cpu" and not t.is_pinned():
+            try:
+                return t.pin_memory()
+            except RuntimeError:
+                self.pin = False
         return t
 
     def _put(self, table: dict, kind: str, key: str, data: torch.Tensor) -> None:

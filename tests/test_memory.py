@@ -51,6 +51,36 @@ def test_each_phase_grows_with_depth_by_what_it_holds_per_block(depth_rows, phas
     assert per_block >= 0.8 * deep["block_bytes"]  # the model itself: the measurement sees a block
 
 
+# Offloaded, the host holds every block and the device one at a time: device bytes one more block adds, in
+# units of the block's bytes. On this CPU the device's share is the peak less the blocks' host bytes, so host
+# work that grows with depth counts here too: the dense weights that DarwinLM's masks and the structured refit
+# read back from the memory-mapped checkpoint are file pages in the resident set (0.5-0.65 of a block per
+# block, measured); on a GPU they are copied to the device a layer at a time.
+OFFLOADED_PER_BLOCK_BOUND = {phase: 0.35 for phase in PHASES} | {"structured-refit": 0.75, "darwin-generation": 0.75}
+
+
+@pytest.fixture(scope="module")
+def offloaded_depth_rows():
+    """Every phase offloaded (blocks on the host, one at a time on the "device"), at 1 and 3 blocks; the phases
+    that leave the session's model as it was share a process, the others get one each (the structured phases
+    rebuild the dense model afterwards)."""
+    together = [p for p in PHASES if p not in ("structured-refit", "darwin-generation", "recovery")]
+    groups = [together, ["structured-refit"], ["darwin-generation"], ["recovery"]]
+    return {n: {r["phase"]: r for group in groups for r in scale.measure(group, "test", n, dtype="float32",
+                                                                          offload=True)} for n in (1, 3)}
+
+
+@pytest.mark.parametrize("phase", list(PHASES))
+def test_offloaded_the_device_share_of_each_phase_does_not_grow_a_block_per_block(offloaded_depth_rows, phase):
+    shallow, deep = offloaded_depth_rows[1][phase], offloaded_depth_rows[3][phase]
+    assert deep["offloaded_bytes"] == 3 * deep["block_bytes"] and shallow["offloaded_bytes"] == deep["block_bytes"]
+    block = deep["block_bytes"]
+    device_per_block = (memory.device_bytes(deep) - memory.device_bytes(shallow)) / 2
+    total_per_block = (deep["peak_bytes"] - shallow["peak_bytes"]) / 2
+    assert device_per_block <= OFFLOADED_PER_BLOCK_BOUND[phase] * block, device_per_block / block
+    assert total_per_block >= 0.8 * block  # the host holds each block: the measurement sees them
+
+
 def test_out_of_memory_inside_a_real_evaluation_stops_the_search_and_restores_the_weights(monkeypatch):
     from metricgp import evaluate
     from metricgp.expr import resolve_metric
