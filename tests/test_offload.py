@@ -125,6 +125,7 @@ def test_apply_with_offload_writes_what_apply_without_it_writes(tmp_path, tiny_l
         assert main([*base, *offload, "--out", str(out)]) == 0
         outs.append((json.loads((out / "report.json").read_text()), load_file(str(out / "model.safetensors"))))
     (plain, plain_weights), (offloaded, offloaded_weights) = outs
+    assert offloaded["model"]["offloaded"] and not plain["model"]["offloaded"]
     assert plain_weights.keys() == offloaded_weights.keys()
     if device == "cpu":
         assert offloaded["perplexity"] == plain["perplexity"]

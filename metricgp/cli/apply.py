@@ -39,6 +39,7 @@ from metricgp.cli.options import (
 )
 from metricgp.errors import MetricGPError, cli_entry
 from metricgp.expr import BUILTIN_METRICS, OPERATORS, describe
+from metricgp.offload import offload_of
 from metricgp.provenance import write_json_atomic
 from metricgp.prune.engine import PRUNE_MODES
 from metricgp.recover import sparse_masks
@@ -125,6 +126,7 @@ def run(args: argparse.Namespace) -> dict:
         "target_sparsity": pattern.sparsity,
         "mode": args.mode,
         "model": {"name": args.model, "path": setup.model_path, "fingerprint": setup.fingerprint,
+                  "offloaded": offload_of(setup.model) is not None,
                   "dtype": str(next(setup.model.parameters()).dtype).replace("torch.", "")},
         "calibration": {"data": args.calib, "windows": args.n_calib, "seqlen": args.seqlen, "seed": args.calib_seed,
                         "statistics_cached": setup.stats_cached},

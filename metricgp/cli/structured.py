@@ -33,6 +33,7 @@ from metricgp.cli.options import (
 from metricgp.errors import MetricGPError
 from metricgp.expr import describe
 from metricgp.measure import perplexity
+from metricgp.offload import offload_of
 from metricgp.provenance import write_json_atomic
 from metricgp.structured.allocate import ALLOCATIONS
 from metricgp.structured.evaluator import (
@@ -193,7 +194,8 @@ def run(args: argparse.Namespace) -> dict:
         "mode": "structured",
         "structured": spec.to_dict(),
         "metric": {**describe(tree), "source": source} if tree is not None else None,
-        "model": {"name": args.model, "path": setup.model_path, "fingerprint": setup.fingerprint},
+        "model": {"name": args.model, "path": setup.model_path, "fingerprint": setup.fingerprint,
+                  "offloaded": offload_of(setup.model) is not None},
         "calibration": {"data": args.calib, "windows": args.n_calib, "seqlen": args.seqlen, "seed": args.calib_seed},
         "evaluation": {d: {"windows": len(w), "seqlen": args.seqlen, "tokens": int(w.numel())}
                        for d, w in evals.items()},
