@@ -56,6 +56,13 @@ def test_model_search_resumes_exactly_and_its_best_applies(tmp_path, spec, isola
     assert report["metric"]["functional"] == json.loads((full / "best.json").read_text())["formula"]
 
 
+def test_a_search_on_an_offloaded_model_finds_what_the_resident_one_finds(tmp_path, spec, isolated_cache):
+    resident, offloaded = tmp_path / "resident", tmp_path / "offloaded"
+    start(_config(spec, generations=2), resident)
+    start(_config({**spec, "offload": True}, generations=2), offloaded)
+    assert _outcome(offloaded) == _outcome(resident)
+
+
 def test_ray_backend_equals_serial_on_a_model(spec, isolated_cache):
     ray = pytest.importorskip("ray")
     from metricgp.search.backends import RayBackend
