@@ -32,7 +32,7 @@ from metricgp.offload import compute_device
 from metricgp.provenance import json_safe
 from metricgp.prune.engine import PRUNE_MODES, DegenerateMetric, DenseWeights, prune_oneshot
 from metricgp.prune.patterns import parse_pattern
-from metricgp.stats import cached_stats, stats_cache_path, stats_key
+from metricgp.stats import cached_stats, stats_cached, stats_key
 
 
 @dataclass(frozen=True)
@@ -202,8 +202,10 @@ class PruningSetup:
         def key(with_grads: bool) -> str:
             return stats_key(loaded.fingerprint, str(calib_ref), spec.n_calib, spec.seqlen, spec.seed, with_grads)
 
-        grads = grads or stats_cache_path(key(True)).is_file()
-        stats, was_cached = cached_stats(loaded.model, layers, calib, key(grads), grads=grads, inputs=inputs)
+        grads = grads or stats_cached(key(True))
+        # an offloaded model's statistics stay on disk, read a layer at a time (G alone is 2x a bf16 model)
+        stats, was_cached = cached_stats(loaded.model, layers, calib, key(grads), grads=grads, inputs=inputs,
+                                         lazy=spec.offload)
         t2 = time.perf_counter()
         dense = DenseWeights(layers, checkpoint_tensors(loaded.path))
         return cls(loaded.model, loaded.tokenizer, layers, dense, stats, spec,

@@ -16,12 +16,13 @@ import hashlib
 import json
 import tempfile
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
@@ -301,16 +302,22 @@ def cached_stats(
     grads: bool = True,
     cache_dir: Path | None = None,
     inputs: Iterable[str] | None = None,
-) -> tuple[dict[str, dict[str, torch.Tensor]], bool]:
+    lazy: bool = False,
+) -> tuple[Mapping[str, dict[str, torch.Tensor]], bool]:
     """Load statistics from the disk cache, or compute and store them. Returns (stats, was_cached).
 
     `inputs`: the input leaves the caller reads (None: every registered one). Only those are computed
     (Hinv's Cholesky inverse of a 14336-wide down_proj Gram costs minutes a block on a CPU, and a metric
     without it has no use for it); a cache that lacks some of them is completed in place (a forward-only
-    pass for the missing leaves) and rewritten, so one file per model and data serves every metric."""
-    path = stats_cache_path(key, cache_dir)
+    pass for the missing leaves), so one cache per model and data serves every metric.
+
+    `lazy` (an offloaded model's): the statistics are never all in memory. The pass hands each finished
+    statistic to part files of at most PART_BYTES as it is made (`stats_parts_path`), and the result is a
+    `LazyStats` that reads one layer's leaves from them when asked (G alone is twice a bf16 model's bytes in
+    float32: 263 GiB for a 70B model). Otherwise one file, read whole."""
+    path, parts = stats_cache_path(key, cache_dir), stats_parts_path(key, cache_dir)
     wanted_inputs = set(input_leaf_names(inputs))
-    if path.is_file():
+    if path.is_file() and not lazy:
         stats = _unflatten(load_file(str(path)))
         if set(stats) == set(layers):
             missing = wanted_inputs - set.intersection(*(set(per) for per in stats.values()))
@@ -321,11 +328,125 @@ def cached_stats(
                 stats[n].update(per)
             save_stats(stats, path)
             return stats, True
+    # a parts directory holds what a one-file cache of the same key held (and maybe more leaves): first
+    files = sorted(parts.glob("*.safetensors")) if parts.is_dir() else [path] if path.is_file() else []
+    if files:
+        stats = LazyStats(files)
+        if set(stats) == set(layers):
+            missing = wanted_inputs - stats.common_leaves()
+            if missing:  # (a one-file cache read lazily becomes a parts directory, so leaves can join it)
+                target = parts if parts.is_dir() else _split(stats, parts)
+                with _PartWriter(target, add=True) as writer:
+                    compute_stats(model, layers, calib, grads=False, desc="stats (new leaves)", leaves=missing,
+                                  sink=writer.add)
+                stats = LazyStats(sorted(target.glob("*.safetensors")))
+            return (stats if lazy else stats.load()), True
     t0 = time.time()
     leaves = None if inputs is None else wanted_inputs | (set(leaves_from("gradients")) if grads else set())
+    if lazy:
+        with _PartWriter(parts) as writer:
+            compute_stats(model, layers, calib, grads=grads, leaves=leaves, sink=writer.add)
+        return LazyStats(sorted(parts.glob("*.safetensors"))), False
     stats = compute_stats(model, layers, calib, grads=grads, leaves=leaves)
     save_stats(stats, path, time.time() - t0)
     return stats, False
+
+
+def stats_parts_path(key: str, cache_dir: Path | None = None) -> Path:
+    """The directory of part files a lazy statistics pass writes (`cached_stats(lazy=True)`)."""
+    return (cache_dir or cache_root() / "stats") / f"{key}.parts"
+
+
+def stats_cached(key: str, cache_dir: Path | None = None) -> bool:
+    """Whether statistics under `key` are on disk, in either form."""
+    return stats_cache_path(key, cache_dir).is_file() or stats_parts_path(key, cache_dir).is_dir()
+
+
+PART_BYTES = 2**28  # a part file of lazily written statistics holds at most this much (256 MB) beyond one tensor
+
+
+class LazyStats(Mapping):
+    """{layer: {leaf: tensor}} over safetensors files of "layer|leaf" tensors, read a layer at a time when
+    asked (each read a fresh tensor; nothing kept between reads): only the headers are held."""
+
+    def __init__(self, files: list[Path]):
+        self.files = list(files)
+        self._where: dict[str, dict[str, Path]] = {}
+        for file in self.files:
+            with safe_open(str(file), framework="pt") as handle:
+                for name in handle.keys():
+                    layer, leaf = name.rsplit("|", 1)
+                    self._where.setdefault(layer, {})[leaf] = file
+
+    def __getitem__(self, layer: str) -> dict[str, torch.Tensor]:
+        by_file: dict[Path, list[str]] = {}
+        for leaf, file in self._where[layer].items():
+            by_file.setdefault(file, []).append(leaf)
+        out = {}
+        for file, leaves in by_file.items():
+            with safe_open(str(file), framework="pt") as handle:
+                for leaf in leaves:
+                    out[leaf] = handle.get_tensor(f"{layer}|{leaf}")
+        return out
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._where)
+
+    def __len__(self) -> int:
+        return len(self._where)
+
+    def common_leaves(self) -> set[str]:
+        """The leaves every layer has."""
+        return set.intersection(*(set(per) for per in self._where.values())) if self._where else set()
+
+    def load(self) -> dict[str, dict[str, torch.Tensor]]:
+        """Every statistic in memory (the eager form)."""
+        return {layer: self[layer] for layer in self}
+
+
+class _PartWriter:
+    """Statistics handed over one at a time (`compute_stats(sink=...)`), written as part files of about
+    PART_BYTES. A new directory appears whole (written under a temporary name, renamed at the end); with `add`,
+    the parts join an existing directory one complete file at a time."""
+
+    def __init__(self, directory: Path, add: bool = False):
+        self.directory, self.add_to = directory, add
+        self.buffer: dict[str, torch.Tensor] = {}
+        self.bytes = 0
+
+    def __enter__(self) -> _PartWriter:
+        self._atomic = None if self.add_to else atomic_path(self.directory)
+        self.target = self.directory if self.add_to else self._atomic.__enter__()
+        self.target.mkdir(parents=True, exist_ok=True)
+        return self
+
+    def add(self, layer: str, leaf: str, t: torch.Tensor) -> None:
+        self.buffer[f"{layer}|{leaf}"] = t.contiguous()
+        self.bytes += t.numel() * t.element_size()
+        if self.bytes >= PART_BYTES:
+            self.flush()
+
+    def flush(self) -> None:
+        if self.buffer:
+            name = f"part-{time.time_ns():x}-{len(list(self.target.iterdir())):05d}.safetensors"
+            with atomic_path(self.target / name) as tmp:
+                save_file(self.buffer, str(tmp))
+        self.buffer, self.bytes = {}, 0
+
+    def __exit__(self, kind, value, traceback) -> None:
+        if kind is None:
+            self.flush()
+        if self._atomic is not None:
+            self._atomic.__exit__(kind, value, traceback)
+
+
+def _split(stats: LazyStats, parts: Path) -> Path:
+    """A one-file cache as a parts directory (its file copied in as the first part), so leaves can be added."""
+    with _PartWriter(parts) as writer:
+        for layer in stats:
+            for leaf, t in stats[layer].items():
+                writer.add(layer, leaf, t)
+    return parts
 
 
 def save_stats(stats: dict[str, dict[str, torch.Tensor]], path: Path, seconds: float = 0.0) -> None:

@@ -158,3 +158,29 @@ def test_recovery_that_would_upcast_every_block_is_a_one_line_error_under_offloa
     assert not out.exists()
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "--offload" in err
+
+
+def test_lazy_statistics_equal_the_eager_ones_and_are_read_a_layer_at_a_time(tmp_path, monkeypatch):
+    from metricgp import stats as stats_module
+
+    model = _model(2)
+    layers = prunable_layers(model)
+    calib = torch.randint(0, 300, (3, 16))
+    eager, _ = stats_module.cached_stats(model, layers, calib, "k", cache_dir=tmp_path / "eager")
+    monkeypatch.setattr(stats_module, "PART_BYTES", 4096)  # many part files
+    lazy, cached = stats_module.cached_stats(model, layers, calib, "k", cache_dir=tmp_path / "lazy", lazy=True,
+                                             inputs=["X"])
+    assert isinstance(lazy, stats_module.LazyStats) and not cached and len(lazy.files) > 2
+    assert not any(isinstance(v, torch.Tensor) for v in vars(lazy).values())  # headers only
+    assert lazy.common_leaves() == {"X", "G"}
+    # a metric that needs another input leaf completes the parts directory with a forward pass
+    lazy, cached = stats_module.cached_stats(model, layers, calib, "k", cache_dir=tmp_path / "lazy", lazy=True)
+    assert cached and lazy.common_leaves() == {"X", "Hinv", "G"} and set(lazy) == set(eager)
+    for name in eager:
+        got = lazy[name]
+        assert got.keys() == eager[name].keys()
+        assert all(torch.equal(got[leaf], eager[name][leaf]) for leaf in got), name
+        assert lazy[name]["G"] is not got["G"]  # read afresh each time, never kept
+    # the eager form of the same cache reads the parts too
+    again, cached = stats_module.cached_stats(model, layers, calib, "k", cache_dir=tmp_path / "lazy")
+    assert cached and isinstance(again, dict) and torch.equal(again[name]["Hinv"], eager[name]["Hinv"])
