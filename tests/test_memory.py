@@ -165,6 +165,11 @@ def test_memory_command_prints_every_phase_and_whether_it_fits(capsys, tmp_path)
     # a phase measured offloaded is answered from those rows, the others say they keep every block resident
     measured = set(memory.phase_fits(memory.read_rows(memory.PACKAGED_ROWS), offload=True))
     assert {p for p, line in offloaded.items() if "not offloaded" not in line} == measured
+    assert memory.main(["--table", "llama-3.1-8b,llama-3.1-70b", "--gpu-gib", "80"]) == 0
+    table = capsys.readouterr().out.splitlines()
+    assert table[0] == "| phase | llama-3.1-8b | llama-3.1-70b |"
+    model_row = next(line for line in table if line.startswith("| model |"))
+    assert model_row.count("✗") == 1 and model_row.endswith("✗ |")  # 70B's weights alone exceed 80 GiB
     config = tmp_path / "config.json"
     config.write_text(json.dumps({"hidden_size": 4096}))
     assert memory.main(["--config", str(config)]) == 2

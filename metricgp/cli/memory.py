@@ -269,16 +269,41 @@ def report(name: str, config: dict, estimates: list[Estimate], gpu_gib: float, h
     return "\n".join(lines)
 
 
+def markdown_table(columns: list[str], rows: list[dict], gpu_gib: float) -> str:
+    """One column per config (`name` or `name:offload`): device / host GiB of every phase, ✗ where the device
+    would not hold it (the README's table)."""
+    cells: dict[str, dict[str, str]] = defaultdict(dict)
+    for column in columns:
+        name, _, mode = column.partition(":")
+        for e in estimate(load_config(name), rows, mode == "offload"):
+            over = " ✗" if e.device > gpu_gib * GIB else ""
+            cells[e.phase][column] = f"{e.device / GIB:.1f} / {e.host / GIB:.1f}{over}"
+    header = ["phase", *(c.replace(":offload", " with `--offload`") for c in columns)]
+    lines = ["| " + " | ".join(header) + " |", "|---|" + "---:|" * len(columns)]
+    lines += ["| " + " | ".join([phase, *(cells[phase].get(c, "") for c in columns)]) + " |" for phase in cells]
+    return "\n".join(lines)
+
+
 @cli_entry
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m metricgp.memory", description=__doc__.split("\n\n")[0])
-    p.add_argument("--config", required=True, help=f"one of {', '.join(config_names())}, or a config.json")
+    p.add_argument("--config", help=f"one of {', '.join(config_names())}, or a config.json")
     p.add_argument("--gpu-gib", type=float, default=80.0, help="the GPU's memory in GiB (default 80)")
     p.add_argument("--host-gib", type=float, default=None, help="the host's memory in GiB (default: not judged)")
     p.add_argument("--offload", action="store_true", help="the decoder blocks on the host, one at a time on the "
                    "device (the commands' --offload)")
     p.add_argument("--rows", type=Path, default=PACKAGED_ROWS, help="measured rows (default: the shipped ones)")
+    p.add_argument("--table", default=None, metavar="CONFIGS", help="instead: a markdown table, device / host GiB "
+                   "per phase, one column per comma-separated config (NAME or NAME:offload)")
     args = p.parse_args(argv)
+    if args.table:
+        columns = [c.strip() for c in args.table.split(",") if c.strip()]
+        for c in columns:
+            load_config(c.partition(":")[0])
+        print(markdown_table(columns, read_rows(args.rows), args.gpu_gib))
+        return 0
+    if not args.config:
+        raise MetricGPError("give --config (or --table)")
     if args.gpu_gib <= 0 or (args.host_gib is not None and args.host_gib <= 0):
         raise MetricGPError("--gpu-gib and --host-gib must be positive")
     config = load_config(args.config)
