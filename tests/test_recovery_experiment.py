@@ -102,3 +102,20 @@ def test_driver_user_errors(base, tmp_path, capsys, extra, message):
     out = tmp_path / "bad"
     assert main([*base, *extra, "--out", str(out)]) == 2
     assert message in capsys.readouterr().err and not out.exists()
+
+
+def test_the_ranking_section_says_whether_recovery_kept_the_one_shot_order():
+    from metricgp.experiments.recovery import ranking_lines
+
+    def row(pipeline: str, loss: str, oneshot: float, recovered: float) -> dict:
+        return {"pipeline": pipeline, "loss": loss, "oneshot": {"wikitext2": oneshot},
+                "points": [{"tokens": 8192, "test": {"wikitext2": recovered}}]}
+
+    rows = {"a": row("sparsegpt", "kd", 60.0, 50.0), "b": row("ria-sqrt", "kd", 70.0, 45.0),
+            "c": row("flap", "kd", 90.0, 80.0), "d": row("evolved-refit", "kd", 91.0, 75.0),
+            "e": row("ria-sqrt-2:4", "kd", 200.0, 90.0)}  # alone in its family: no ranking
+    lines = [line for line in ranking_lines(rows, "wikitext2") if line.startswith("| structured") or
+             line.startswith("| unstructured") or line.startswith("| 2:4")]
+    assert lines == [
+        "| structured 70% | kd | 8K | flap 90.0 < evolved-refit 91.0 | evolved-refit 75.0 < flap 80.0 | no |",
+        "| unstructured 50% | kd | 8K | sparsegpt 60.0 < ria-sqrt 70.0 | ria-sqrt 45.0 < sparsegpt 50.0 | no |"]

@@ -178,7 +178,7 @@ def run(args: argparse.Namespace) -> None:
         "what": "test perplexity of pruned models against recovery training tokens",
         "protocol": {"eval_windows": args.eval_windows, "seqlen": args.seqlen, "dataset": args.dataset,
                      "train_data": args.calib, "train_seed": args.calib_seed + 1, "max_tokens": args.max_tokens,
-                     "checkpoints": args.checkpoints, "lr_choice_tokens": args.lr_choice_tokens,
+                     "checkpoints": args.checkpoints, "lr_choice_tokens": args.lr_choice_tokens, "lrs": args.lrs,
                      "validation": "WikiText-2 validation, 8 windows (apply's recovery report)"},
         "pipelines": {p: PIPELINES[p].about for p in args.pipelines},
         "commands": commands(path)}
@@ -210,8 +210,11 @@ def write_table(out: Path, meta: dict, rows: dict) -> None:
              f"Test perplexity on the first {proto['eval_windows']} windows of {proto['seqlen']} tokens of each test "
              f"split (as results/structured/table.md); recovery on {proto['train_data']} calibration windows (train "
              f"split, seed {proto['train_seed']}), up to {proto['max_tokens']:,} tokens, one run per row evaluated at "
-             "each checkpoint; the lr of each row chosen by validation perplexity after "
-             f"{proto['lr_choice_tokens']:,} tokens (`lr_choice` in results.json). 0 tokens: one-shot.", "",
+             "each checkpoint; " + (f"lr {proto['lrs'][0]:g} for every row (given, not chosen)"
+                                    if len(proto.get("lrs", ())) == 1 else
+                                    "the lr of each row chosen by validation perplexity after "
+                                    f"{proto['lr_choice_tokens']:,} tokens (`lr_choice` in results.json)")
+             + ". 0 tokens: one-shot.", "",
              "Dense: " + ", ".join(f"{d} {v:.2f}" for d, v in dense.items()), "",
              "Made by: " + "; then ".join(f"`{c}`" for c in meta.get("commands", [])) + ". Each row of results.json "
              "has the `apply` command that reproduces its last point.", ""]
@@ -225,9 +228,47 @@ def write_table(out: Path, meta: dict, rows: dict) -> None:
                      f"{r['tokens_per_second']:.0f}" if "tokens_per_second" in r else "running"]
             lines.append("| " + " | ".join(cells) + " |")
         lines.append("")
+    lines += ranking_lines(rows, datasets[0] if datasets else "wikitext2")
     lines += ["Pipelines:", ""] + [f"- `{p}`: {about}" for p, about in meta.get("pipelines", {}).items()]
     (out / "table.md").write_text("\n".join(lines) + "\n")
     _plot(out / "curve.png", rows, datasets, dense)
+
+
+def family(pipeline: str) -> str:
+    """What a pipeline's rows are ranked against: the pipelines that remove as much, the same way."""
+    options = PIPELINES[pipeline].options
+    return "structured 70%" if "--structured" in options else ("2:4" if "2:4" in options else "unstructured 50%")
+
+
+def ranking_lines(rows: dict, data: str) -> list[str]:
+    """Per family and loss: the pipelines in one-shot order and in order after recovery (the largest token
+    count every one of them reached), on `data`'s test perplexity, and whether the orders agree."""
+    groups: dict[tuple[str, str], list[dict]] = {}
+    for r in rows.values():
+        if r.get("points") and r["pipeline"] in PIPELINES:
+            groups.setdefault((family(r["pipeline"]), r["loss"]), []).append(r)
+    lines = ["## Does recovery keep the one-shot ranking?", "",
+             f"{data} test perplexity, one run per row (no seed spread measured, so an order decided by a few percent "
+             "may be noise).", "",
+             "| family | loss | tokens | one-shot order | order after recovery | same? |", "|---|---|---:|---|---|---|"]
+    for (fam, loss), members in sorted(groups.items()):
+        if len(members) < 2:
+            continue
+        tokens = min(max(p["tokens"] for p in r["points"]) for r in members)
+
+        def after(r: dict, tokens: int = tokens) -> float:
+            return next(p["test"][data] for p in r["points"] if p["tokens"] == tokens)
+
+        if any(not any(p["tokens"] == tokens for p in r["points"]) for r in members):
+            continue
+        before = sorted(members, key=lambda r: r["oneshot"][data])
+        recovered = sorted(members, key=after)
+        lines.append(f"| {fam} | {loss} | {_tokens(tokens)} | "
+                     + " < ".join(f"{r['pipeline']} {r['oneshot'][data]:.1f}" for r in before) + " | "
+                     + " < ".join(f"{r['pipeline']} {after(r):.1f}" for r in recovered) + " | "
+                     + ("yes" if [r["pipeline"] for r in before] == [r["pipeline"] for r in recovered] else "no")
+                     + " |")
+    return lines + [""]
 
 
 def _fmt(x: float | None) -> str:
