@@ -475,3 +475,25 @@ def test_async_dispatch_runs_resumes_exactly_and_keeps_the_size(tiny4_dir, text_
     assert all(r["evaluations_per_stage"][0] >= 4 for r in log[1:])  # a generation = 4 screened children scored
     assert len({r["kept"] for r in log}) == 1
     assert json.loads((full / "config.json").read_text())["config"]["dispatch"] == "async"
+
+
+def test_an_offloaded_level_search_equals_the_resident_one(tiny4_dir, text_files, module_cache, tmp_path):
+    from metricgp.darwin.run import start
+
+    resident = make_config(tiny4_dir, text_files, generations=2, save_model=False)
+    offloaded = make_config(tiny4_dir, text_files, generations=2, save_model=False,
+                            spec={**resident.spec, "offload": True})
+    start(resident, tmp_path / "resident")
+    start(offloaded, tmp_path / "offloaded")
+    assert _log(tmp_path / "offloaded") == _log(tmp_path / "resident")
+    for name in ("best.json", "levels.txt"):
+        assert (tmp_path / "offloaded" / name).read_text() == (tmp_path / "resident" / name).read_text()
+
+
+def test_in_loop_training_under_offload_is_a_one_line_error(tiny4_dir, text_files, module_cache, tmp_path, capsys):
+    from metricgp.darwin.__main__ import main
+
+    out = tmp_path / "d"
+    assert main(cli_args(tiny4_dir, text_files, out, "--offload", "--train-tokens", "32,64")) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "--offload" in err and not out.exists()
