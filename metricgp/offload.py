@@ -139,7 +139,6 @@ class BlockOffload:
         if self.device.type == "cuda":
             torch.cuda.current_stream(self.device).synchronize()
 
-
     @contextmanager
     def on_device(self, params: list[nn.Parameter]) -> Iterator[None]:
         """`params` (a recovery's adapters) on the device while inside, whichever block they sit in: trained
