@@ -354,9 +354,9 @@ def measure_phase(name: str, session: Session, meter: PeakMeter) -> dict[str, An
     made = phase.run(session, state)
     seconds = time.perf_counter() - t0
     peak = meter.peak()
+    offloaded = session.offloaded_bytes()  # the blocks as the phase left them (shrunk ones count as shrunk)
     phase.after(session, state)
     blocks = session.model.model.layers
-    offloaded = session.offloaded_bytes()
     return {"phase": name, "seconds": round(seconds, 2), "peak_bytes": peak, "held_bytes": held,
             "host_bytes": (held if made is None else made) + offloaded, "offloaded_bytes": offloaded,
             "offload": session.offload,
