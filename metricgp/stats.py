@@ -85,7 +85,9 @@ def collect_input_stats(
     def consume(name: str, x: torch.Tensor) -> None:
         # the states live where the inputs arrive (an offloaded model's weights are on the host, its
         # activations on the device)
-        for leaf, state in states.setdefault(name, start(name, x.device)).items():
+        if name not in states:  # (not setdefault: a state can be a whole Gram matrix, made once)
+            states[name] = start(name, x.device)
+        for leaf, state in states[name].items():
             stat_of[leaf].statistic.add(state, x)
         counts[name] += x.shape[0]
 
