@@ -165,6 +165,8 @@ def test_memory_command_prints_every_phase_and_whether_it_fits(capsys, tmp_path)
     # a phase measured offloaded is answered from those rows, the others say they keep every block resident
     measured = set(memory.phase_fits(memory.read_rows(memory.PACKAGED_ROWS), offload=True))
     assert {p for p, line in offloaded.items() if "not offloaded" not in line} == measured
+    assert measured == set(offloaded)  # every phase runs offloaded, and Llama-3.1-70B's each fit 80 GiB so
+    assert all(line.split()[3] == "yes" for line in offloaded.values())
     assert memory.main(["--table", "llama-3.1-8b,llama-3.1-70b", "--gpu-gib", "80"]) == 0
     table = capsys.readouterr().out.splitlines()
     assert table[0] == "| phase | llama-3.1-8b | llama-3.1-70b |"
