@@ -16,7 +16,7 @@ PACKAGE = ROOT / "metricgp"
 LAYERS = [
     ("errors", "fileio", "provenance", "ranking", "plotting"),
     ("expr",),
-    ("models", "data", "blocks"),
+    ("models", "data", "blocks", "offload"),
     ("stats",),
     ("prune",),
     ("measure", "zeroshot"),
