@@ -28,6 +28,16 @@ from torch import nn
 _ATTRIBUTE = "_metricgp_offload"
 
 
+def _slots(module: nn.Module) -> Iterator[tuple[dict, str, str, torch.Tensor]]:
+    """(table, kind, key, tensor) of every parameter and buffer under `module`, where `table[key]` holds it."""
+    for sub in module.modules():
+        for kind in ("_parameters", "_buffers"):
+            table = getattr(sub, kind)
+            for key, t in table.items():
+                if t is not None:
+                    yield table, kind, key, t
+
+
 class BlockOffload:
     """The offloading state of one model: which blocks are resident, and what each one's host tensors are."""
 
@@ -49,14 +59,8 @@ class BlockOffload:
         offload = cls(blocks, torch.device(device))
         inside = {id(t) for b in blocks for t in (*b.parameters(), *b.buffers())}
         with torch.no_grad():
-            for module in model.modules():
-                for kind in ("_parameters", "_buffers"):
-                    table = getattr(module, kind)
-                    for key, t in table.items():
-                        if t is None:
-                            continue
-                        target = offload.home if id(t) in inside else offload.device
-                        offload._put(table, kind, key, t.data.to(target))
+            for table, kind, key, t in _slots(model):
+                offload._put(table, kind, key, t.data.to(offload.home if id(t) in inside else offload.device))
         for block in blocks:
             block.register_forward_pre_hook(lambda m, _args: offload.enter(m))
             block.register_forward_hook(lambda m, _args, _out: offload.leave(m), always_call=True)
@@ -93,21 +97,18 @@ class BlockOffload:
             return
         saved = []
         with torch.no_grad():
-            for module in block.modules():
-                for kind in ("_parameters", "_buffers"):
-                    table = getattr(module, kind)
-                    for key, t in table.items():
-                        if t is None or id(t) in self._stay or (t.device == self.device != self.home):
-                            continue  # already there
-                        # copy=True: on a CPU "device" (tests) the block still gets tensors of its own
-                        on_device = t.data.to(self.device, non_blocking=True, copy=True)
-                        if kind == "_parameters":
-                            host, t.data = t.data, on_device
-                            resident_tensor = t
-                        else:
-                            host, table[key] = t, on_device
-                            resident_tensor = on_device
-                        saved.append((table, kind, key, host, resident_tensor, resident_tensor._version))
+            for table, kind, key, t in _slots(block):
+                if id(t) in self._stay or (t.device == self.device != self.home):
+                    continue  # already there
+                # copy=True: on a CPU "device" (tests) the block still gets tensors of its own
+                on_device = t.data.to(self.device, non_blocking=True, copy=True)
+                if kind == "_parameters":
+                    host, t.data = t.data, on_device
+                    resident_tensor = t
+                else:
+                    host, table[key] = t, on_device
+                    resident_tensor = on_device
+                saved.append((table, kind, key, host, resident_tensor, resident_tensor._version))
         self._saved[k] = saved
         self.moves += 1
         self.peak_resident = max(self.peak_resident, self.resident_blocks)
@@ -130,12 +131,9 @@ class BlockOffload:
                     host.copy_(current.data)
                 self._put(table, kind, key, host)
             # anything else still on the device (a replaced linear, a re-typed tensor) goes home too
-            for module in block.modules():
-                for kind in ("_parameters", "_buffers"):
-                    table = getattr(module, kind)
-                    for key, t in table.items():
-                        if t is not None and id(t) not in self._stay and t.device != self.home:
-                            self._put(table, kind, key, t.data.to(self.home))
+            for table, kind, key, t in _slots(block):
+                if id(t) not in self._stay and t.device != self.home:
+                    self._put(table, kind, key, t.data.to(self.home))
         if self.device.type == "cuda":
             torch.cuda.current_stream(self.device).synchronize()
 

@@ -94,8 +94,10 @@ def collect_input_stats(
     with layer_input_hooks(layers, consume):
         for _ in run_forward:
             pass
-    return {n: {leaf: stat_of[leaf].statistic.finish(state, counts[n]).cpu()
-                for leaf, state in states.get(n, start(n, torch.device("cpu"))).items()}
+    for n in layers:  # a layer no input reached finishes from empty states
+        if n not in states:
+            states[n] = start(n, torch.device("cpu"))
+    return {n: {leaf: stat_of[leaf].statistic.finish(state, counts[n]).cpu() for leaf, state in states[n].items()}
             for n in layers}
 
 
@@ -415,6 +417,7 @@ class _PartWriter:
         self.directory, self.add_to = directory, add
         self.buffer: dict[str, torch.Tensor] = {}
         self.bytes = 0
+        self.parts = 0  # written by this writer
 
     def __enter__(self) -> _PartWriter:
         self._atomic = None if self.add_to else atomic_path(self.directory)
@@ -430,7 +433,8 @@ class _PartWriter:
 
     def flush(self) -> None:
         if self.buffer:
-            name = f"part-{time.time_ns():x}-{len(list(self.target.iterdir())):05d}.safetensors"
+            name = f"part-{time.time_ns():x}-{self.parts:05d}.safetensors"  # unique beside another writer's
+            self.parts += 1
             with atomic_path(self.target / name) as tmp:
                 save_file(self.buffer, str(tmp))
         self.buffer, self.bytes = {}, 0

@@ -199,6 +199,8 @@ def prune_sequential(
     `pattern` may be a function of the layer's name (non-uniform sparsity: OWL, EvoPress)."""
 
     pattern_of = pattern if callable(pattern) else (lambda name: pattern)
+
+    input_leaves = set(input_leaf_names())
     # the input leaves the metric reads (compile_metric records them), recomputed on the pruned prefix
     needed = input_leaf_names(getattr(metric, "leaves", None))
     prefix, blocks = find_blocks(model)
@@ -207,34 +209,24 @@ def prune_sequential(
     report = PruneReport()
     with torch.no_grad():
         for i, block in enumerate(tqdm(blocks, desc="sequential", unit="block", leave=False)):
-            with resident(model, block):
-                _prune_block(i, block, prefix, inputs, hidden, grad_stats, metric, pattern_of, needed, reconstruct,
-                             report)
+            with resident(model, block):  # an offloaded model's block on the device for all of its work
+                linears = block_linears(block)
+                hessians: dict[str, torch.Tensor] = {}
+                with hessian_hooks(linears, hessians) if reconstruct else nullcontext():
+                    fresh = collect_input_stats(linears, (inputs.call(i, h) for h in hidden), needed)
+                for rel, module in linears.items():
+                    name = f"{prefix}.{i}.{rel}"
+                    dense_stats = (grad_stats or {}).get(name, {})
+                    stats = {**{k: v for k, v in dense_stats.items() if k not in input_leaves}, **fresh[rel]}
+                    w = module.weight.detach().clone()
+                    keep = pattern_of(name).mask(layer_scores(metric, w, stats, name))
+                    if reconstruct:
+                        module.weight.copy_(least_squares_update(w, keep, hessians.pop(rel)))
+                    else:
+                        mask_layer(module, w, keep)
+                    report.add(name, keep)
                 hidden = [inputs.call(i, h) for h in hidden]
     return report
-
-
-def _prune_block(i: int, block: nn.Module, prefix: str, inputs: BlockInputs, hidden: list[torch.Tensor],
-                 grad_stats: Mapping[str, Mapping[str, torch.Tensor]] | None, metric: MetricFn,
-                 pattern_of: Callable[[str], Pattern], needed: tuple[str, ...], reconstruct: bool,
-                 report: PruneReport) -> None:
-    """Prune block `i` (resident on the device) from its inputs on the already-pruned prefix."""
-    input_leaves = set(input_leaf_names())
-    linears = block_linears(block)
-    hessians: dict[str, torch.Tensor] = {}
-    with hessian_hooks(linears, hessians) if reconstruct else nullcontext():
-        fresh = collect_input_stats(linears, (inputs.call(i, h) for h in hidden), needed)
-    for rel, module in linears.items():
-        name = f"{prefix}.{i}.{rel}"
-        dense_stats = (grad_stats or {}).get(name, {})
-        stats = {**{k: v for k, v in dense_stats.items() if k not in input_leaves}, **fresh[rel]}
-        w = module.weight.detach().clone()
-        keep = pattern_of(name).mask(layer_scores(metric, w, stats, name))
-        if reconstruct:
-            module.weight.copy_(least_squares_update(w, keep, hessians.pop(rel)))
-        else:
-            mask_layer(module, w, keep)
-        report.add(name, keep)
 
 
 def _oneshot(setup, metric: MetricFn, pattern: Pattern) -> PruneReport:
