@@ -72,9 +72,12 @@ def test_structured_user_errors(tmp_path, base_args, capsys, extra, message):
     assert not out.exists() and not list(tmp_path.glob(".out*"))
 
 
-def test_keep_map_drives_the_pruning(tmp_path, base_args):
+@pytest.mark.parametrize("wrapped", [False, True], ids=["plain", "level-search-best-json"])
+def test_keep_map_drives_the_pruning(tmp_path, base_args, wrapped):
     keep_map = tmp_path / "map.json"
-    keep_map.write_text(json.dumps({"model.layers.0.mlp": 0.5, "model.layers.1.self_attn": 0.5}))
+    fractions = {"model.layers.0.mlp": 0.5, "model.layers.1.self_attn": 0.5}
+    # a level search's best.json carries the winner's map beside its genome
+    keep_map.write_text(json.dumps({"genome": [0, 2], "kept": 0.8, "keep_map": fractions} if wrapped else fractions))
     out = tmp_path / "km"
     assert main([*base_args, "--metric", "magnitude", "--keep-map", str(keep_map), "--out", str(out)]) == 0
     report = json.loads((out / "report.json").read_text())

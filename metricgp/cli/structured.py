@@ -68,8 +68,8 @@ def add_structured_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--structures", choices=STRUCTURES, default=None,
                    help="width: heads and MLP channels; depth: whole decoder blocks")
     g.add_argument("--allocation", default=None, help=f"{', '.join([*ALLOCATIONS, *PLANNERS])}")
-    g.add_argument("--keep-map", type=Path, help="JSON {module name: fraction of its heads/channels kept}; "
-                   "overrides --allocation and --keep")
+    g.add_argument("--keep-map", type=Path, help="JSON {module name: fraction of its heads/channels kept}, or a level "
+                   "search's best.json (its winner); overrides --allocation and --keep")
     g.add_argument("--reduction", default=None, help=f"{', '.join(REDUCTIONS)}")
     g.add_argument("--normalisation", default=None, help=f"{', '.join(NORMALISATIONS)}")
     g.add_argument("--head-mode", default=None, help=f"{', '.join(HEAD_MODES)} (GQA: remove the "
@@ -128,8 +128,11 @@ def load_keep_map(path: Path | None) -> dict[str, float] | None:
         data = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as err:
         raise MetricGPError(f"keep map {path} is not valid JSON: {err}") from None
+    if isinstance(data, dict) and isinstance(data.get("keep_map"), dict):
+        data = data["keep_map"]  # a level search's best.json: its winner
     if not isinstance(data, dict) or not all(isinstance(v, (int, float)) for v in data.values()):
-        raise MetricGPError(f"keep map {path} must be a JSON object of module name -> fraction")
+        raise MetricGPError(f"keep map {path} must be a JSON object of module name -> fraction, or a level "
+                            "search's best.json")
     return {str(k): float(v) for k, v in data.items()}
 
 

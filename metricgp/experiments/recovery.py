@@ -45,25 +45,41 @@ RIA_SQRT = "mul(add(rownorm(abs(W)), colnorm(abs(W))), sqrt(X))"
 @dataclass(frozen=True)
 class Pipeline:
     about: str
+    family: str  # what its rows are ranked against: pipelines that remove as much, the same kind of way
     options: tuple[str, ...]  # what `python -m metricgp.apply` is given to prune this way
 
 
+S70, S60, U50, NM24 = "structured 70%", "structured 60%", "unstructured 50%", "2:4"
+# The DarwinLM level search's best winner at 60% (results/darwin/compare.md): its best.json is a keep map
+DARWIN_WINNER = "results/darwin-k60-ls/best.json"
+
 PIPELINES: dict[str, Pipeline] = {
     "evolved-refit": Pipeline("structured, 70% kept: the evolved formula, least-squares refit of output projections",
-                              ("--structured", "--method", "evolved-refit", "--keep", "0.7")),
-    "wanda-refit": Pipeline("structured, 70% kept: wanda with the refit", ("--structured", "--method", "wanda-refit",
-                                                                          "--keep", "0.7")),
-    "flap": Pipeline("structured, 70% kept: FLAP", ("--structured", "--method", "flap", "--keep", "0.7")),
-    "llm-pruner-taylor": Pipeline("structured, 70% kept: LLM-Pruner's Taylor importance",
+                              S70, ("--structured", "--method", "evolved-refit", "--keep", "0.7")),
+    "wanda-refit": Pipeline("structured, 70% kept: wanda with the refit", S70,
+                            ("--structured", "--method", "wanda-refit", "--keep", "0.7")),
+    "flap": Pipeline("structured, 70% kept: FLAP", S70, ("--structured", "--method", "flap", "--keep", "0.7")),
+    "llm-pruner-taylor": Pipeline("structured, 70% kept: LLM-Pruner's Taylor importance", S70,
                                   ("--structured", "--method", "llm-pruner-taylor", "--keep", "0.7")),
+    "darwin-winner": Pipeline(f"structured, 60% kept: the DarwinLM search's winner ({DARWIN_WINNER}, its keep "
+                              "map per module), the evolved formula with the refit", S60,
+                              ("--structured", "--method", "evolved-refit", "--keep", "0.6", "--keep-map",
+                               DARWIN_WINNER)),
+    "evolved-uniform": Pipeline("structured, 60% kept: the evolved formula, the same ratio in every module (what "
+                                "DarwinLM's search is compared with)", S60,
+                                ("--structured", "--method", "evolved-uniform", "--keep", "0.6")),
+    "evolved-uniform-refit": Pipeline("structured, 60% kept: evolved-uniform with the refit (the darwin winner's "
+                                      "pruning without its per-module levels)", S60,
+                                      ("--structured", "--method", "evolved-uniform", "--refit", "--keep", "0.6")),
     "sparsegpt": Pipeline("unstructured 50%: SparseGPT's saliency, sequential, least-squares update of the kept "
-                          "weights", ("--metric", "sparsegpt", "--mode", "reconstruct", "--sparsity", "0.5")),
+                          "weights", U50, ("--metric", "sparsegpt", "--mode", "reconstruct", "--sparsity", "0.5")),
     "wanda-reconstruct": Pipeline("unstructured 50%: wanda, sequential, least-squares update of the kept weights",
-                                  ("--metric", "wanda", "--mode", "reconstruct", "--sparsity", "0.5")),
-    "ria-sqrt": Pipeline("unstructured 50%: RIA with sqrt(X), one-shot", ("--metric", RIA_SQRT, "--sparsity", "0.5")),
-    "sparsegpt-2:4": Pipeline("2:4: SparseGPT's saliency with the least-squares update",
+                                  U50, ("--metric", "wanda", "--mode", "reconstruct", "--sparsity", "0.5")),
+    "ria-sqrt": Pipeline("unstructured 50%: RIA with sqrt(X), one-shot", U50,
+                         ("--metric", RIA_SQRT, "--sparsity", "0.5")),
+    "sparsegpt-2:4": Pipeline("2:4: SparseGPT's saliency with the least-squares update", NM24,
                               ("--metric", "sparsegpt", "--mode", "reconstruct", "--pattern", "2:4")),
-    "ria-sqrt-2:4": Pipeline("2:4: RIA with sqrt(X), one-shot", ("--metric", RIA_SQRT, "--pattern", "2:4")),
+    "ria-sqrt-2:4": Pipeline("2:4: RIA with sqrt(X), one-shot", NM24, ("--metric", RIA_SQRT, "--pattern", "2:4")),
 }
 # full: 1e-4 won the first grid (1e-5..1e-4) at its edge, then 3e-4 won over 1e-4 (ria-sqrt, KD, 2,048 tokens;
 # results/recovery/results.json `lr_choice`): the grid reaches past the last winner
@@ -234,19 +250,13 @@ def write_table(out: Path, meta: dict, rows: dict) -> None:
     _plot(out / "curve.png", rows, datasets, dense)
 
 
-def family(pipeline: str) -> str:
-    """What a pipeline's rows are ranked against: the pipelines that remove as much, the same way."""
-    options = PIPELINES[pipeline].options
-    return "structured 70%" if "--structured" in options else ("2:4" if "2:4" in options else "unstructured 50%")
-
-
 def ranking_lines(rows: dict, data: str) -> list[str]:
     """Per family and loss: the pipelines in one-shot order and in order after recovery (the largest token
     count every one of them reached), on `data`'s test perplexity, and whether the orders agree."""
     groups: dict[tuple[str, str], list[dict]] = {}
     for r in rows.values():
         if r.get("points") and r["pipeline"] in PIPELINES:
-            groups.setdefault((family(r["pipeline"]), r["loss"]), []).append(r)
+            groups.setdefault((PIPELINES[r["pipeline"]].family, r["loss"]), []).append(r)
     lines = ["## Does recovery keep the one-shot ranking?", "",
              f"{data} test perplexity, one run per row (no seed spread measured, so an order decided by a few percent "
              "may be noise).", "",
