@@ -93,6 +93,24 @@ def test_a_killed_row_resumes_to_the_uninterrupted_result(base, tmp_path):
     assert _rows(part) == finished
 
 
+def test_a_decaying_schedule_is_its_own_row_and_a_row_continues_only_as_it_began(base, tmp_path, capsys):
+    one_row = ["--pipelines", "ria-sqrt", "--losses", "kd", "--lrs", "1e-2", "--max-tokens", "128",
+               "--out", str(tmp_path / "out")]
+    assert main([*base, *one_row]) == 0
+    assert main([*base, *one_row, "--schedule", "cosine"]) == 0  # not the finished constant row again
+    rows = _rows(tmp_path / "out")
+    constant, cosine = rows["ria-sqrt|kd|full"], rows["ria-sqrt|kd|full|cosine-128"]
+    assert cosine["schedule"] == "cosine" and cosine["done"] and cosine["command"].count("--recover-schedule cosine")
+    # the same first steps (warmup, then the peak lr), then a lower lr than the constant one
+    assert cosine["recovery"]["losses"][:2] == constant["recovery"]["losses"][:2]
+    assert cosine["recovery"]["losses"][2:] != constant["recovery"]["losses"][2:]
+    assert "| ria-sqrt | kd | full, cosine |" in (tmp_path / "out" / "table.md").read_text()
+    capsys.readouterr()
+    assert main([*base, *one_row, "--warmup", "0.5"]) == 2
+    assert "was trained with --warmup 0.05, not 0.5" in capsys.readouterr().err
+    assert _rows(tmp_path / "out") == rows
+
+
 @pytest.mark.parametrize("extra,message", [
     (["--pipelines", "nope"], "unknown pipelines"),
     (["--losses", "ce,mse"], "unknown recovery loss"),

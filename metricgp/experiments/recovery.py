@@ -97,7 +97,7 @@ def apply_argv(args: argparse.Namespace, pipeline: str, loss: str, lr: float, to
     argv += ["--dataset", args.dataset, "--eval-windows", str(args.eval_windows), "--recover-tokens", str(tokens),
              "--recover-method", args.recover_method, "--recover-loss", loss, "--recover-lr", f"{lr:g}",
              "--recover-schedule", args.schedule, "--recover-warmup", f"{args.warmup:g}",
-             "--out", f"runs/recovery/{slug(row_key(pipeline, loss, args.recover_method))}"]
+             "--out", f"runs/recovery/{slug(args_key(args, pipeline, loss))}"]
     return argv
 
 
@@ -114,8 +114,14 @@ def measure(ns: argparse.Namespace):
     return (structured_cli.measure if ns.structured else unstructured_cli.measure)(ns)[0]
 
 
-def row_key(pipeline: str, loss: str, method: str) -> str:
-    return f"{pipeline}|{loss}|{method}"
+def row_key(pipeline: str, loss: str, method: str, schedule: str = "constant", max_tokens: int = 0) -> str:
+    """A row's identity. A constant lr's points are what a shorter run gives, so one row serves every budget;
+    a decaying schedule's row is another row for each budget it decays over."""
+    return f"{pipeline}|{loss}|{method}" + ("" if schedule == "constant" else f"|{schedule}-{_tokens(max_tokens)}")
+
+
+def args_key(args: argparse.Namespace, pipeline: str, loss: str) -> str:
+    return row_key(pipeline, loss, args.recover_method, args.schedule, args.max_tokens)
 
 
 def slug(key: str) -> str:
@@ -136,7 +142,7 @@ def choose_lr(args: argparse.Namespace, pipeline: str, loss: str, row: dict, sav
         m = measure(ns)
         rec, _ = recover_and_measure(ns, m, None if ns.structured else sparse_masks(m.model))
         tried[f"{lr:g}"] = rec["val_ppl_after"]
-        print(f"{row_key(pipeline, loss, args.recover_method)}: lr {lr:g} -> validation ppl "
+        print(f"{args_key(args, pipeline, loss)}: lr {lr:g} -> validation ppl "
               f"{rec['val_ppl_after']:.3f} after {rec['tokens']} tokens", flush=True)
         save(tables=False)
     best = min(args.lrs, key=lambda lr: _finite(tried[f"{lr:g}"]))
@@ -148,7 +154,7 @@ def _finite(x: float | None) -> float:
 
 
 def run_row(args: argparse.Namespace, pipeline: str, loss: str, rows: dict, save) -> None:
-    key = row_key(pipeline, loss, args.recover_method)
+    key = args_key(args, pipeline, loss)
     row = rows.setdefault(key, {"pipeline": pipeline, "about": PIPELINES[pipeline].about, "loss": loss,
                                 "method": args.recover_method, "schedule": args.schedule, "warmup": args.warmup,
                                 "points": []})
@@ -206,6 +212,12 @@ def run(args: argparse.Namespace) -> None:
         if tables:
             write_table(args.out, meta, rows)
 
+    for pipeline in args.pipelines:  # an earlier row continues only as it began
+        for loss in args.losses:
+            row = rows.get(args_key(args, pipeline, loss), {})
+            if row.get("warmup", args.warmup) != args.warmup:
+                raise MetricGPError(f"row {args_key(args, pipeline, loss)} in {path} was trained with --warmup "
+                                    f"{row['warmup']:g}, not {args.warmup:g}: give another --out")
     for pipeline in args.pipelines:
         for loss in args.losses:
             run_row(args, pipeline, loss, rows, save)
@@ -239,7 +251,7 @@ def write_table(out: Path, meta: dict, rows: dict) -> None:
         lines += [f"## {d}", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         for r in rows.values():
             at = {p["tokens"]: p["test"].get(d) for p in r.get("points", [])}
-            cells = [r["pipeline"], r["loss"], r["method"], f"{r['lr']:g}" if "lr" in r else "",
+            cells = [r["pipeline"], r["loss"], _method(r), f"{r['lr']:g}" if "lr" in r else "",
                      _fmt(r.get("oneshot", {}).get(d)), *[_fmt(at.get(t)) for t in marks],
                      f"{r['tokens_per_second']:.0f}" if "tokens_per_second" in r else "running"]
             lines.append("| " + " | ".join(cells) + " |")
@@ -256,7 +268,9 @@ def ranking_lines(rows: dict, data: str) -> list[str]:
     groups: dict[tuple[str, str], list[dict]] = {}
     for r in rows.values():
         if r.get("points") and r["pipeline"] in PIPELINES:
-            groups.setdefault((PIPELINES[r["pipeline"]].family, r["loss"]), []).append(r)
+            schedule = r.get("schedule", "constant")  # rows of one schedule are ranked together
+            loss = r["loss"] + ("" if schedule == "constant" else f", {schedule}")
+            groups.setdefault((PIPELINES[r["pipeline"]].family, loss), []).append(r)
     lines = ["## Does recovery keep the one-shot ranking?", "",
              f"{data} test perplexity, one run per row (no seed spread measured, so an order decided by a few percent "
              "may be noise).", "",
@@ -281,6 +295,12 @@ def ranking_lines(rows: dict, data: str) -> list[str]:
     return lines + [""]
 
 
+def _method(row: dict) -> str:
+    """The recovery method, and the lr schedule where it decays."""
+    schedule = row.get("schedule", "constant")
+    return row["method"] + ("" if schedule == "constant" else f", {schedule}")
+
+
 def _fmt(x: float | None) -> str:
     return "" if x is None else ("inf" if not math.isfinite(x) else f"{x:.2f}")
 
@@ -297,7 +317,7 @@ def _plot(path: Path, rows: dict, datasets: list[str], dense: dict) -> None:
                 continue
             style = "-o" if r["loss"] == "ce" else ("--s" if r["loss"] == "kd" else ":^")
             ax.plot(*zip(*points, strict=True), style, ms=3, color=colours(pipelines.index(r["pipeline"]) % 10),
-                    label=f"{r['pipeline']} {r['loss']} ({r['method']})")
+                    label=f"{r['pipeline']} {r['loss']} ({_method(r)})")
         if d in dense:
             ax.axhline(dense[d], color="black", lw=0.8, label="dense")
         if not ax.lines:
