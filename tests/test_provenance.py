@@ -28,3 +28,17 @@ def test_command_line_writes_paths_under_the_working_directory_relative(monkeypa
     monkeypatch.setattr(sys, "argv", [str(ROOT / "compare.py"), "--run", str(tmp_path / "results" / "r"),
                                       "--reuse", "/elsewhere/report.json"])
     assert provenance.command_line() == "python -m metricgp.compare --run results/r --reuse /elsewhere/report.json"
+
+
+def test_provenance_records_the_thread_count(monkeypatch):
+    """Sequential pruning's masks follow the thread count's order of partial sums, so a result records it."""
+    import torch
+
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        assert provenance.provenance()["torch_threads"] == 1
+        torch.set_num_threads(2)
+        assert provenance.provenance()["torch_threads"] == 2
+    finally:
+        torch.set_num_threads(before)
