@@ -72,8 +72,8 @@ def provenance() -> dict:
         "versions": versions(),
         "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "host_cpus": os.cpu_count(),
-        # the order of a CPU reduction's partial sums follows the thread count, and sequential pruning can
-        # turn that into a different mask (results/baselines/rerun-2026-12-06): reproducing needs it
+        # a CPU reduction may split its partial sums by thread, so a cell that does not reproduce is first
+        # rerun at the same count (results/baselines/rerun-2026-12-06 had to establish it after the fact)
         "torch_threads": torch.get_num_threads(),
     }
 

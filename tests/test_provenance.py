@@ -31,7 +31,7 @@ def test_command_line_writes_paths_under_the_working_directory_relative(monkeypa
 
 
 def test_provenance_records_the_thread_count(monkeypatch):
-    """Sequential pruning's masks follow the thread count's order of partial sums, so a result records it."""
+    """A result records the thread count it ran with (the first thing to match when a cell does not reproduce)."""
     import torch
 
     before = torch.get_num_threads()
