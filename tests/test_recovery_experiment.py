@@ -137,3 +137,4 @@ def test_the_ranking_section_says_whether_recovery_kept_the_one_shot_order():
     assert lines == [
         "| structured 70% | kd | 8K | flap 90.0 < evolved-refit 91.0 | evolved-refit 75.0 < flap 80.0 | no |",
         "| unstructured 50% | kd | 8K | sparsegpt 60.0 < ria-sqrt 70.0 | ria-sqrt 45.0 < sparsegpt 50.0 | no |"]
+    assert ranking_lines({"e": rows["e"]}, "wikitext2") == []  # nothing to rank: no section

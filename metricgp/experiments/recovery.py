@@ -271,10 +271,7 @@ def ranking_lines(rows: dict, data: str) -> list[str]:
             schedule = r.get("schedule", "constant")  # rows of one schedule are ranked together
             loss = r["loss"] + ("" if schedule == "constant" else f", {schedule}")
             groups.setdefault((PIPELINES[r["pipeline"]].family, loss), []).append(r)
-    lines = ["## Does recovery keep the one-shot ranking?", "",
-             f"{data} test perplexity, one run per row (no seed spread measured, so an order decided by a few percent "
-             "may be noise).", "",
-             "| family | loss | tokens | one-shot order | order after recovery | same? |", "|---|---|---:|---|---|---|"]
+    lines = []
     for (fam, loss), members in sorted(groups.items()):
         if len(members) < 2:
             continue
@@ -292,7 +289,13 @@ def ranking_lines(rows: dict, data: str) -> list[str]:
                      + " < ".join(f"{r['pipeline']} {after(r):.1f}" for r in recovered) + " | "
                      + ("yes" if [r["pipeline"] for r in before] == [r["pipeline"] for r in recovered] else "no")
                      + " |")
-    return lines + [""]
+    if not lines:  # no family with two rows: nothing to rank
+        return []
+    return ["## Does recovery keep the one-shot ranking?", "",
+            f"{data} test perplexity, one run per row (no seed spread measured, so an order decided by a few percent "
+            "may be noise).", "",
+            "| family | loss | tokens | one-shot order | order after recovery | same? |", "|---|---|---:|---|---|---|",
+            *lines, ""]
 
 
 def _method(row: dict) -> str:
