@@ -176,6 +176,16 @@ def test_in_loop_training_keeps_pruned_structures_pruned(tiny4_dir, text_files, 
     assert result.reason is None and result.fitness > 0
 
 
+def test_in_loop_training_is_lora_by_default_and_an_older_run_resumes_as_it_began(tiny4_dir, text_files):
+    from dataclasses import asdict
+
+    config = make_config(tiny4_dir, text_files)
+    assert config.train_method == "lora"
+    older = {k: v for k, v in asdict(config).items() if k != "train_method"}  # a config.json of before the change
+    assert DarwinConfig.from_dict(older).train_method == "full"
+    assert DarwinConfig.from_dict(asdict(config)).train_method == "lora"
+
+
 def test_in_loop_kd_training_distils_from_the_dense_model(tiny4_dir, text_files, module_cache):
     """--train-loss kd: the dense model's top-k on the training windows is taken once, before any candidate
     is built, and a candidate trained on it moves towards the dense model (lower KL fitness)."""

@@ -75,7 +75,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--fitness-windows", default="2,8", help="fitness windows per stage (default 2,8)")
     s.add_argument("--train-tokens", default=None,
                    help="in-loop fine-tuning tokens per stage before scoring, e.g. 2k,4k,8k (default none)")
-    s.add_argument("--train-method", default="full", help="in-loop training: full (DarwinLM, lr 1e-5) or lora")
+    s.add_argument("--train-method", default="lora", help="in-loop training: lora (default: an adapter per "
+                   "candidate, merged; memory of the model plus the adapter) or full (DarwinLM's, lr 1e-5: an fp32 "
+                   "copy and AdamW state, about 110 GB at 8B)")
     s.add_argument("--train-lr", type=float, default=None)
     s.add_argument("--train-loss", default="ce", help=f"in-loop training loss: {', '.join(LOSSES)} (kd: KL to the "
                    "dense model's top-k on the training windows, taken once before any pruning; default ce)")

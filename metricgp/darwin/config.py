@@ -57,7 +57,7 @@ class DarwinConfig:
     screen: int | None = None  # children sent to the first stage (with the prior); None: all
     fitness: str = "kl"
     fitness_data: str = "c4"
-    train_method: str = "full"
+    train_method: str = "lora"  # in-loop training: an adapter, not a second fp32 copy and AdamW state at 8B
     train_lr: float | None = None
     train_loss: str = "ce"  # in-loop training: ce, kd or ce+kd (`metricgp.recover.LOSSES`)
     backend: str = "serial"
@@ -153,6 +153,7 @@ class DarwinConfig:
     def from_dict(cls, raw: dict[str, Any]) -> DarwinConfig:
         raw = dict(raw)
         raw["stages"] = tuple(dict(s) for s in raw["stages"])
+        raw.setdefault("train_method", "full")  # a run written before lora became the default resumes as it began
         return cls(**raw)
 
 

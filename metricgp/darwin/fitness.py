@@ -41,10 +41,11 @@ class Candidate:
 
 @dataclass(frozen=True)
 class Training:
-    """In-loop fine-tuning of a candidate (metricgp.structured.recover): DarwinLM trains every
-    parameter with AdamW at lr 1e-5 ("full"); `loss` "kd" or "ce+kd" distils from the dense model."""
+    """In-loop fine-tuning of a candidate (metricgp.structured.recover): "lora" (the default) trains an
+    adapter and merges it; DarwinLM trains every parameter with AdamW at lr 1e-5 ("full"); `loss` "kd" or
+    "ce+kd" distils from the dense model."""
 
-    method: str = "full"
+    method: str = "lora"
     lr: float | None = None  # None: the method's default
     batch_size: int = 1
     seed: int = 0
