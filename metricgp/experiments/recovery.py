@@ -268,9 +268,8 @@ def ranking_lines(rows: dict, data: str) -> list[str]:
     groups: dict[tuple[str, str], list[dict]] = {}
     for r in rows.values():
         if r.get("points") and r["pipeline"] in PIPELINES:
-            schedule = r.get("schedule", "constant")  # rows of one schedule are ranked together
-            loss = r["loss"] + ("" if schedule == "constant" else f", {schedule}")
-            groups.setdefault((PIPELINES[r["pipeline"]].family, loss), []).append(r)
+            # rows of one schedule are ranked together
+            groups.setdefault((PIPELINES[r["pipeline"]].family, r["loss"] + _decaying(r)), []).append(r)
     lines = []
     for (fam, loss), members in sorted(groups.items()):
         if len(members) < 2:
@@ -298,10 +297,14 @@ def ranking_lines(rows: dict, data: str) -> list[str]:
             *lines, ""]
 
 
-def _method(row: dict) -> str:
-    """The recovery method, and the lr schedule where it decays."""
+def _decaying(row: dict) -> str:
+    """", cosine" for a row whose lr decays; "" for a constant lr (the rows of older tables)."""
     schedule = row.get("schedule", "constant")
-    return row["method"] + ("" if schedule == "constant" else f", {schedule}")
+    return "" if schedule == "constant" else f", {schedule}"
+
+
+def _method(row: dict) -> str:
+    return row["method"] + _decaying(row)
 
 
 def _fmt(x: float | None) -> str:
