@@ -199,8 +199,7 @@ def prune_sequential(
     `pattern` may be a function of the layer's name (non-uniform sparsity: OWL, EvoPress)."""
 
     pattern_of = pattern if callable(pattern) else (lambda name: pattern)
-
-    input_leaves = set(input_leaf_names())
+    input_leaves = set(input_leaf_names())  # the dense statistics of these are replaced, never mixed in
     # the input leaves the metric reads (compile_metric records them), recomputed on the pruned prefix
     needed = input_leaf_names(getattr(metric, "leaves", None))
     prefix, blocks = find_blocks(model)
