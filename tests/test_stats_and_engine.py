@@ -143,6 +143,32 @@ def test_a_loaded_setup_restores_from_its_checkpoint_and_keeps_no_copy(setup):
     assert all(torch.equal(m.weight, dense[n]) for n, m in setup.layers.items())
 
 
+@pytest.mark.parametrize("threads", [1, 2])
+def test_restoring_from_the_checkpoint_on_threads_rewrites_every_changed_layer(setup, threads):
+    """The read-back restore runs on torch's threads (one read per layer); whatever the count, every
+    changed layer gets its dense weight back and an unchanged one is not rewritten."""
+    from metricgp.experiments.bench import restore_profile
+
+    dense = {n: m.weight.detach().clone() for n, m in setup.layers.items()}
+    names = list(setup.layers)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        with torch.no_grad():
+            for n in names[1:]:
+                setup.layers[n].weight.mul_(0.5)
+        untouched = setup.layers[names[0]].weight._version
+        setup.dense.restore()
+        assert setup.layers[names[0]].weight._version == untouched
+        assert all(torch.equal(m.weight, dense[n]) and setup.dense.unchanged(n) for n, m in setup.layers.items())
+        profile = restore_profile(setup, repeats=1)
+        assert profile["threads"] == threads
+        assert {"checkpoint_threads", "checkpoint_one_thread", "kept_copy"} <= profile.keys()
+        assert all(torch.equal(m.weight, dense[n]) for n, m in setup.layers.items())
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_a_checkpoint_that_does_not_match_the_model_is_not_used(tiny_llama_dir):
     """Weights changed after loading (or a loader that transforms them) make the checkpoint a wrong source
     of dense weights: a copy is kept instead, and restores what the model held."""

@@ -36,7 +36,7 @@ from metricgp.expr.randomtree import random_tree
 from metricgp.measure import DenseReference, perplexity, window_losses
 from metricgp.plotting import pyplot, save_figure
 from metricgp.provenance import dumps, json_safe, provenance, write_json_atomic
-from metricgp.prune.engine import DegenerateMetric, PruneReport, layer_scores, mask_layer
+from metricgp.prune.engine import DegenerateMetric, DenseWeights, PruneReport, layer_scores, mask_layer
 from metricgp.prune.patterns import kth_smallest
 from metricgp.ranking import spearman as rho
 from metricgp.refit_fitness import RefitResidualEvaluator
@@ -127,6 +127,43 @@ def overhead_profile(setup, tree: Node, pattern) -> dict[str, float]:
     return out
 
 
+def restore_profile(setup, repeats: int = 5) -> dict:
+    """Restoring every layer's dense weight, three ways, alternated `repeats` times in this run (best of
+    each): read back from the checkpoint on torch's threads (what the search does), the same read on one
+    thread, and copying from a kept copy of the weights (the baseline: what the search did before it
+    stopped keeping a second copy of the model)."""
+    dense = setup.dense
+    if dense.source != "checkpoint":
+        return {"source": dense.source}
+    kept = DenseWeights(dense.layers)  # no checkpoint given: keeps a copy
+    threads = torch.get_num_threads()
+
+    def one_thread() -> None:
+        torch.set_num_threads(1)
+        try:
+            dense.restore()
+        finally:
+            torch.set_num_threads(threads)
+
+    ways = {"checkpoint_threads": dense.restore, "checkpoint_one_thread": one_thread, "kept_copy": kept.restore}
+    best = dict.fromkeys(ways, math.inf)
+    for _ in range(repeats):
+        for way, restore in ways.items():
+            with torch.no_grad():
+                for module in dense.layers.values():
+                    module.weight.mul_(0.5)  # every layer changed, as after pruning
+            t0 = time.perf_counter()
+            restore()
+            best[way] = min(best[way], time.perf_counter() - t0)
+    del kept
+    dense.restore()  # the kept copy wrote last: this session's own marks see every layer changed
+    out: dict = {way: round(v, 4) for way, v in best.items()}
+    out.update(threads=threads, repeats=repeats,
+               threads_vs_kept_copy=round(best["checkpoint_threads"] / best["kept_copy"], 2),
+               one_thread_vs_kept_copy=round(best["checkpoint_one_thread"] / best["kept_copy"], 2))
+    return out
+
+
 def throughput(args: argparse.Namespace) -> dict:
     fidelities = tuple(args.fidelities)
     t0 = time.perf_counter()
@@ -171,6 +208,7 @@ def throughput(args: argparse.Namespace) -> dict:
                                  "raced_candidates": round(3600 / raced), "naive": round(3600 / naive, 1)},
         "speedup_vs_naive": round(naive / raced, 1),
         "score_and_mask_profile_wanda": overhead_profile(setup, resolve_metric("wanda"), ev.pattern),
+        "restore_seconds": restore_profile(setup),
         "torch_threads": torch.get_num_threads(),
     }
     return result
