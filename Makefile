@@ -22,7 +22,7 @@ SEARCH_BUDGET_MIN ?= 23
 SEARCH_OUT ?= runs/search-metric
 SEARCH_ARGS ?=
 
-.PHONY: venv test test-latest test-lowest lock lint search-metric search-scratch search-hessian search-long fidelity-final baselines-full refit-fidelity baselines noise-floor bench bench-fidelity bench-scale bench-distributed gpu-check bench-structured structured saap-ablation darwin recovery clean-venv
+.PHONY: venv test test-latest test-lowest lock lint search-metric search-scratch search-hessian search-long fidelity-final baselines-full refit-fidelity baselines noise-floor bench bench-fidelity bench-scale bench-distributed gpu-check bench-structured structured saap-ablation darwin recovery recovery-goals clean-venv
 
 venv: $(STAMP)
 
@@ -212,3 +212,6 @@ clean-venv:
 RECOVERY_ARGS ?=
 recovery: venv
 	$(PY) -m metricgp.experiments.recovery --out results/recovery $(RECOVERY_ARGS)
+
+recovery-goals: venv
+	$(PY) -m metricgp.experiments.recovery_goals results/recovery
