@@ -7,7 +7,7 @@ goals.md, goals.json and goals.png there.
 A row counts at its last checkpoint (the model its whole budget made; choosing the best checkpoint would choose on
 the test split). Rows measured under another protocol (test windows, window length, test data) than the first
 table found are left out and named. Where a goal is not met, the gain of the best row's last doubling of tokens is
-carried on to 1M tokens: a stated assumption (the gains so far have shrunk), not a measurement.
+carried on to 1M tokens: a stated assumption, not a measurement.
 """
 
 from __future__ import annotations
@@ -115,8 +115,8 @@ def markdown(summary: dict) -> str:
             h = f["heading_at_1M"]
             lines.append(f"- {f['family']}: " + (
                 "no doubling of tokens measured on the best row, so no heading." if h is None else
-                f"carrying the best row's last doubling's gain on to 1M tokens (an assumption; gains have shrunk "
-                f"so far) ends at {h:.2f}, {h / p['dense']:.2f}x dense, "
+                f"carrying the best row's last doubling's gain on to 1M tokens (an assumption, not a measurement) "
+                f"ends at {h:.2f}, {h / p['dense']:.2f}x dense, "
                 + ("inside the goal." if h <= f["goal_perplexity"] else "outside the goal.")))
     lines += ["", "Every row:", "", "| family | pipeline | loss | method | lr | one-shot | tokens | perplexity | "
               "x dense | where |", "|---|---|---|---|---:|---:|---:|---:|---:|---|"]
