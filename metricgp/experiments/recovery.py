@@ -117,7 +117,7 @@ def measure(ns: argparse.Namespace):
 def row_key(pipeline: str, loss: str, method: str, schedule: str = "constant", max_tokens: int = 0) -> str:
     """A row's identity. A constant lr's points are what a shorter run gives, so one row serves every budget;
     a decaying schedule's row is another row for each budget it decays over."""
-    return f"{pipeline}|{loss}|{method}" + ("" if schedule == "constant" else f"|{schedule}-{_tokens(max_tokens)}")
+    return f"{pipeline}|{loss}|{method}" + ("" if schedule == "constant" else f"|{schedule}-{token_label(max_tokens)}")
 
 
 def args_key(args: argparse.Namespace, pipeline: str, loss: str) -> str:
@@ -224,7 +224,7 @@ def run(args: argparse.Namespace) -> None:
     save()
 
 
-def _tokens(n: int) -> str:
+def token_label(n: int) -> str:
     return f"{n // 1024}K" if n >= 1024 and n % 1024 == 0 else str(n)
 
 
@@ -247,11 +247,11 @@ def write_table(out: Path, meta: dict, rows: dict) -> None:
              "Made by: " + "; then ".join(f"`{c}`" for c in meta.get("commands", [])) + ". Each row of results.json "
              "has the `apply` command that reproduces its last point.", ""]
     for d in datasets:
-        head = ["pipeline", "loss", "method", "lr", "0", *[_tokens(t) for t in marks], "tokens/s"]
+        head = ["pipeline", "loss", "method", "lr", "0", *[token_label(t) for t in marks], "tokens/s"]
         lines += [f"## {d}", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         for r in rows.values():
             at = {p["tokens"]: p["test"].get(d) for p in r.get("points", [])}
-            cells = [r["pipeline"], r["loss"], _method(r), f"{r['lr']:g}" if "lr" in r else "",
+            cells = [r["pipeline"], r["loss"], method_label(r), f"{r['lr']:g}" if "lr" in r else "",
                      _fmt(r.get("oneshot", {}).get(d)), *[_fmt(at.get(t)) for t in marks],
                      f"{r['tokens_per_second']:.0f}" if "tokens_per_second" in r else "running"]
             lines.append("| " + " | ".join(cells) + " |")
@@ -283,7 +283,7 @@ def ranking_lines(rows: dict, data: str) -> list[str]:
             continue
         before = sorted(members, key=lambda r: r["oneshot"][data])
         recovered = sorted(members, key=after)
-        lines.append(f"| {fam} | {loss} | {_tokens(tokens)} | "
+        lines.append(f"| {fam} | {loss} | {token_label(tokens)} | "
                      + " < ".join(f"{r['pipeline']} {r['oneshot'][data]:.1f}" for r in before) + " | "
                      + " < ".join(f"{r['pipeline']} {after(r):.1f}" for r in recovered) + " | "
                      + ("yes" if [r["pipeline"] for r in before] == [r["pipeline"] for r in recovered] else "no")
@@ -303,7 +303,7 @@ def _decaying(row: dict) -> str:
     return "" if schedule == "constant" else f", {schedule}"
 
 
-def _method(row: dict) -> str:
+def method_label(row: dict) -> str:
     return row["method"] + _decaying(row)
 
 
@@ -323,7 +323,7 @@ def _plot(path: Path, rows: dict, datasets: list[str], dense: dict) -> None:
                 continue
             style = "-o" if r["loss"] == "ce" else ("--s" if r["loss"] == "kd" else ":^")
             ax.plot(*zip(*points, strict=True), style, ms=3, color=colours(pipelines.index(r["pipeline"]) % 10),
-                    label=f"{r['pipeline']} {r['loss']} ({_method(r)})")
+                    label=f"{r['pipeline']} {r['loss']} ({method_label(r)})")
         if d in dense:
             ax.axhline(dense[d], color="black", lw=0.8, label="dense")
         if not ax.lines:

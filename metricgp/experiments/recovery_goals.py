@@ -19,7 +19,7 @@ import sys
 from pathlib import Path
 
 from metricgp.errors import MetricGPError, cli_entry
-from metricgp.experiments.recovery import NM24, PIPELINES, S70, U50, _decaying, _tokens
+from metricgp.experiments.recovery import NM24, PIPELINES, S70, U50, method_label, token_label
 from metricgp.plotting import pyplot, save_figure
 from metricgp.provenance import provenance, write_json_atomic
 
@@ -31,7 +31,8 @@ PROTOCOL_KEYS = ("eval_windows", "seqlen", "dataset")
 
 
 def collect(root: Path) -> tuple[dict, list[dict], list[str]]:
-    """(the protocol, one entry per finished row of a family with a goal, the tables left out and why)."""
+    """(the protocol, one entry per row of a family with a goal that has a test point, the tables left out and
+    why)."""
     tables = sorted(root.rglob("results.json"))
     if not tables:
         raise MetricGPError(f"{root} holds no results.json")
@@ -59,7 +60,7 @@ def collect(root: Path) -> tuple[dict, list[dict], list[str]]:
             last = max(points, key=lambda p: p["tokens"])
             entries.append({
                 "where": where, "family": pipeline.family,
-                "pipeline": row["pipeline"], "loss": row["loss"], "method": row["method"] + _decaying(row),
+                "pipeline": row["pipeline"], "loss": row["loss"], "method": method_label(row),
                 "lr": row.get("lr"), "oneshot": row.get("oneshot", {}).get(DATA), "tokens": last["tokens"],
                 "perplexity": last["test"][DATA], "finished": "final" in row,
                 "curve": [(0, row.get("oneshot", {}).get(DATA))] + sorted((p["tokens"], p["test"][DATA])
@@ -108,7 +109,7 @@ def markdown(summary: dict) -> str:
         b = f["best"]
         lines.append(f"| {f['family']} | {f['goal_x_dense']:g}x ({f['goal_perplexity']:.2f}) | {b['pipeline']}, "
                      f"{b['loss']}, {b['method']} | {b['perplexity']:.2f} | {b['x_dense']:.2f} | "
-                     f"{_tokens(b['tokens'])} | {'yes' if f['met'] else 'no'} | `{b['where']}` |")
+                     f"{token_label(b['tokens'])} | {'yes' if f['met'] else 'no'} | `{b['where']}` |")
     lines.append("")
     for f in summary["families"]:
         if not f["met"]:
@@ -124,7 +125,7 @@ def markdown(summary: dict) -> str:
         for r in f["rows"]:
             lines.append(f"| {f['family']} | {r['pipeline']} | {r['loss']} | {r['method']} | "
                          f"{'' if r['lr'] is None else format(r['lr'], 'g')} | "
-                         f"{'' if r['oneshot'] is None else format(r['oneshot'], '.2f')} | {_tokens(r['tokens'])}"
+                         f"{'' if r['oneshot'] is None else format(r['oneshot'], '.2f')} | {token_label(r['tokens'])}"
                          f"{'' if r['finished'] else ' (running)'} | {r['perplexity']:.2f} | {r['x_dense']:.2f} | "
                          f"`{r['where']}` |")
     if summary["left_out"]:

@@ -9,9 +9,7 @@ block's calibration inputs after the earlier blocks were pruned (Wanda / Pruner-
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Callable, Iterable, Mapping
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 
@@ -23,7 +21,7 @@ from metricgp.blocks import BlockInputs
 from metricgp.errors import MetricGPError
 from metricgp.models import CheckpointTensors, block_linears, find_blocks
 from metricgp.offload import compute_device, resident
-from metricgp.prune.patterns import Pattern
+from metricgp.prune.patterns import Pattern, thread_pool
 from metricgp.prune.reconstruct import hessian_hooks, least_squares_update
 from metricgp.stats import collect_input_stats, input_leaf_names
 
@@ -127,17 +125,12 @@ class DenseWeights:
 
                 threads = min(torch.get_num_threads(), len(changed))
                 if threads > 1:
-                    list(_read_pool(threads).map(read, changed))
+                    list(thread_pool(threads).map(read, changed))
                 else:
                     for n in changed:
                         read(n)
         for n in changed:
             self._marks[n] = self._mark(self.layers[n])
-
-
-@functools.lru_cache(maxsize=4)
-def _read_pool(threads: int) -> ThreadPoolExecutor:
-    return ThreadPoolExecutor(max_workers=threads, thread_name_prefix="restore")
 
 
 class _DenseView(Mapping):

@@ -42,13 +42,15 @@ def kth_smallest(values: torch.Tensor, k: int) -> torch.Tensor:
         lo, hi = bounds[i], bounds[i + 1]
         out[lo:hi] = np.partition(array[lo:hi], k - 1, axis=-1)[:, k - 1 : k]
 
-    list(_pool(threads).map(part, range(threads)))
+    list(thread_pool(threads).map(part, range(threads)))
     return torch.from_numpy(out)
 
 
 @functools.lru_cache(maxsize=4)
-def _pool(threads: int) -> ThreadPoolExecutor:
-    return ThreadPoolExecutor(max_workers=threads, thread_name_prefix="kth")
+def thread_pool(threads: int) -> ThreadPoolExecutor:
+    """One executor per thread count, for work that releases the GIL: the k-th selection's row blocks here and
+    `DenseWeights.restore`'s file reads (called one after the other, never at once)."""
+    return ThreadPoolExecutor(max_workers=threads, thread_name_prefix="metricgp")
 
 
 def _prune_lowest(scores: torch.Tensor, k: int) -> torch.Tensor:
